@@ -1,0 +1,269 @@
+"""Block-by-block calibration with the cross-block reconstruction (CRR) loss.
+
+For block i (OmniQuant order), the inputs are the outputs of the already-quantized blocks 0..i-1 and the target is
+the full-precision hidden state after blocks i..i+k-1 applied to full-precision inputs. The quantized path runs
+block i quantized and blocks i+1..i+k-1 as they are (not yet quantized); blocks past the end are absent.
+Trained: LWC clip logits (AdamW, lr 1e-2) and KV smoothing (AdamW, lr 5e-4), weight decay 0.
+
+Memory: the model stays on `offload_device`; at most k blocks live on `device` at a time (sequential onloading).
+Activations (quantized-path inputs and FP targets, 2 x nsamples x seqlen x hidden fp32) stay on `offload_device`
+and move to `device` one batch at a time. Peak device memory = k blocks + one block's calibration parameters and
+AdamW state + autograd activations of one batch through k blocks.
+
+Checkpoint after every block: that block's learned parameters only (clip logits and smoothing), so resuming
+replays the finished quantized blocks on the calibration samples and continues bit-for-bit as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import CRRLoss, WKVQuantConfig
+from .errors import CalibrationCancelled, ConfigError, WKVQError
+from .kv_quant import ChannelRange
+from .model import attentions, calibration_parameters, decoder_layers, quant_state
+from .progress import CalibrationCallbacks, CalibrationEvent, EventKind
+
+CALIBRATED_SUFFIXES = (".clip.gamma", ".clip.beta", ".k_scale", ".k_shift", ".v_scale", ".v_shift")
+
+
+class CalibrationDiverged(WKVQError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class CalibrationReport:
+    block_losses: list[float] = field(default_factory=list)
+    resumed_blocks: int = 0
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
+    """The learned calibration tensors of one block (what a checkpoint holds)."""
+    return {
+        name: p.detach().to("cpu", copy=True)
+        for name, p in block.named_parameters()
+        if name.endswith(CALIBRATED_SUFFIXES)
+    }
+
+
+def load_block_state_(block: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    expected = block_state(block)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ConfigError(f"{where}: tensors do not match this configuration (missing {missing}, unexpected {extra})")
+    params = dict(block.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if value.shape != params[name].shape:
+                raise ConfigError(f"{where}: {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
+            params[name].copy_(value)
+
+
+def calibration_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        f"model.layers.{i}.{name}": t for i, block in enumerate(decoder_layers(model)) for name, t in block_state(block).items()
+    }
+
+
+def load_calibration_state_(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    for i, block in enumerate(decoder_layers(model)):
+        prefix = f"model.layers.{i}."
+        load_block_state_(block, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, where)
+
+
+def fingerprint(config: WKVQuantConfig, samples: torch.Tensor) -> str:
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    digest.update(samples.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _Blocks:
+    """Runs decoder blocks over cached activations, one batch at a time on the compute device."""
+
+    def __init__(self, model: nn.Module, seqlen: int, device: torch.device, batch_size: int) -> None:
+        self.layers = decoder_layers(model)
+        self.device, self.batch_size = device, batch_size
+        position_ids = torch.arange(seqlen, device=device)[None]
+        dummy = torch.zeros(1, seqlen, 1, device=device, dtype=model.dtype)
+        self.position_embeddings = model.model.rotary_emb.to(device)(dummy, position_ids)
+
+    def forward(self, x: torch.Tensor, first: int, last: int, quantize_first: bool) -> torch.Tensor:
+        """Blocks first..last-1 on x (B, T, H); only block `first` quantized when `quantize_first`."""
+        for i in range(first, last):
+            with quant_state(self.layers[i], weights=quantize_first and i == first, kv=quantize_first and i == first):
+                x = self.layers[i](x, attention_mask=None, position_embeddings=self.position_embeddings)
+        return x
+
+    @torch.no_grad()
+    def propagate(self, x: torch.Tensor, index: int, quantized: bool) -> torch.Tensor:
+        """Block `index` over all cached samples; result stays where x is."""
+        out = torch.empty_like(x)
+        for s in range(0, x.shape[0], self.batch_size):
+            out[s : s + self.batch_size] = self.forward(
+                x[s : s + self.batch_size].to(self.device), index, index + 1, quantized
+            ).to(x.device)
+        return out
+
+
+def _embed(model: nn.Module, samples: torch.Tensor, device: torch.device, offload: torch.device) -> torch.Tensor:
+    embed = model.get_input_embeddings()
+    embed.to(device)
+    with torch.no_grad():
+        x = torch.cat([embed(samples[s : s + 1].to(device)).to(offload) for s in range(samples.shape[0])])
+    embed.to(offload)
+    return x
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def calibrate_(
+    model: nn.Module,
+    config: WKVQuantConfig,
+    samples: torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    offload_device: str | torch.device = "cpu",
+    callbacks: CalibrationCallbacks | None = None,
+) -> CalibrationReport:
+    """Calibrate a model prepared with `prepare_model_` in place. samples: (nsamples, seqlen) token ids."""
+    callbacks = callbacks or CalibrationCallbacks()
+    device, offload = torch.device(device), torch.device(offload_device)
+    calib = config.calib
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    layers = decoder_layers(model)
+    n_blocks, k = len(layers), calib.crr_k
+    run_key = fingerprint(config, samples)
+    report = CalibrationReport()
+    blocks = _Blocks(model, samples.shape[1], device, calib.batch_size)
+    x_q = _embed(model, samples, device, offload)
+    x_fp, fp_depth = x_q.clone(), 0
+
+    resumed = _resume(layers, callbacks, run_key)
+    for i in range(resumed):
+        layers[i].to(device)
+        x_q = blocks.propagate(x_q, i, quantized=True)
+        layers[i].to(offload)
+        report.block_losses.append(float("nan"))
+        callbacks.emit(CalibrationEvent(EventKind.BLOCK_RESUMED, i, n_blocks))
+    report.resumed_blocks = resumed
+
+    for i in range(resumed, n_blocks):
+        if callbacks.cancelled():
+            raise CalibrationCancelled(f"cancelled before block {i} of {n_blocks}")
+        block_started = time.perf_counter()
+        callbacks.emit(CalibrationEvent(EventKind.BLOCK_START, i, n_blocks))
+        window = range(i, min(i + k, n_blocks))
+        while fp_depth < window.stop:
+            layers[fp_depth].to(device)
+            x_fp = blocks.propagate(x_fp, fp_depth, quantized=False)
+            fp_depth += 1
+        for j in window:
+            layers[j].to(device)
+        loss = _calibrate_block(config, blocks, i, window.stop, x_q, x_fp, callbacks)
+        if callbacks.checkpoints is not None:
+            callbacks.checkpoints.save(i, block_state(layers[i]), {"fingerprint": run_key, "loss": repr(loss)})
+        x_q = blocks.propagate(x_q, i, quantized=True)
+        layers[i].to(offload)
+        report.block_losses.append(loss)
+        callbacks.emit(
+            CalibrationEvent(EventKind.BLOCK_END, i, n_blocks, loss=loss, seconds=time.perf_counter() - block_started)
+        )
+    for layer in layers:
+        layer.to(offload)
+    report.seconds = time.perf_counter() - started
+    report.peak_memory_bytes = _peak_memory(device)
+    return report
+
+
+def _resume(layers: nn.ModuleList, callbacks: CalibrationCallbacks, run_key: str) -> int:
+    """Load consecutive block checkpoints from block 0; returns how many blocks are finished."""
+    if callbacks.checkpoints is None:
+        return 0
+    done = 0
+    while done < len(layers) and (found := callbacks.checkpoints.load(done)) is not None:
+        state, meta = found
+        if meta.get("fingerprint") != run_key:
+            raise ConfigError(
+                f"checkpoint of block {done} was made with another configuration or calibration data; "
+                "use an empty checkpoint directory"
+            )
+        load_block_state_(layers[done], state, f"checkpoint of block {done}")
+        done += 1
+    return done
+
+
+def _calibrate_block(
+    config: WKVQuantConfig,
+    blocks: _Blocks,
+    index: int,
+    stop: int,
+    x_q: torch.Tensor,
+    x_fp: torch.Tensor,
+    callbacks: CalibrationCallbacks,
+) -> float:
+    calib = config.calib
+    block = blocks.layers[index]
+    clip, smooth = calibration_parameters(block)
+    if smooth:
+        _init_smoothing(block, blocks, x_q, config.kv.smooth_alpha)
+    if not clip + smooth:
+        return float("nan")
+    groups = [g for g in ({"params": clip, "lr": config.weight.lr}, {"params": smooth, "lr": config.kv.lr}) if g["params"]]
+    params = clip + smooth
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    distance = nn.functional.l1_loss if calib.loss == CRRLoss.MAE else nn.functional.mse_loss
+    gen = torch.Generator().manual_seed(calib.seed * 1_000_003 + index)
+    n_blocks, n = len(blocks.layers), x_q.shape[0]
+    epoch_loss = float("nan")
+    for epoch in range(1, calib.epochs + 1):
+        total = 0.0
+        order = torch.randperm(n, generator=gen)
+        for s in range(0, n, calib.batch_size):
+            idx = order[s : s + calib.batch_size]
+            out = blocks.forward(x_q[idx].to(blocks.device), index, stop, quantize_first=True)
+            loss = distance(out, x_fp[idx].to(blocks.device))
+            if not torch.isfinite(loss):
+                raise CalibrationDiverged(f"loss became {loss.item()} in block {index}, epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            if callbacks.cancelled():
+                raise CalibrationCancelled(f"cancelled in block {index} of {n_blocks}, epoch {epoch}")
+        epoch_loss = total / n
+        callbacks.emit(CalibrationEvent(EventKind.EPOCH_END, index, n_blocks, epoch, calib.epochs, epoch_loss))
+    for p in params:
+        p.requires_grad_(False)
+    return epoch_loss
+
+
+@torch.no_grad()
+def _init_smoothing(block: nn.Module, blocks: _Blocks, x_q: torch.Tensor, alpha: float) -> None:
+    """Observe K (post-RoPE) and V per channel over the block's quantized-path inputs, KV quantization off."""
+    attn = attentions(block)[0]
+    attn.observer = stats = ChannelRange()
+    try:
+        with quant_state(block, weights=True, kv=False):
+            for s in range(0, x_q.shape[0], blocks.batch_size):
+                block(x_q[s : s + blocks.batch_size].to(blocks.device), attention_mask=None, position_embeddings=blocks.position_embeddings)
+    finally:
+        attn.observer = None
+    attn.init_smoothing_(stats, alpha)

@@ -1,0 +1,51 @@
+"""A directory of per-block checkpoints: block-NNNN.safetensors, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .errors import ArtifactError
+
+
+def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(path), meta
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{path}: unreadable safetensors file ({exc})") from exc
+
+
+class DirectoryCheckpoints:
+    """`CheckpointStore` on a local directory."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"block-{index:04d}.safetensors"
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        save_safetensors_atomic(self.path(index), tensors, meta)
+
+    def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        path = self.path(index)
+        return load_safetensors(path) if path.exists() else None

@@ -1,0 +1,174 @@
+"""`wkvq` command line: quantize and evaluate LLaMA-family models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import CalibConfig, CRRLoss, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from .errors import WKVQError
+from .evaluate import EvalMode
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="WKVQuant: W4 + KV4 post-training quantization.")
+err = Console(stderr=True)
+out = Console()
+
+WBits = Annotated[int, typer.Option("--w-bits", help="Weight bits (2-8, 16 = off).")]
+KVBits = Annotated[int, typer.Option("--kv-bits", help="KV-cache bits (2-8, 16 = off).")]
+GroupSize = Annotated[int, typer.Option("--group-size", help="Weight group size along the input dim; -1 = per row.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _build_config(**kw) -> WKVQuantConfig:
+    return WKVQuantConfig(
+        weight=WeightQuantConfig(bits=kw["w_bits"], group_size=kw["group_size"], lwc=kw.get("lwc", False)),
+        kv=KVQuantConfig(
+            bits=kw["kv_bits"], group_size=kw.get("kv_group_size"), smoothing=kw.get("smoothing", False),
+            poq=kw.get("poq", True),
+        ),
+        calib=CalibConfig(**{k: kw[k] for k in ("nsamples", "seqlen", "epochs", "batch_size", "crr_k", "loss", "seed") if k in kw}),
+        act_bits=kw.get("act_bits", 16),
+    )
+
+
+class _RichEvents:
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.task = progress, None
+
+    def __call__(self, event) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("calibrating", total=event.n_blocks)
+        label = f"block {event.block + 1}/{event.n_blocks}"
+        if event.kind.value == "epoch_end":
+            label += f" epoch {event.epoch}/{event.epochs} loss {event.loss:.5f}"
+        self.progress.update(self.task, description=label)
+        if event.kind.value in ("block_end", "block_resumed"):
+            self.progress.advance(self.task)
+
+
+def _print_eval(result: dict) -> None:
+    table = Table(caption=f"{result['tokens']} tokens")
+    table.add_column("mode")
+    table.add_column("ppl", justify="right")
+    for mode, ppl in result["ppl"].items():
+        table.add_row(mode, f"{ppl:.4f}")
+    out.print(table)
+    out.print(f"KV cache: {result['kv_bytes_per_token']:.1f} bytes/token (fp16: {result['kv_bytes_per_token_fp16']:.1f})")
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Option("--model", help="Model directory or hub id.")],
+    calib: Annotated[str, typer.Option("--calib", help="Text file, directory of .txt, or hf:NAME[:CONFIG]:SPLIT[:FIELD].")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Held-out text for the metrics table.")] = None,
+    w_bits: WBits = 4,
+    kv_bits: KVBits = 4,
+    group_size: GroupSize = 128,
+    kv_group_size: Annotated[Optional[int], typer.Option(help="KV quantization group (default: head_dim).")] = None,
+    crr_k: Annotated[int, typer.Option(help="Blocks in the cross-block reconstruction loss.")] = 5,
+    loss: Annotated[CRRLoss, typer.Option(help="mae (WKVQuant) or mse (OmniQuant with k=1).")] = CRRLoss.MAE,
+    epochs: int = 5,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    batch_size: int = 1,
+    seed: int = 0,
+    lwc: Annotated[bool, typer.Option(help="Learnable weight clipping.")] = True,
+    smoothing: Annotated[bool, typer.Option(help="2D KV smoothing.")] = True,
+    poq: Annotated[bool, typer.Option(help="Past-only quantization.")] = True,
+    act_bits: Annotated[int, typer.Option(help="Per-token activation bits into linears (16 = off).")] = 16,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Per-block checkpoints; rerun to resume.")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
+    device: Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Calibrate a model and write a quantized artifact directory."""
+    _quiet_transformers()
+    from .checkpoint import DirectoryCheckpoints
+    from .pipeline import QuantizeJob, run_quantize_job
+    from .progress import CalibrationCallbacks
+
+    try:
+        config = _build_config(**locals())
+        job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device, revision=revision)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, disable=as_json) as progress:
+            callbacks = CalibrationCallbacks(
+                on_event=_RichEvents(progress),
+                checkpoints=DirectoryCheckpoints(checkpoint_dir) if checkpoint_dir else None,
+            )
+            metrics = run_quantize_job(job, callbacks)
+    except WKVQError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    out.print(f"wrote {out_dir} in {metrics['calibration']['seconds']:.1f}s of calibration")
+    if "eval" in metrics:
+        _print_eval(metrics["eval"])
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option("--model", help="A `wkvq quantize` output, or a model directory (RTN).")],
+    data: Annotated[str, typer.Option("--data", help="Evaluation text (same SPEC forms as --calib).")],
+    seqlen: Annotated[int, typer.Option(help="Window length (non-overlapping windows).")] = 2048,
+    mode: Annotated[str, typer.Option(help="fp, w, wkv or all.")] = "all",
+    w_bits: WBits = 4,
+    kv_bits: KVBits = 4,
+    group_size: GroupSize = 128,
+    device: Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity with the quantized KV cache read exactly as in decoding (POQ)."""
+    _quiet_transformers()
+    from .artifact import is_artifact, load_artifact
+    from .data import eval_windows, load_text, tokenize
+    from .model import load_model, prepare_model_
+    from .pipeline import evaluate_modes, resolve_device
+
+    modes = list(EvalMode) if mode == "all" else None
+    try:
+        if modes is None:
+            try:
+                modes = [EvalMode(mode)]
+            except ValueError:
+                _fail(f"--mode must be fp, w, wkv or all; got {mode!r}")
+        if is_artifact(model):
+            net, tokenizer, config = load_artifact(model)
+        else:
+            net, tokenizer = load_model(model)
+            config = _build_config(w_bits=w_bits, kv_bits=kv_bits, group_size=group_size)
+            prepare_model_(net, config)
+        windows = eval_windows(tokenize(tokenizer, load_text(data)), seqlen)
+        result = evaluate_modes(net, config, windows, modes, device=resolve_device(device))
+    except WKVQError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(result | {"seqlen": seqlen}))
+    else:
+        _print_eval(result)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,131 @@
+"""Configuration dataclasses. A bit width of 16 means "not quantized" everywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import ConfigError
+
+FP_BITS = 16
+QUANT_BITS = range(2, 9)
+
+
+class CRRLoss(str, Enum):
+    """Distance between the quantized and full-precision paths after k blocks."""
+
+    MAE = "mae"  # WKVQuant cross-block reconstruction regularization
+    MSE = "mse"  # with k = 1: OmniQuant's block-wise loss
+
+
+def _check_bits(name: str, bits: int) -> None:
+    if bits != FP_BITS and bits not in QUANT_BITS:
+        raise ConfigError(f"{name} must be between 2 and 8, or 16 for full precision; got {bits}")
+
+
+@dataclass
+class WeightQuantConfig:
+    """Asymmetric uniform group-wise weight quantization with OmniQuant learnable weight clipping (LWC).
+
+    group_size: consecutive input channels sharing one (scale, zero); -1 = one group per output row.
+    lwc: learn per-group clip factors sigmoid(gamma) on the max and sigmoid(beta) on the min.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    lwc: bool = True
+    lwc_init: float = 4.0
+    lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        _check_bits("w_bits", self.bits)
+        if self.group_size != -1 and self.group_size < 1:
+            raise ConfigError(f"group_size must be a positive divisor of the input size or -1; got {self.group_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != FP_BITS
+
+
+@dataclass
+class KVQuantConfig:
+    """Two-dimensional KV-cache quantization.
+
+    Static per-channel smoothing of K (after RoPE) and V: X~ = (X - shift) / scale, learnable, initialised from
+    calibration statistics (see `kv_quant.init_smoothing_`); then dynamic per-token asymmetric quantization per KV
+    head in groups of `group_size` channels (None: the whole head_dim).
+    poq: past-only quantization, the current token attends to its own K/V in full precision.
+    smooth_alpha: initial scale = half-range ** smooth_alpha per channel, normalised to geometric mean 1.
+    """
+
+    bits: int = 4
+    group_size: int | None = None
+    smoothing: bool = True
+    smooth_alpha: float = 0.5
+    lr: float = 5e-4
+    poq: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits("kv_bits", self.bits)
+        if self.group_size is not None and self.group_size < 1:
+            raise ConfigError(f"kv_group_size must be positive; got {self.group_size}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha must be in [0, 1]; got {self.smooth_alpha}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != FP_BITS
+
+
+@dataclass
+class CalibConfig:
+    """Block-by-block calibration (OmniQuant order) with the cross-block reconstruction loss over `crr_k` blocks."""
+
+    nsamples: int = 128
+    seqlen: int = 2048
+    epochs: int = 5
+    batch_size: int = 1
+    crr_k: int = 5
+    loss: CRRLoss = CRRLoss.MAE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.loss = CRRLoss(self.loss)
+        for name in ("nsamples", "seqlen", "batch_size", "crr_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0; got {self.epochs}")
+        if self.nsamples % self.batch_size:
+            raise ConfigError(f"batch_size {self.batch_size} must divide nsamples {self.nsamples}")
+
+
+@dataclass
+class WKVQuantConfig:
+    """Everything that defines a WKVQuant run. act_bits < 16 adds per-token input quantization to every linear
+    (the W4A4 comparison baseline)."""
+
+    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    kv: KVQuantConfig = field(default_factory=KVQuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    act_bits: int = FP_BITS
+
+    def __post_init__(self) -> None:
+        _check_bits("act_bits", self.act_bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"calib": dataclasses.asdict(self.calib) | {"loss": self.calib.loss.value}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WKVQuantConfig:
+        try:
+            return cls(
+                weight=WeightQuantConfig(**data.get("weight", {})),
+                kv=KVQuantConfig(**data.get("kv", {})),
+                calib=CalibConfig(**data.get("calib", {})),
+                act_bits=data.get("act_bits", FP_BITS),
+            )
+        except TypeError as exc:
+            raise ConfigError(f"invalid WKVQuant config: {exc}") from exc

@@ -1,0 +1,85 @@
+"""Calibration / evaluation text -> fixed-length token windows.
+
+A text SPEC is a local UTF-8 file, a local directory (its *.txt files, sorted), or
+`hf:NAME[:CONFIG]:SPLIT[:FIELD]` loaded with `datasets` (rows joined with blank lines, FIELD defaults to "text").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+HF_PREFIX = "hf:"
+WIKITEXT2_TRAIN = "hf:wikitext:wikitext-2-raw-v1:train"
+
+
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def _load_hf(spec: str) -> str:
+    parts = spec[len(HF_PREFIX):].split(":")
+    if len(parts) == 2:
+        name, config, split, field = parts[0], None, parts[1], "text"
+    elif len(parts) in (3, 4):
+        name, config, split, field = (*parts, "text")[:4]
+    else:
+        raise DataError(f"{spec}: expected hf:NAME[:CONFIG]:SPLIT[:FIELD]")
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except (ConnectionError, OSError) as exc:
+        raise DataError(f"{spec}: cannot load dataset from the Hugging Face hub (offline or unknown name)") from exc
+    except ValueError as exc:
+        raise DataError(f"{spec}: {exc}") from exc
+    if field not in rows.column_names:
+        raise DataError(f"{spec}: no field {field!r}; fields are {', '.join(rows.column_names)}")
+    return "\n\n".join(str(row) for row in rows[field])
+
+
+def load_text(spec: str) -> str:
+    if spec.startswith(HF_PREFIX):
+        return _load_hf(spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _read_file(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise DataError(f"{spec}: directory holds no .txt files")
+        return "\n\n".join(_read_file(f) for f in files)
+    raise DataError(f"{spec}: no such file or directory")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """1-D token ids of the whole text, without special tokens."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+
+
+def _require(ids: torch.Tensor, seqlen: int, what: str) -> None:
+    if ids.numel() < seqlen:
+        raise DataError(f"{what} text has {ids.numel()} tokens; one sample needs seqlen={seqlen}")
+
+
+def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(nsamples, seqlen) windows at seeded random offsets (GPTQ/OmniQuant sampling)."""
+    _require(ids, seqlen, "calibration")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """(n, seqlen) non-overlapping windows; the incomplete tail is dropped."""
+    _require(ids, seqlen, "evaluation")
+    n = ids.numel() // seqlen
+    return ids[: n * seqlen].reshape(n, seqlen)

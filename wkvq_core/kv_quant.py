@@ -1,0 +1,174 @@
+"""Two-dimensional KV quantization with past-only quantization (POQ).
+
+Per layer, static learnable per-channel smoothing (scale s, shift d; shapes (n_kv_heads, head_dim)):
+    K~ = (K_rope - d_k) / s_k        scores use (q * s_k) . K~ : q . d_k is constant per query, softmax-invariant
+    V~ = (V - d_v) / s_v             folded into v_proj:  W_v' = W_v / s_v,  b_v' = (b_v - d_v) / s_v
+    out = (P V~) * s_v + d_v         folded into o_proj:  W_o' = W_o diag(s_v),  b_o' = b_o + W_o d_v
+so with quantization off the model is unchanged. K~ and V~ are then quantized per token and KV head.
+
+POQ in a parallel pass over T new tokens after `past` cached ones (prefill, teacher forcing, calibration):
+    score(i, j <  i) = q_i . dequant(K~_j)      score(i, i) = q_i . K~_i   (full precision)
+    out_i = sum_{j<i} P_ij dequant(V~_j) + P_ii V~_i
+which equals token-by-token decoding with a quantized cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from .config import FP_BITS, KVQuantConfig, WeightQuantConfig
+from .errors import ConfigError
+from .primitives import fake_quant_per_token
+from .weight_clip import QuantLinear
+
+
+def poq_attention(
+    query: torch.Tensor,
+    key_stored: torch.Tensor,
+    value_stored: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    n_rep: int,
+    poq: bool,
+) -> torch.Tensor:
+    """Causal attention over the stored (possibly quantized) keys/values of past and new tokens, with each new
+    token's own key/value taken in full precision when `poq`.
+
+    query (B, H, T, D); key_stored / value_stored (B, H_kv, S, D) whose last T entries are the new tokens;
+    key_new / value_new (B, H_kv, T, D) full precision; attention_mask additive (B, 1, T, >=S) or None (causal).
+    Returns (B, T, H, D).
+    """
+    t_new, s_len = query.shape[-2], key_stored.shape[-2]
+    past = s_len - t_new
+    keys, values = repeat_kv(key_stored, n_rep), repeat_kv(value_stored, n_rep)
+    scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
+    key_pos = torch.arange(s_len, device=query.device)
+    query_pos = torch.arange(t_new, device=query.device)[:, None] + past
+    own = key_pos[None, :] == query_pos
+    if poq:
+        own_score = (query * repeat_kv(key_new, n_rep)).sum(-1, keepdim=True) * scaling
+        scores = torch.where(own, own_score, scores)
+    if attention_mask is None:
+        scores = scores.masked_fill(key_pos[None, :] > query_pos, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask[..., :s_len]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, values)
+    if poq:
+        own_prob = (probs * own).sum(-1, keepdim=True)
+        out = out + own_prob * (repeat_kv(value_new, n_rep) - values[..., past:, :])
+    return out.transpose(1, 2).contiguous()
+
+
+class ChannelRange:
+    """Running per-channel min/max of K~/V~ over calibration tokens, per KV head: (n_kv_heads, head_dim)."""
+
+    def __init__(self) -> None:
+        self.kmin = self.kmax = self.vmin = self.vmax = None
+
+    @staticmethod
+    def _update(lo, hi, x: torch.Tensor):
+        x = x.detach().transpose(0, 1).flatten(1, 2)  # (H_kv, B*T, D)
+        xl, xh = x.amin(dim=1), x.amax(dim=1)
+        return (xl, xh) if lo is None else (torch.minimum(lo, xl), torch.maximum(hi, xh))
+
+    def observe(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.kmin, self.kmax = self._update(self.kmin, self.kmax, key)
+        self.vmin, self.vmax = self._update(self.vmin, self.vmax, value)
+
+
+class WKVAttention(nn.Module):
+    """Drop-in replacement for a LLaMA/Mistral attention module: fake-quantized projections, 2D KV smoothing,
+    per-token KV quantization and POQ. Works with and without a transformers `Cache` (which then stores the
+    quantized K~/V~). Switches: `kv_quant`, `poq`, `smoothing`, and `weight_quant` on each projection."""
+
+    def __init__(
+        self, attn: nn.Module, weight_cfg: WeightQuantConfig, kv_cfg: KVQuantConfig, act_bits: int = FP_BITS
+    ) -> None:
+        super().__init__()
+        self.config, self.layer_idx = attn.config, attn.layer_idx
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.n_rep = attn.num_key_value_groups
+        self.n_kv_heads = attn.k_proj.out_features // self.head_dim
+        group = kv_cfg.group_size or self.head_dim
+        if self.head_dim % group:
+            raise ConfigError(f"kv_group_size {kv_cfg.group_size} does not divide head_dim {self.head_dim}")
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, QuantLinear(getattr(attn, name), weight_cfg, act_bits))
+        shape = (self.n_kv_heads, self.head_dim)
+        dtype = attn.k_proj.weight.dtype
+        self.k_scale = nn.Parameter(torch.ones(shape, dtype=dtype))
+        self.k_shift = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        self.v_scale = nn.Parameter(torch.ones(shape, dtype=dtype))
+        self.v_shift = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        self.kv_bits, self.kv_group = kv_cfg.bits, kv_cfg.group_size
+        self.smoothing = self.smoothing_configured = kv_cfg.smoothing
+        self.poq = kv_cfg.poq
+        self.kv_quant = kv_cfg.enabled
+        self.observer: ChannelRange | None = None
+
+    def smoothing_parameters(self) -> list[nn.Parameter]:
+        return [self.k_scale, self.k_shift, self.v_scale, self.v_shift]
+
+    @torch.no_grad()
+    def init_smoothing_(self, stats: ChannelRange, alpha: float) -> None:
+        """shift = channel mid-range; scale = half-range ** alpha, normalised to geometric mean 1."""
+        for scale, shift, lo, hi in (
+            (self.k_scale, self.k_shift, stats.kmin, stats.kmax),
+            (self.v_scale, self.v_shift, stats.vmin, stats.vmax),
+        ):
+            half = ((hi - lo) / 2).clamp(min=1e-5) ** alpha
+            scale.copy_(half / half.log().mean().exp())
+            shift.copy_((hi + lo) / 2)
+
+    def _value_projection(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.v_proj
+        if not self.smoothing:
+            return proj(x)
+        scale, shift = self.v_scale.reshape(-1), self.v_shift.reshape(-1)
+        bias = -shift if proj.bias is None else proj.bias - shift
+        return proj.linear(x, proj.weight / scale[:, None], bias / scale)
+
+    def _output_projection(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.o_proj
+        if not self.smoothing:
+            return proj(x)
+        scale = self.v_scale.repeat_interleave(self.n_rep, dim=0).reshape(-1)
+        shift = self.v_shift.repeat_interleave(self.n_rep, dim=0).reshape(-1)
+        bias = proj.weight @ shift
+        return proj.linear(x, proj.weight * scale[None, :], bias if proj.bias is None else proj.bias + bias)
+
+    def _quant(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_per_token(x, self.kv_bits, self.kv_group) if self.kv_quant else x
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        bsz, t_new, _ = hidden_states.shape
+        shape = (bsz, t_new, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self._value_projection(hidden_states).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if self.smoothing:
+            key = (key - self.k_shift[:, None]) / self.k_scale[:, None]
+            query = query * self.k_scale.repeat_interleave(self.n_rep, dim=0)[:, None]
+        if self.observer is not None:
+            self.observer.observe(key, value)
+        key_stored, value_stored = self._quant(key), self._quant(value)
+        if past_key_values is not None:
+            key_stored, value_stored = past_key_values.update(key_stored, value_stored, self.layer_idx)
+        out = poq_attention(
+            query, key_stored, value_stored, key, value, attention_mask, self.scaling, self.n_rep,
+            poq=self.poq and self.kv_quant,
+        )
+        return self._output_projection(out.reshape(bsz, t_new, -1)), None

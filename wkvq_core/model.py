@@ -1,0 +1,114 @@
+"""Loading LLaMA-family checkpoints and swapping in the fake-quantized modules."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .config import FP_BITS, WKVQuantConfig
+from .errors import ModelError
+from .kv_quant import WKVAttention
+from .weight_clip import QuantLinear
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def check_architecture(config_dict: dict, where: str) -> None:
+    archs = config_dict.get("architectures") or [config_dict.get("model_type", "unknown")]
+    if not SUPPORTED_ARCHITECTURES.intersection(archs):
+        raise ModelError(
+            f"{where}: architecture {', '.join(archs)} is not supported; "
+            f"expected one of {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+
+
+def load_model(source: str | os.PathLike, revision: str | None = None, dtype=torch.float32):
+    """Model and tokenizer from a local directory, or a hub id (fails with a clear message when offline)."""
+    path = Path(source)
+    if path.exists():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelError(f"{source}: not a model directory (no config.json)")
+        try:
+            check_architecture(json.loads(config_file.read_text()), str(source))
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{config_file}: invalid JSON ({exc.msg})") from exc
+    elif str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise ModelError(f"{source}: no such model directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=dtype, attn_implementation="eager"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except OSError as exc:
+        if path.exists():
+            raise ModelError(f"{source}: cannot load model files ({exc})") from exc
+        raise ModelError(
+            f"{source}: not a local directory and could not be fetched from the Hugging Face hub "
+            "(offline or unknown id); download it first and pass the directory"
+        ) from exc
+    check_architecture(model.config.to_dict(), str(source))
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    return model.model.layers
+
+
+def prepare_model_(model: PreTrainedModel, config: WKVQuantConfig) -> PreTrainedModel:
+    """Replace every decoder layer's attention with `WKVAttention` and its MLP linears with `QuantLinear`,
+    in place. Weights are kept in full precision; quantization is simulated on the fly."""
+    smoothing = config.kv.smoothing and config.kv.enabled
+    kv_cfg = type(config.kv)(**{**config.kv.__dict__, "smoothing": smoothing})
+    model.set_attn_implementation("eager")  # masks arrive as additive (B, 1, T, S) tensors
+    for layer in decoder_layers(model):
+        layer.self_attn = WKVAttention(layer.self_attn, config.weight, kv_cfg, config.act_bits)
+        for name in MLP_PROJECTIONS:
+            setattr(layer.mlp, name, QuantLinear(getattr(layer.mlp, name), config.weight, config.act_bits))
+    model.requires_grad_(False)
+    return model
+
+
+def quant_linears(module: nn.Module) -> list[QuantLinear]:
+    return [m for m in module.modules() if isinstance(m, QuantLinear)]
+
+
+def attentions(module: nn.Module) -> list[WKVAttention]:
+    return [m for m in module.modules() if isinstance(m, WKVAttention)]
+
+
+def calibration_parameters(block: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(LWC clip logits, smoothing parameters) of one decoder block."""
+    clip = [p for lin in quant_linears(block) if lin.clip is not None for p in lin.clip.parameters()]
+    smooth = [p for attn in attentions(block) if attn.smoothing_configured for p in attn.smoothing_parameters()]
+    return clip, smooth
+
+
+@contextmanager
+def quant_state(module: nn.Module, *, weights: bool, kv: bool):
+    """Temporarily switch quantization of every prepared sub-module. `weights` covers weight (and activation)
+    quantization and the V-smoothing fold; weights=False, kv=False is the original full-precision model."""
+    lins, atts = quant_linears(module), attentions(module)
+    saved = [(lin.weight_quant, lin.act_quant) for lin in lins], [(a.kv_quant, a.smoothing) for a in atts]
+    try:
+        for lin in lins:
+            lin.weight_quant = weights and lin.bits != FP_BITS
+            lin.act_quant = weights and lin.act_bits != FP_BITS
+        for attn in atts:
+            attn.kv_quant = kv and attn.kv_bits != FP_BITS
+            attn.smoothing = attn.smoothing_configured and (weights or kv)
+        yield module
+    finally:
+        for lin, (w, a) in zip(lins, saved[0]):
+            lin.weight_quant, lin.act_quant = w, a
+        for attn, (k, sm) in zip(atts, saved[1]):
+            attn.kv_quant, attn.smoothing = k, sm

@@ -1,0 +1,88 @@
+"""The whole job: load model and text, prepare, calibrate, evaluate, save. Used by the CLI and the service."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .artifact import save_artifact
+from .calibrate import CalibrationReport, calibrate_
+from .config import WKVQuantConfig
+from .data import calibration_samples, eval_windows, load_text, tokenize
+from .evaluate import EvalMode, kv_bytes_per_token, perplexity
+from .model import load_model, prepare_model_
+from .progress import CalibrationCallbacks
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def quantize_model_(
+    model, config: WKVQuantConfig, samples: torch.Tensor, *, device="cpu", callbacks: CalibrationCallbacks | None = None
+) -> CalibrationReport:
+    """Prepare `model` in place with fake-quantized modules and calibrate them on `samples` (nsamples, seqlen).
+
+    Example::
+
+        model, tok = load_model("wkvq_core/assets/stories260k")
+        cfg = WKVQuantConfig(weight=WeightQuantConfig(group_size=-1), calib=CalibConfig(nsamples=16, seqlen=256))
+        samples = calibration_samples(tokenize(tok, load_text("calib.txt")), 16, 256, seed=0)
+        report = quantize_model_(model, cfg, samples)
+        ppl = perplexity(model, eval_windows(tokenize(tok, load_text("eval.txt")), 256), EvalMode.WKV)
+    """
+    prepare_model_(model, config)
+    return calibrate_(model, config, samples, device=device, callbacks=callbacks)
+
+
+def evaluate_modes(model, config: WKVQuantConfig, windows: torch.Tensor, modes, device="cpu") -> dict[str, Any]:
+    result: dict[str, Any] = {"tokens": 0, "ppl": {}}
+    for mode in modes:
+        ppl = perplexity(model, windows, EvalMode(mode), device=device)
+        result["ppl"][EvalMode(mode).value] = ppl.ppl
+        result["tokens"] = ppl.tokens
+    result["kv_bytes_per_token"] = kv_bytes_per_token(model.config, config.kv)
+    result["kv_bytes_per_token_fp16"] = kv_bytes_per_token(model.config, type(config.kv)(bits=16))
+    return result
+
+
+@dataclass
+class QuantizeJob:
+    model: str
+    calib: str
+    out: str | os.PathLike
+    config: WKVQuantConfig = field(default_factory=WKVQuantConfig)
+    eval: str | None = None
+    device: str = "auto"
+    revision: str | None = None
+
+
+def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = None) -> dict[str, Any]:
+    """Run a job end to end; returns the metrics written to the artifact's metrics.json."""
+    device = resolve_device(job.device)
+    model, tokenizer = load_model(job.model, revision=job.revision)
+    calib = job.config.calib
+    samples = calibration_samples(tokenize(tokenizer, load_text(job.calib)), calib.nsamples, calib.seqlen, calib.seed)
+    windows = eval_windows(tokenize(tokenizer, load_text(job.eval)), calib.seqlen) if job.eval else None
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = quantize_model_(model, job.config, samples, device=device, callbacks=callbacks)
+    metrics: dict[str, Any] = {
+        "calibration": {
+            "seconds": report.seconds,
+            "peak_memory_bytes": report.peak_memory_bytes,
+            "block_losses": [None if math.isnan(x) else x for x in report.block_losses],
+            "resumed_blocks": report.resumed_blocks,
+            "device": device,
+        }
+    }
+    if windows is not None:
+        metrics["eval"] = evaluate_modes(model, job.config, windows, list(EvalMode), device=device)
+    model.to("cpu")
+    save_artifact(job.out, model, tokenizer, job.config, base_state, metrics)
+    return metrics

@@ -1,0 +1,111 @@
+"""Uniform asymmetric quantization primitives: tensors in, tensors out.
+
+Granularity is expressed by the last dimension after a reshape:
+
+| use            | input shape            | reshaped to                          | one (scale, zero) per     |
+|----------------|------------------------|--------------------------------------|---------------------------|
+| weight, group  | (out, in)              | (out, in // group, group)            | output row and group      |
+| weight, row    | (out, in)              | (out, 1, in)  (group_size = -1)      | output row                |
+| KV, per token  | (B, heads, T, D)       | (B, heads, T, D // group, group)     | token, KV head and group  |
+| act, per token | (..., in)              | (..., 1, in)                         | token                     |
+
+Rounding uses a straight-through estimator so clip factors and smoothing parameters receive gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "round_ste",
+    "qmax",
+    "fake_quant_minmax",
+    "fake_quant_weight",
+    "quantize_weight",
+    "dequantize_weight",
+    "fake_quant_per_token",
+]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, identity in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def qmax(bits: int) -> int:
+    return 2**bits - 1
+
+
+def _weight_qparams(
+    w_grouped: torch.Tensor, bits: int, clip_max: torch.Tensor | None, clip_min: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point per group; clip factors in (0, 1) shrink max/min (OmniQuant LWC)."""
+    wmax = w_grouped.amax(dim=-1, keepdim=True)
+    wmin = w_grouped.amin(dim=-1, keepdim=True)
+    if clip_max is not None:
+        wmax = wmax * clip_max
+        wmin = wmin * clip_min
+    scale = ((wmax - wmin) / qmax(bits)).clamp(min=1e-5)
+    zero = round_ste(-wmin / scale).clamp(0, qmax(bits))
+    return scale, zero
+
+
+def _group(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_features, in_features = w.shape
+    size = in_features if group_size == -1 else group_size
+    return w.reshape(out_features, in_features // size, size)
+
+
+def fake_quant_weight(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    clip_max: torch.Tensor | None = None,
+    clip_min: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize a (out, in) weight group-wise along `in`.
+
+    clip_max / clip_min: (out, in // group, 1) factors applied to the group max / min, or None for plain RTN.
+    """
+    grouped = _group(w, group_size)
+    scale, zero = _weight_qparams(grouped, bits, clip_max, clip_min)
+    codes = (round_ste(grouped / scale) + zero).clamp(0, qmax(bits))
+    return ((codes - zero) * scale).reshape(w.shape)
+
+
+@torch.no_grad()
+def quantize_weight(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    clip_max: torch.Tensor | None = None,
+    clip_min: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes (uint8, (out, in)), scale and zero ((out, in // group)) such that
+    `dequantize_weight(codes, scale, zero, group_size)` equals `fake_quant_weight(...)`."""
+    grouped = _group(w, group_size)
+    scale, zero = _weight_qparams(grouped, bits, clip_max, clip_min)
+    codes = (torch.round(grouped / scale) + zero).clamp(0, qmax(bits))
+    return codes.to(torch.uint8).reshape(w.shape), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype=torch.float32
+) -> torch.Tensor:
+    grouped = _group(codes.to(dtype), group_size)
+    return ((grouped - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).reshape(codes.shape)
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Dynamic asymmetric quantize-dequantize along the last dim, in groups of `group_size` (None: whole dim).
+
+    The zero is the group minimum kept in floating point (dq = code * scale + min), as stored by a KV cache
+    with per-token (scale, min) pairs.
+    """
+    size = x.shape[-1] if group_size is None else group_size
+    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
+    xmin = grouped.amin(dim=-1, keepdim=True)
+    xmax = grouped.amax(dim=-1, keepdim=True)
+    scale = ((xmax - xmin) / qmax(bits)).clamp(min=1e-8)
+    codes = round_ste((grouped - xmin) / scale).clamp(0, qmax(bits))
+    return (codes * scale + xmin).reshape(x.shape)

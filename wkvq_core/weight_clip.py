@@ -1,0 +1,74 @@
+"""Learnable weight clipping (OmniQuant LWC) and the fake-quantized linear used during calibration."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import FP_BITS, WeightQuantConfig
+from .errors import ConfigError
+from .primitives import fake_quant_per_token, fake_quant_weight, quantize_weight
+
+
+class LearnableWeightClip(nn.Module):
+    """Per-group clip logits: the group max is scaled by sigmoid(gamma), the min by sigmoid(beta)."""
+
+    def __init__(self, out_features: int, n_groups: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((out_features, n_groups, 1), init))
+        self.beta = nn.Parameter(torch.full((out_features, n_groups, 1), init))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(self.gamma), torch.sigmoid(self.beta)
+
+
+class QuantLinear(nn.Module):
+    """A linear whose weight is fake-quantized group-wise on every forward (straight-through rounding).
+
+    `fake_quant(w)` is public so an attention module can quantize a weight with smoothing folded in
+    (v_proj / o_proj) using this layer's clip factors. `weight_quant` / `act_quant` switch quantization on and off.
+    """
+
+    def __init__(self, linear: nn.Linear, config: WeightQuantConfig, act_bits: int = FP_BITS) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        group = self.in_features if config.group_size == -1 else config.group_size
+        if self.in_features % group:
+            raise ConfigError(
+                f"group_size {config.group_size} does not divide in_features {self.in_features} of a linear layer; "
+                "use a divisor of every linear's input size or -1 (one group per output row)"
+            )
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.bits, self.group_size, self.act_bits = config.bits, config.group_size, act_bits
+        self.clip = (
+            LearnableWeightClip(self.out_features, self.in_features // group, config.lwc_init)
+            if config.lwc and config.enabled
+            else None
+        )
+        self.weight_quant = config.enabled
+        self.act_quant = act_bits != FP_BITS
+
+    def _clip_factors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.clip.factors() if self.clip is not None else (None, None)
+
+    def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.weight_quant:
+            return weight
+        return fake_quant_weight(weight, self.bits, self.group_size, *self._clip_factors())
+
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes, scales and zeros of `weight` under the learned clipping (for export)."""
+        return quantize_weight(weight, self.bits, self.group_size, *self._clip_factors())
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.act_quant:
+            x = fake_quant_per_token(x, self.act_bits)
+        return F.linear(x, self.fake_quant(weight), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w_bits={self.bits}, group={self.group_size}"
