@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,12 +14,16 @@ from safetensors.torch import load_file, safe_open, save_file
 from .errors import ArtifactError
 
 
+META_KEY = "wkvq"  # one metadata entry: safetensors writes several in no fixed order
+
+
 def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Byte-reproducible: same tensors and meta give the same file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -28,9 +33,9 @@ def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: 
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
         return load_file(path), meta
-    except (SafetensorError, OSError) as exc:
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 

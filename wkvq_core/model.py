@@ -94,9 +94,10 @@ def calibration_parameters(block: nn.Module) -> tuple[list[nn.Parameter], list[n
 
 
 @contextmanager
-def quant_state(module: nn.Module, *, weights: bool, kv: bool):
+def quant_state(module: nn.Module, *, weights: bool, kv: bool, smoothing: bool | None = None):
     """Temporarily switch quantization of every prepared sub-module. `weights` covers weight (and activation)
-    quantization and the V-smoothing fold; weights=False, kv=False is the original full-precision model."""
+    quantization; smoothing (if configured) follows `weights or kv` unless given. weights=False, kv=False is the
+    original full-precision model."""
     lins, atts = quant_linears(module), attentions(module)
     saved = [(lin.weight_quant, lin.act_quant) for lin in lins], [(a.kv_quant, a.smoothing) for a in atts]
     try:
@@ -105,7 +106,7 @@ def quant_state(module: nn.Module, *, weights: bool, kv: bool):
             lin.act_quant = weights and lin.act_bits != FP_BITS
         for attn in atts:
             attn.kv_quant = kv and attn.kv_bits != FP_BITS
-            attn.smoothing = attn.smoothing_configured and (weights or kv)
+            attn.smoothing = attn.smoothing_configured and ((weights or kv) if smoothing is None else smoothing)
         yield module
     finally:
         for lin, (w, a) in zip(lins, saved[0]):

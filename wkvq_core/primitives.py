@@ -36,18 +36,23 @@ def qmax(bits: int) -> int:
     return 2**bits - 1
 
 
-def _weight_qparams(
-    w_grouped: torch.Tensor, bits: int, clip_max: torch.Tensor | None, clip_min: torch.Tensor | None
+def _qparams(
+    grouped: torch.Tensor, bits: int, clip_max: torch.Tensor | None = None, clip_min: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point per group; clip factors in (0, 1) shrink max/min (OmniQuant LWC)."""
-    wmax = w_grouped.amax(dim=-1, keepdim=True)
-    wmin = w_grouped.amin(dim=-1, keepdim=True)
+    """Scale and integer zero point per group (last dim); clip factors in (0, 1) shrink max/min (OmniQuant LWC)."""
+    gmax = grouped.amax(dim=-1, keepdim=True)
+    gmin = grouped.amin(dim=-1, keepdim=True)
     if clip_max is not None:
-        wmax = wmax * clip_max
-        wmin = wmin * clip_min
-    scale = ((wmax - wmin) / qmax(bits)).clamp(min=1e-5)
-    zero = round_ste(-wmin / scale).clamp(0, qmax(bits))
+        gmax = gmax * clip_max
+        gmin = gmin * clip_min
+    scale = ((gmax - gmin) / qmax(bits)).clamp(min=1e-5)
+    zero = round_ste((-gmin / scale).clamp(-1e4, 1e4))  # not clamped to the code range (as OmniQuant)
     return scale, zero
+
+
+def _fake_quant(grouped: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    codes = (round_ste(grouped / scale) + zero).clamp(0, qmax(bits))
+    return (codes - zero) * scale
 
 
 def _group(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -68,9 +73,7 @@ def fake_quant_weight(
     clip_max / clip_min: (out, in // group, 1) factors applied to the group max / min, or None for plain RTN.
     """
     grouped = _group(w, group_size)
-    scale, zero = _weight_qparams(grouped, bits, clip_max, clip_min)
-    codes = (round_ste(grouped / scale) + zero).clamp(0, qmax(bits))
-    return ((codes - zero) * scale).reshape(w.shape)
+    return _fake_quant(grouped, bits, *_qparams(grouped, bits, clip_max, clip_min)).reshape(w.shape)
 
 
 @torch.no_grad()
@@ -84,7 +87,7 @@ def quantize_weight(
     """Integer codes (uint8, (out, in)), scale and zero ((out, in // group)) such that
     `dequantize_weight(codes, scale, zero, group_size)` equals `fake_quant_weight(...)`."""
     grouped = _group(w, group_size)
-    scale, zero = _weight_qparams(grouped, bits, clip_max, clip_min)
+    scale, zero = _qparams(grouped, bits, clip_max, clip_min)
     codes = (torch.round(grouped / scale) + zero).clamp(0, qmax(bits))
     return codes.to(torch.uint8).reshape(w.shape), scale.squeeze(-1), zero.squeeze(-1)
 
@@ -97,15 +100,7 @@ def dequantize_weight(
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
-    """Dynamic asymmetric quantize-dequantize along the last dim, in groups of `group_size` (None: whole dim).
-
-    The zero is the group minimum kept in floating point (dq = code * scale + min), as stored by a KV cache
-    with per-token (scale, min) pairs.
-    """
+    """Dynamic asymmetric quantize-dequantize along the last dim, in groups of `group_size` (None: whole dim)."""
     size = x.shape[-1] if group_size is None else group_size
     grouped = x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
-    xmin = grouped.amin(dim=-1, keepdim=True)
-    xmax = grouped.amax(dim=-1, keepdim=True)
-    scale = ((xmax - xmin) / qmax(bits)).clamp(min=1e-8)
-    codes = round_ste((grouped - xmin) / scale).clamp(0, qmax(bits))
-    return (codes * scale + xmin).reshape(x.shape)
+    return _fake_quant(grouped, bits, *_qparams(grouped, bits)).reshape(x.shape)

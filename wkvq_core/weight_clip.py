@@ -34,7 +34,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         group = self.in_features if config.group_size == -1 else config.group_size
-        if self.in_features % group:
+        if config.enabled and self.in_features % group:
             raise ConfigError(
                 f"group_size {config.group_size} does not divide in_features {self.in_features} of a linear layer; "
                 "use a divisor of every linear's input size or -1 (one group per output row)"

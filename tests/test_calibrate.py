@@ -1,0 +1,150 @@
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from wkvq_core.calibrate import calibrate_, calibration_state
+from wkvq_core.checkpoint import DirectoryCheckpoints
+from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.data import calibration_samples, eval_windows
+from wkvq_core.errors import CalibrationCancelled, ConfigError
+from wkvq_core.evaluate import EvalMode, perplexity
+from wkvq_core.model import decoder_layers, prepare_model_, quant_state
+from wkvq_core.pipeline import quantize_model_
+from wkvq_core.progress import CalibrationCallbacks, EventKind
+
+
+def config(**calib) -> WKVQuantConfig:
+    return WKVQuantConfig(
+        weight=WeightQuantConfig(bits=4, group_size=-1),
+        kv=KVQuantConfig(bits=4),
+        calib=CalibConfig(**{"nsamples": 4, "seqlen": 64, "epochs": 2, "crr_k": 2} | calib),
+    )
+
+
+def state_bytes(model) -> bytes:
+    return save(calibration_state(model))
+
+
+class Recorder:
+    def __init__(self, cancel_after_block: int | None = None):
+        self.events, self.cancel_after_block = [], cancel_after_block
+
+    def __call__(self, event):
+        self.events.append(event)
+
+    def should_cancel(self) -> bool:
+        ends = [e.block for e in self.events if e.kind == EventKind.BLOCK_END]
+        return self.cancel_after_block is not None and bool(ends) and ends[-1] >= self.cancel_after_block
+
+    def blocks(self, kind):
+        return [e.block for e in self.events if e.kind == kind]
+
+
+def run(model, cfg, samples, checkpoints=None, cancel_after_block=None):
+    rec = Recorder(cancel_after_block)
+    callbacks = CalibrationCallbacks(on_event=rec, should_cancel=rec.should_cancel, checkpoints=checkpoints)
+    report = quantize_model_(model, cfg, samples, callbacks=callbacks)
+    return report, rec
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_is_byte_identical(tiny_model, calib_ids, tmp_path):
+    cfg = config()
+    samples = calibration_samples(calib_ids, 4, 64, seed=0)
+    reference_model = copy.deepcopy(tiny_model)
+    _, rec = run(reference_model, cfg, samples, DirectoryCheckpoints(tmp_path / "a"))
+    assert rec.blocks(EventKind.BLOCK_END) == [0, 1, 2, 3, 4]
+
+    interrupted = copy.deepcopy(tiny_model)
+    with pytest.raises(CalibrationCancelled):
+        run(interrupted, cfg, samples, DirectoryCheckpoints(tmp_path / "b"), cancel_after_block=1)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["block-0000.safetensors", "block-0001.safetensors"]
+
+    report, rec = run(tiny_model, cfg, samples, DirectoryCheckpoints(tmp_path / "b"))
+    assert rec.blocks(EventKind.BLOCK_RESUMED) == [0, 1]
+    assert rec.blocks(EventKind.BLOCK_START) == [2, 3, 4]  # no finished block redone
+    assert report.resumed_blocks == 2
+    assert state_bytes(tiny_model) == state_bytes(reference_model)
+    for i in range(5):
+        assert (tmp_path / "a" / f"block-{i:04d}.safetensors").read_bytes() == (
+            tmp_path / "b" / f"block-{i:04d}.safetensors"
+        ).read_bytes()
+
+
+def test_checkpoints_of_another_config_are_refused(tiny_model, calib_ids, tmp_path):
+    samples = calibration_samples(calib_ids, 4, 64, seed=0)
+    with pytest.raises(CalibrationCancelled):
+        run(copy.deepcopy(tiny_model), config(epochs=1), samples, DirectoryCheckpoints(tmp_path), cancel_after_block=0)
+    with pytest.raises(ConfigError, match="another configuration"):
+        run(tiny_model, config(epochs=1, seed=1), samples, DirectoryCheckpoints(tmp_path))
+
+
+def test_progress_events_and_loss_decrease(tiny_model, calib_ids):
+    cfg = config(epochs=3, crr_k=1, loss="mse")
+    report, rec = run(tiny_model, cfg, calibration_samples(calib_ids, 4, 64, seed=0))
+    epochs = [e for e in rec.events if e.kind == EventKind.EPOCH_END]
+    assert [(e.block, e.epoch) for e in epochs] == [(b, ep) for b in range(5) for ep in (1, 2, 3)]
+    assert all(e.n_blocks == 5 and e.epochs == 3 for e in epochs)
+    first, last = epochs[0].loss, epochs[2].loss
+    assert last < first
+    assert report.block_losses[0] == pytest.approx(last)
+
+
+def reference_crr_loss(model, samples, block, k, distance):
+    """The CRR loss by its definition, from whole-model hidden states: quantized blocks 0..block, then blocks
+    block+1..block+k-1 unquantized, versus the full-precision model after block+k blocks."""
+    layers = decoder_layers(model)
+    stop = min(block + k, len(layers))
+    final_norm_input = []
+    model.model.norm.register_forward_hook(lambda mod, args, out: final_norm_input.append(args[0]))
+    total = 0.0
+    for ids in samples:
+        with quant_state(model, weights=False, kv=False):
+            hidden = model.model(ids[None], output_hidden_states=True, use_cache=False).hidden_states
+        target = hidden[stop] if stop < len(layers) else final_norm_input[-1]  # hidden_states[-1] is normed
+        x = model.model.embed_tokens(ids[None])
+        pos = model.model.rotary_emb(x, torch.arange(ids.numel())[None])
+        for i in range(stop):
+            with quant_state(layers[i], weights=i <= block, kv=i <= block):
+                x = layers[i](x, attention_mask=None, position_embeddings=pos)
+        total += distance(x, target).item()
+    return total / len(samples)
+
+
+@pytest.mark.parametrize("k,loss,block", [(3, "mae", 0), (3, "mae", 1), (3, "mae", 4), (1, "mse", 2)])
+def test_crr_loss_is_the_distance_after_k_blocks(tiny_model, calib_ids, k, loss, block):
+    cfg = config(epochs=1, crr_k=k, loss=loss)
+    cfg.weight.lr = cfg.kv.lr = 0.0  # parameters stay at their init, so the reported loss can be recomputed
+    samples = calibration_samples(calib_ids, 4, 64, seed=0)
+    _, rec = run(tiny_model, cfg, samples)
+    reported = [e.loss for e in rec.events if e.kind == EventKind.EPOCH_END and e.block == block][0]
+    distance = torch.nn.functional.l1_loss if loss == "mae" else torch.nn.functional.mse_loss
+    expected = reference_crr_loss(tiny_model, samples, block, k, distance)
+    assert reported == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_lwc_improves_over_rtn_on_held_out_text(tiny_model, calib_ids, eval_ids):
+    windows = eval_windows(eval_ids, 256)[:24]
+
+    def weight_only(lwc: bool, epochs: int) -> float:
+        cfg = WKVQuantConfig(
+            weight=WeightQuantConfig(bits=3, group_size=-1, lwc=lwc),
+            kv=KVQuantConfig(bits=16),
+            calib=CalibConfig(nsamples=16, seqlen=128, epochs=epochs, crr_k=1, loss="mse"),
+        )
+        model = copy.deepcopy(tiny_model)
+        quantize_model_(model, cfg, calibration_samples(calib_ids, 16, 128, seed=0))
+        return perplexity(model, windows, EvalMode.W).ppl
+
+    rtn, lwc = weight_only(False, 0), weight_only(True, 3)
+    assert lwc < rtn * 0.97, (rtn, lwc)
+
+
+def test_cancel_stops_between_steps_and_keeps_finished_checkpoints(tiny_model, calib_ids, tmp_path):
+    samples = calibration_samples(calib_ids, 4, 64, seed=0)
+    with pytest.raises(CalibrationCancelled, match="block 3"):
+        run(tiny_model, config(epochs=1), samples, DirectoryCheckpoints(tmp_path), cancel_after_block=2)
+    assert len(list(tmp_path.glob("block-*.safetensors"))) == 3

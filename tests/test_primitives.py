@@ -1,0 +1,70 @@
+import pytest
+import torch
+from torch import nn
+
+from wkvq_core.config import WeightQuantConfig
+from wkvq_core.errors import ConfigError
+from wkvq_core.primitives import (
+    dequantize_weight,
+    fake_quant_per_token,
+    fake_quant_weight,
+    quantize_weight,
+)
+from wkvq_core.weight_clip import QuantLinear
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - approx).pow(2).mean())).item()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [16, 64, -1])
+def test_weight_grid_and_error_bound(bits, group_size):
+    w = torch.randn(24, 64)
+    dq = fake_quant_weight(w, bits, group_size)
+    size = 64 if group_size == -1 else group_size
+    for row_w, row_dq in zip(w.reshape(-1, size), dq.reshape(-1, size)):
+        assert row_dq.unique().numel() <= 2**bits
+        step = (row_w.max() - row_w.min()) / (2**bits - 1)
+        assert (row_w - row_dq).abs().max() <= step / 2 + 1e-6
+
+
+def test_weight_sqnr_grows_with_bits():
+    w = torch.randn(64, 256)
+    sqnrs = [sqnr_db(w, fake_quant_weight(w, b, 128)) for b in (2, 3, 4, 8)]
+    assert sqnrs == sorted(sqnrs)
+    assert sqnrs[2] > 18  # 4-bit group-128 on Gaussian weights
+
+
+def test_integer_codes_dequantize_to_fake_quant():
+    w = torch.randn(32, 128)
+    clip_max = torch.rand(32, 2, 1) * 0.3 + 0.7
+    clip_min = torch.rand(32, 2, 1) * 0.3 + 0.7
+    codes, scale, zero = quantize_weight(w, 4, 64, clip_max, clip_min)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    assert scale.shape == zero.shape == (32, 2)
+    assert torch.equal(dequantize_weight(codes, scale, zero, 64), fake_quant_weight(w, 4, 64, clip_max, clip_min))
+
+
+def test_clip_factors_receive_gradients_through_rounding():
+    lin = QuantLinear(nn.Linear(64, 16), WeightQuantConfig(bits=3, group_size=32))
+    lin(torch.randn(4, 64)).pow(2).sum().backward()
+    assert lin.clip.gamma.grad.abs().sum() > 0 and lin.clip.beta.grad.abs().sum() > 0
+    assert torch.sigmoid(torch.tensor(4.0)).item() == pytest.approx(lin.clip.factors()[0].mean().item())
+
+
+def test_group_size_must_divide_in_features():
+    with pytest.raises(ConfigError, match="does not divide in_features 172"):
+        QuantLinear(nn.Linear(172, 64), WeightQuantConfig(group_size=128))
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_per_token_quantization(group_size):
+    x = torch.randn(2, 4, 10, 8) * torch.linspace(0.1, 10, 8)
+    dq = fake_quant_per_token(x, 4, group_size)
+    size = group_size or 8
+    xg, dg = x.reshape(-1, size), dq.reshape(-1, size)
+    step = (xg.amax(1) - xg.amin(1)) / 15
+    assert ((xg - dg).abs().amax(1) <= step + 1e-5).all()  # half a step, plus up to half for the rounded zero
+    assert ((xg - dg).abs().mean(1) <= step / 2).all()
+    assert all(row.unique().numel() <= 16 for row in dg)
