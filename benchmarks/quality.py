@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     calib = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, seed=args.seed)
     started, code = datetime.datetime.now(datetime.timezone.utc), code_version()
+    per_row_rss = args.device == "cpu" and reset_peak_rss()
     sections = []
     for source in args.model:
         print(f"benchmarking {source}", file=sys.stderr, flush=True)
@@ -220,8 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
     memory_note = (
         "max RSS of the process during that row's calibration (high-water mark reset before each row)"
-        if args.device == "cpu" and reset_peak_rss()
-        else "as reported by calibrate_"
+        if per_row_rss
+        else "as reported by calibrate_ (on CPU: the process's max RSS so far)"
     )
     settings = "\n".join([
         f"- command: `{shlex.join(['python', *sys.argv])}`",
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         f"device {args.device}, torch threads {torch.get_num_threads()}",
         f"- settings: nsamples {calib.nsamples}, seqlen {calib.seqlen}, epochs {calib.epochs}, seed {calib.seed}, "
         f"batch 1; W4 asymmetric, one group per output row; KV4 per token and KV head (head_dim group)",
+        "- rows: RTN = no LWC, no smoothing, epochs 0 (W4KV4 RTN keeps POQ); OmniQuant and w/o CRR = CRR k 1, MSE; "
+        "WKVQuant = LWC + 2D smoothing + POQ + CRR k 5, MAE",
         f"- calibration text `{shown(args.calib)}`, eval text `{shown(args.eval)}`",
         f"- peak memory: {memory_note}",
     ])

@@ -117,7 +117,7 @@ def test_poq_perplexity_equals_token_by_token_decode(tiny_model, calib_ids, eval
     assert parallel.tokens == decoded.tokens == 2 * 127
     assert abs(parallel.ppl - decoded.ppl) / decoded.ppl < 1e-3
     weights_only = perplexity(model, windows, EvalMode.W)
-    assert parallel.ppl > weights_only.ppl * 1.01  # the quantized past is read
+    assert parallel.ppl > weights_only.ppl  # the quantized past is read (magnitude: test_rtn_kv4_costs_what_it_should)
 
 
 def test_rtn_kv4_costs_what_it_should(tiny_model, eval_ids):

@@ -45,13 +45,14 @@ class CalibrationReport:
     peak_memory_bytes: int = 0
 
 
+def learned_parameters(block: nn.Module) -> dict[str, nn.Parameter]:
+    """Clip logits and smoothing parameters of one block, by name."""
+    return {name: p for name, p in block.named_parameters() if name.endswith(CALIBRATED_SUFFIXES)}
+
+
 def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
     """The learned calibration tensors of one block (what a checkpoint holds)."""
-    return {
-        name: p.detach().to("cpu", copy=True)
-        for name, p in block.named_parameters()
-        if name.endswith(CALIBRATED_SUFFIXES)
-    }
+    return {name: p.detach().to("cpu", copy=True) for name, p in learned_parameters(block).items()}
 
 
 def load_block_state_(block: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -59,7 +60,7 @@ def load_block_state_(block: nn.Module, state: dict[str, torch.Tensor], where: s
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise ConfigError(f"{where}: tensors do not match this configuration (missing {missing}, unexpected {extra})")
-    params = dict(block.named_parameters())
+    params = learned_parameters(block)
     with torch.no_grad():
         for name, value in state.items():
             if value.shape != params[name].shape:

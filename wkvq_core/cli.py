@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -35,8 +36,32 @@ def _quiet_transformers() -> None:
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, emoji=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        _fail(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        _fail(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_dir_option(option: str, directory: Path) -> None:
+    """Fail before calibrating when `directory` (or its nearest existing ancestor) is not a directory."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            if not path.is_dir():
+                _fail(f"{option} {directory}: {path} exists and is not a directory")
+            return
 
 
 def _build_config(**kw) -> WKVQuantConfig:
@@ -108,6 +133,10 @@ def quantize(
     from .pipeline import QuantizeJob, run_quantize_job
     from .progress import CalibrationCallbacks
 
+    _check_device(device)
+    _check_dir_option("--out", out_dir)
+    if checkpoint_dir is not None:
+        _check_dir_option("--checkpoint-dir", checkpoint_dir)
     try:
         config = _build_config(**locals())
         job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device, revision=revision)
@@ -123,7 +152,8 @@ def quantize(
     if as_json:
         print(json.dumps(metrics))
         return
-    out.print(f"wrote {out_dir} in {metrics['calibration']['seconds']:.1f}s of calibration")
+    out.print(f"wrote {escape(str(out_dir))} in {metrics['calibration']['seconds']:.1f}s of calibration",
+              emoji=False, soft_wrap=True)
     if "eval" in metrics:
         _print_eval(metrics["eval"])
 
@@ -147,6 +177,7 @@ def evaluate(
     from .model import load_model, prepare_model_
     from .pipeline import evaluate_modes, resolve_device
 
+    _check_device(device)
     modes = list(EvalMode) if mode == "all" else None
     try:
         if modes is None:
@@ -158,6 +189,8 @@ def evaluate(
             net, tokenizer, config = load_artifact(model)
         else:
             net, tokenizer = load_model(model)
+            if modes == [EvalMode.FP]:  # nothing quantized: bit options do not apply
+                w_bits = kv_bits = 16
             config = _build_config(w_bits=w_bits, kv_bits=kv_bits, group_size=group_size)
             prepare_model_(net, config)
         windows = eval_windows(tokenize(tokenizer, load_text(data)), seqlen)
@@ -172,3 +205,7 @@ def evaluate(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -63,7 +63,7 @@ class KVQuantConfig:
     bits: int = 4
     group_size: int | None = None
     smoothing: bool = True
-    smooth_alpha: float = 0.5
+    smooth_alpha: float = 0.75
     lr: float = 5e-4
     poq: bool = True
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 HF_PREFIX = "hf:"
 WIKITEXT2_TRAIN = "hf:wikitext:wikitext-2-raw-v1:train"
@@ -66,6 +66,8 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def _require(ids: torch.Tensor, seqlen: int, what: str) -> None:
+    if seqlen < 1:
+        raise ConfigError(f"seqlen must be at least 1; got {seqlen}")
     if ids.numel() < seqlen:
         raise DataError(f"{what} text has {ids.numel()} tokens; one sample needs seqlen={seqlen}")
 
@@ -80,6 +82,8 @@ def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
 
 def eval_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
     """(n, seqlen) non-overlapping windows; the incomplete tail is dropped."""
+    if seqlen < 2:
+        raise ConfigError(f"evaluation seqlen must be at least 2 (a window predicts seqlen - 1 tokens); got {seqlen}")
     _require(ids, seqlen, "evaluation")
     n = ids.numel() // seqlen
     return ids[: n * seqlen].reshape(n, seqlen)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -21,7 +22,10 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def check_architecture(config_dict: dict, where: str) -> None:
+    if not isinstance(config_dict, dict):
+        raise ModelError(f"{where}: config.json does not hold a JSON object")
     archs = config_dict.get("architectures") or [config_dict.get("model_type", "unknown")]
+    archs = [archs] if isinstance(archs, str) else [str(a) for a in archs]
     if not SUPPORTED_ARCHITECTURES.intersection(archs):
         raise ModelError(
             f"{where}: architecture {', '.join(archs)} is not supported; "
@@ -37,9 +41,13 @@ def load_model(source: str | os.PathLike, revision: str | None = None, dtype=tor
         if not config_file.is_file():
             raise ModelError(f"{source}: not a model directory (no config.json)")
         try:
-            check_architecture(json.loads(config_file.read_text()), str(source))
+            check_architecture(json.loads(config_file.read_text(encoding="utf-8")), str(source))
         except json.JSONDecodeError as exc:
             raise ModelError(f"{config_file}: invalid JSON ({exc.msg})") from exc
+        except UnicodeDecodeError as exc:
+            raise ModelError(f"{config_file}: not UTF-8 text (invalid byte at offset {exc.start})") from exc
+        except OSError as exc:
+            raise ModelError(f"{config_file}: cannot read ({exc.strerror})") from exc
     elif str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise ModelError(f"{source}: no such model directory")
     try:
@@ -47,14 +55,19 @@ def load_model(source: str | os.PathLike, revision: str | None = None, dtype=tor
             source, revision=revision, dtype=dtype, attn_implementation="eager"
         )
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    except OSError as exc:
-        if path.exists():
-            raise ModelError(f"{source}: cannot load model files ({exc})") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        if path.exists() or not isinstance(exc, OSError):
+            reason = " ".join(str(exc).split()) or type(exc).__name__  # one line
+            raise ModelError(f"{source}: cannot load model files ({reason})") from exc
         raise ModelError(
             f"{source}: not a local directory and could not be fetched from the Hugging Face hub "
             "(offline or unknown id); download it first and pass the directory"
         ) from exc
     check_architecture(model.config.to_dict(), str(source))
+    # Weights come memory-mapped from safetensors at offsets that depend on the file's header length; CPU kernels
+    # round differently on unaligned data, so a saved artifact would not reproduce its own metrics. Own copies fix it.
+    for param in model.parameters():
+        param.data = param.data.clone()
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
