@@ -9,6 +9,7 @@ Granularity is expressed by the last dimension after a reshape:
 | KV, per token  | (B, heads, T, D)       | (B, heads, T, D // group, group)     | token, KV head and group  |
 | act, per token | (..., in)              | (..., 1, in)                         | token                     |
 
+Scales and zero points are fp16-representable, as stored in artifacts and in the packed KV cache.
 Rounding uses a straight-through estimator so clip factors and smoothing parameters receive gradients.
 """
 
@@ -25,6 +26,9 @@ __all__ = [
     "dequantize_weight",
     "fake_quant_per_token",
 ]
+
+
+ZERO_LIMIT = 2048  # integer zero points up to here are exact in fp16
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +50,8 @@ def _qparams(
         gmax = gmax * clip_max
         gmin = gmin * clip_min
     scale = ((gmax - gmin) / qmax(bits)).clamp(min=1e-5)
-    zero = round_ste((-gmin / scale).clamp(-1e4, 1e4))  # not clamped to the code range (as OmniQuant)
+    scale = scale.to(torch.float16).to(grouped.dtype)  # scales are stored in fp16: simulate exactly that
+    zero = round_ste((-gmin / scale).clamp(-ZERO_LIMIT, ZERO_LIMIT))  # not clamped to the code range (as OmniQuant)
     return scale, zero
 
 
