@@ -1,16 +1,20 @@
-"""Saving and loading a calibration result: a self-contained, atomically written directory.
+"""Quantized artifacts: a transformers-style directory with packed weights, written atomically.
 
-Layout (format "wkvquant-sim", version 1):
-    config.json, generation_config.json, model.safetensors   the base model (transformers layout)
-    tokenizer files
-    wkvquant.json           {"format", "version", "config": WKVQuantConfig.to_dict()}
-    wkvquant.safetensors    learned clip logits and smoothing per layer ("model.layers.{i}.…")
-    metrics.json            evaluation table of the run (optional)
-    manifest.json           {"files": {name: {"sha256", "size"}}} of every other file
+    config.json             the model config + `quantization_config` (quant_method "wkvquant", format_version, …)
+    generation_config.json, tokenizer files
+    model.safetensors       per quantized linear `<name>.qweight` (uint8, packed codes along the input dim),
+                            `<name>.scales` and `<name>.zeros` (fp16, one per output row and group), `<name>.bias`
+                            (v_proj / o_proj carry the folded V smoothing); per attention `k_scale` / `k_shift`
+                            (fp32, applied to K after RoPE); everything else (embeddings, norms, lm_head) in fp16
+    metrics.json            the evaluation table of the run (optional)
+    manifest.json           sha256 and size of every other file
+
+Load it with `load_quantized(DIR)`; generate with `past_key_values=WKVQuantCache(model.config)`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -19,18 +23,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .calibrate import calibration_state, load_calibration_state_
-from .checkpoint import load_safetensors, save_safetensors_atomic
-from .config import WKVQuantConfig
-from .errors import ArtifactError, ConfigError
-from .model import load_model, prepare_model_
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM
 
-FORMAT = "wkvquant-sim"
+from .checkpoint import load_safetensors, save_safetensors_atomic
+from .config import FP_BITS, WeightQuantConfig, WKVQuantConfig
+from .errors import ArtifactError, WKVQError
+from .model import MLP_PROJECTIONS, check_architecture, decoder_layers, prepare_model_
+from .packed_linear import PackedLinear
+from .packing import pack_bits
+
+QUANT_METHOD = "wkvquant"
 FORMAT_VERSION = 1
-QUANT_CONFIG = "wkvquant.json"
-QUANT_STATE = "wkvquant.safetensors"
+WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
 MANIFEST = "manifest.json"
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def sha256_file(path: Path) -> str:
@@ -42,31 +51,85 @@ def sha256_file(path: Path) -> str:
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
-    return (Path(path) / QUANT_CONFIG).is_file()
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
-def save_artifact(out: str | os.PathLike, model, tokenizer, config: WKVQuantConfig, base_state_dict: dict,
-                  metrics: dict[str, Any] | None = None) -> Path:
+def quantization_config(config: WKVQuantConfig, fp_dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "w_bits": config.weight.bits,
+        "group_size": config.weight.group_size,
+        "kv_bits": config.kv.bits,
+        "kv_group_size": config.kv.group_size,
+        "kv_granularity": "per_token_per_kv_head",
+        "poq": config.kv.poq,
+        "smoothing": config.kv.smoothing and config.kv.enabled,
+        "act_bits": config.act_bits,
+        "packing": "lsb_first_bitstream_along_input_dim",
+        "non_quantized_dtype": str(fp_dtype).removeprefix("torch."),
+        "wkvquant_config": config.to_dict(),
+    }
+
+
+@torch.no_grad()
+def packed_state_dict(model, fp_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The tensors of `model.safetensors` from a prepared (calibrated) model."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def store_linear(prefix: str, lin, weight, bias) -> None:
+        if lin.weight_quant:
+            codes, scale, zero = lin.quantize(weight)
+            tensors.update({f"{prefix}.qweight": pack_bits(codes, lin.bits), f"{prefix}.scales": scale.half(),
+                            f"{prefix}.zeros": zero.half()})
+        else:
+            tensors[f"{prefix}.weight"] = weight.to(fp_dtype)
+        if bias is not None:
+            tensors[f"{prefix}.bias"] = bias.to(fp_dtype)
+
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, prefix = layer.self_attn, f"model.layers.{i}"
+        for name in ATTENTION_PROJECTIONS:
+            store_linear(f"{prefix}.self_attn.{name}", getattr(attn, name), *attn.projection(name))
+        if attn.smoothing_configured:
+            tensors[f"{prefix}.self_attn.k_scale"] = attn.k_scale.float()
+            tensors[f"{prefix}.self_attn.k_shift"] = attn.k_shift.float()
+        for name in MLP_PROJECTIONS:
+            lin = getattr(layer.mlp, name)
+            store_linear(f"{prefix}.mlp.{name}", lin, lin.weight, lin.bias)
+    tied = model.config.tie_word_embeddings
+    for key, value in model.state_dict().items():
+        in_block = ".self_attn." in key or ".mlp." in key
+        if not in_block and not (tied and key == "lm_head.weight"):
+            tensors[key] = value.to(fp_dtype)
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_artifact(out: str | os.PathLike, model, tokenizer, config: WKVQuantConfig,
+                  metrics: dict[str, Any] | None = None, fp_dtype: torch.dtype = torch.float16) -> Path:
     """Write to a temporary sibling directory, then rename; an existing `out` is replaced only on success."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        model.save_pretrained(tmp, state_dict=base_state_dict)
+        model_config = copy.deepcopy(model.config)
+        model_config.quantization_config = quantization_config(config, fp_dtype)
+        model_config.use_cache = True
+        model_config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / QUANT_CONFIG).write_text(
-            json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "config": config.to_dict()}, indent=2)
-        )
-        save_safetensors_atomic(tmp / QUANT_STATE, calibration_state(model), {"format": FORMAT})
+        save_safetensors_atomic(tmp / WEIGHTS, packed_state_dict(model, fp_dtype), {"format": QUANT_METHOD})
         if metrics is not None:
             (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
         for path in tmp.iterdir():
             path.chmod(0o644)
         tmp.chmod(0o755)
-        files = {
-            p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()
-        }
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=2))
+        files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"format": QUANT_METHOD, "files": files}, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -79,11 +142,12 @@ def save_artifact(out: str | os.PathLike, model, tokenizer, config: WKVQuantConf
 def verify_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
+        files = manifest["files"]
     except FileNotFoundError as exc:
         raise ArtifactError(f"{directory / MANIFEST}: missing") from exc
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{directory / MANIFEST}: invalid JSON ({exc.msg})") from exc
-    for name, entry in manifest.get("files", {}).items():
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{directory / MANIFEST}: not a valid manifest") from exc
+    for name, entry in files.items():
         path = directory / name
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing")
@@ -92,21 +156,80 @@ def verify_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_artifact(directory: str | os.PathLike, dtype=None):
-    """(prepared model with the learned parameters, tokenizer, config) from `save_artifact`'s directory."""
+def _read_config(directory: Path):
+    path = directory / "config.json"
+    try:
+        check_architecture(json.loads(path.read_text()), str(directory))
+        config = AutoConfig.from_pretrained(directory)
+    except WKVQError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable model config ({exc})") from exc
+    quant = getattr(config, "quantization_config", None) or {}
+    if quant.get("quant_method") != QUANT_METHOD:
+        raise ArtifactError(f"{path}: not a WKVQuant artifact (quant_method {quant.get('quant_method')!r})")
+    if quant.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: unknown format_version {quant.get('format_version')!r} (this version reads {FORMAT_VERSION})"
+        )
+    return config, quant
+
+
+def _take(tensors: dict[str, torch.Tensor], key: str, where: Path) -> torch.Tensor:
+    try:
+        return tensors.pop(key)
+    except KeyError:
+        raise ArtifactError(f"{where}: missing tensor {key}") from None
+
+
+def _load_linear(tensors, prefix: str, lin, config: WKVQuantConfig, dtype, where: Path) -> torch.nn.Module:
+    bias = tensors.pop(f"{prefix}.bias", None)
+    bias = None if bias is None else bias.to(dtype)
+    if config.weight.bits == FP_BITS:
+        linear = torch.nn.Linear(lin.in_features, lin.out_features, bias=bias is not None, dtype=dtype)
+        linear.load_state_dict({"weight": _take(tensors, f"{prefix}.weight", where)} | ({} if bias is None else {"bias": bias}))
+        return linear
+    take = lambda name: _take(tensors, f"{prefix}.{name}", where)  # noqa: E731
+    return PackedLinear(take("qweight"), take("scales"), take("zeros"), bias, lin.in_features,
+                        config.weight.bits, config.weight.group_size, config.act_bits)
+
+
+def load_quantized(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A `LlamaForCausalLM` whose linears hold the packed weights (dequantized on the fly) and whose attention
+    applies the K smoothing, per-token KV quantization and POQ. Verifies the manifest first."""
     directory = Path(directory)
     verify_manifest(directory)
-    header = json.loads((directory / QUANT_CONFIG).read_text())
-    if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{directory / QUANT_CONFIG}: unknown format {header.get('format')!r} version {header.get('version')!r}"
-        )
-    config = WKVQuantConfig.from_dict(header["config"])
-    model, tokenizer = load_model(directory, **({} if dtype is None else {"dtype": dtype}))
-    prepare_model_(model, config)
-    state, _ = load_safetensors(directory / QUANT_STATE)
-    try:
-        load_calibration_state_(model, state, str(directory / QUANT_STATE))
-    except ConfigError as exc:
-        raise ArtifactError(str(exc)) from exc
-    return model, tokenizer, config
+    config, quant = _read_config(directory)
+    wkv = WKVQuantConfig.from_dict(quant["wkvquant_config"])
+    base = copy.deepcopy(config)
+    del base.quantization_config
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(base, dtype=dtype, attn_implementation="eager")
+    prepare_model_(model, WKVQuantConfig(weight=WeightQuantConfig(bits=FP_BITS), kv=wkv.kv))
+    where = directory / WEIGHTS
+    state, _ = load_safetensors(where)
+    tensors = dict(state)  # consumed as modules take their tensors; what is left over is unexpected
+    with torch.no_grad():
+        for i, layer in enumerate(decoder_layers(model)):
+            attn, prefix = layer.self_attn, f"model.layers.{i}"
+            for name in ATTENTION_PROJECTIONS:
+                setattr(attn, name, _load_linear(tensors, f"{prefix}.self_attn.{name}", getattr(attn, name), wkv, dtype, where))
+            attn.v_folded = True
+            if attn.smoothing_configured:
+                attn.k_scale.data = _take(tensors, f"{prefix}.self_attn.k_scale", where).to(dtype)
+                attn.k_shift.data = _take(tensors, f"{prefix}.self_attn.k_shift", where).to(dtype)
+            for name in MLP_PROJECTIONS:
+                setattr(layer.mlp, name, _load_linear(tensors, f"{prefix}.mlp.{name}", getattr(layer.mlp, name), wkv, dtype, where))
+    expected = {k for k in model.state_dict() if ".self_attn." not in k and ".mlp." not in k}
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    for key in sorted(expected):
+        _take(tensors, key, where)  # presence check, names the first missing tensor
+    if tensors:
+        raise ArtifactError(f"{where}: unexpected tensors {sorted(tensors)[:3]}")
+    model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.config.quantization_config = quant
+    model.requires_grad_(False)
+    return model.to(device).eval()

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from transformers import AutoTokenizer
 
 from .config import CalibConfig, CRRLoss, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from .errors import WKVQError
@@ -172,7 +173,7 @@ def evaluate(
 ) -> None:
     """Perplexity with the quantized KV cache read exactly as in decoding (POQ)."""
     _quiet_transformers()
-    from .artifact import is_artifact, load_artifact
+    from .artifact import is_artifact, load_quantized
     from .data import eval_windows, load_text, tokenize
     from .model import load_model, prepare_model_
     from .pipeline import evaluate_modes, resolve_device
@@ -186,7 +187,11 @@ def evaluate(
             except ValueError:
                 _fail(f"--mode must be fp, w, wkv or all; got {mode!r}")
         if is_artifact(model):
-            net, tokenizer, config = load_artifact(model)
+            if EvalMode.FP in modes and mode != "all":
+                _fail(f"{model}: a quantized artifact holds no full-precision weights; evaluate the original model")
+            modes = [m for m in modes if m != EvalMode.FP]
+            net, tokenizer = load_quantized(model), AutoTokenizer.from_pretrained(model)
+            config = WKVQuantConfig.from_dict(net.config.quantization_config["wkvquant_config"])
         else:
             net, tokenizer = load_model(model)
             if modes == [EvalMode.FP]:  # nothing quantized: bit options do not apply
@@ -201,6 +206,41 @@ def evaluate(
         print(json.dumps(result | {"seqlen": seqlen}))
     else:
         _print_eval(result)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option("--model", help="A `wkvq quantize` output directory.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(min=0.01)] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: int = 0,
+    device: Device = "auto",
+) -> None:
+    """Stream a continuation from a quantized artifact through its packed 4-bit KV cache."""
+    _quiet_transformers()
+    import torch
+    from transformers import TextStreamer
+
+    from .artifact import load_quantized
+    from .kv_cache import WKVQuantCache
+    from .pipeline import resolve_device
+
+    _check_device(device)
+    try:
+        net = load_quantized(model, device=resolve_device(device))
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (WKVQError, OSError) as exc:
+        _fail(str(exc))
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt").to(net.device)
+    net.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
+        past_key_values=WKVQuantCache(net.config), streamer=TextStreamer(tokenizer),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
 
 
 def main() -> None:

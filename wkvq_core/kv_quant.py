@@ -108,6 +108,7 @@ class WKVAttention(nn.Module):
         self.kv_bits, self.kv_group = kv_cfg.bits, kv_cfg.group_size
         self.smoothing = self.smoothing_configured = kv_cfg.smoothing
         self.poq = kv_cfg.poq
+        self.v_folded = False  # True when v_proj / o_proj already hold the V smoothing (a loaded artifact)
         self.kv_quant = kv_cfg.enabled
         self.observer: ChannelRange | None = None
 
@@ -125,22 +126,25 @@ class WKVAttention(nn.Module):
             scale.copy_(half / half.log().mean().exp())
             shift.copy_((hi + lo) / 2)
 
-    def _value_projection(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.v_proj
-        if not self.smoothing:
-            return proj(x)
-        scale, shift = self.v_scale.reshape(-1), self.v_shift.reshape(-1)
-        bias = -shift if proj.bias is None else proj.bias - shift
-        return proj.linear(x, proj.weight / scale[:, None], bias / scale)
-
-    def _output_projection(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.o_proj
-        if not self.smoothing:
-            return proj(x)
+    def projection(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of a projection with V smoothing folded into v_proj / o_proj (when on)."""
+        proj = getattr(self, name)
+        if not self.smoothing or self.v_folded or name not in ("v_proj", "o_proj"):
+            return proj.weight, proj.bias
+        if name == "v_proj":
+            scale, shift = self.v_scale.reshape(-1), self.v_shift.reshape(-1)
+            bias = -shift if proj.bias is None else proj.bias - shift
+            return proj.weight / scale[:, None], bias / scale
         scale = self.v_scale.repeat_interleave(self.n_rep, dim=0).reshape(-1)
         shift = self.v_shift.repeat_interleave(self.n_rep, dim=0).reshape(-1)
         bias = proj.weight @ shift
-        return proj.linear(x, proj.weight * scale[None, :], bias if proj.bias is None else proj.bias + bias)
+        return proj.weight * scale[None, :], bias if proj.bias is None else proj.bias + bias
+
+    def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        proj = getattr(self, name)
+        if not self.smoothing or self.v_folded or name not in ("v_proj", "o_proj"):
+            return proj(x)
+        return proj.linear(x, *self.projection(name))
 
     def _quant(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant_per_token(x, self.kv_bits, self.kv_group) if self.kv_quant else x
@@ -157,18 +161,21 @@ class WKVAttention(nn.Module):
         shape = (bsz, t_new, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self._value_projection(hidden_states).view(shape).transpose(1, 2)
+        value = self._project("v_proj", hidden_states).view(shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if self.smoothing:
             key = (key - self.k_shift[:, None]) / self.k_scale[:, None]
             query = query * self.k_scale.repeat_interleave(self.n_rep, dim=0)[:, None]
         if self.observer is not None:
             self.observer.observe(key, value)
-        key_stored, value_stored = self._quant(key), self._quant(value)
-        if past_key_values is not None:
-            key_stored, value_stored = past_key_values.update(key_stored, value_stored, self.layer_idx)
+        if getattr(past_key_values, "stores_packed", False):  # the cache quantizes and packs
+            key_stored, value_stored = past_key_values.update(key, value, self.layer_idx)
+        else:
+            key_stored, value_stored = self._quant(key), self._quant(value)
+            if past_key_values is not None:
+                key_stored, value_stored = past_key_values.update(key_stored, value_stored, self.layer_idx)
         out = poq_attention(
             query, key_stored, value_stored, key, value, attention_mask, self.scaling, self.n_rep,
             poq=self.poq and self.kv_quant,
         )
-        return self._output_projection(out.reshape(bsz, t_new, -1)), None
+        return self._project("o_proj", out.reshape(bsz, t_new, -1)), None

@@ -70,7 +70,6 @@ def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = 
     calib = job.config.calib
     samples = calibration_samples(tokenize(tokenizer, load_text(job.calib)), calib.nsamples, calib.seqlen, calib.seed)
     windows = eval_windows(tokenize(tokenizer, load_text(job.eval)), calib.seqlen) if job.eval else None
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
     report = quantize_model_(model, job.config, samples, device=device, callbacks=callbacks)
     metrics: dict[str, Any] = {
         "calibration": {
@@ -84,5 +83,5 @@ def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = 
     if windows is not None:
         metrics["eval"] = evaluate_modes(model, job.config, windows, list(EvalMode), device=device)
     model.to("cpu")
-    save_artifact(job.out, model, tokenizer, job.config, base_state, metrics)
+    save_artifact(job.out, model, tokenizer, job.config, metrics)
     return metrics

@@ -25,6 +25,8 @@ __all__ = [
     "quantize_weight",
     "dequantize_weight",
     "fake_quant_per_token",
+    "quantize_per_token",
+    "dequantize_per_token",
 ]
 
 
@@ -104,8 +106,26 @@ def dequantize_weight(
     return ((grouped - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).reshape(codes.shape)
 
 
+def _token_groups(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    size = x.shape[-1] if group_size is None else group_size
+    return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
+
+
 def fake_quant_per_token(x: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
     """Dynamic asymmetric quantize-dequantize along the last dim, in groups of `group_size` (None: whole dim)."""
-    size = x.shape[-1] if group_size is None else group_size
-    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
+    grouped = _token_groups(x, group_size)
     return _fake_quant(grouped, bits, *_qparams(grouped, bits)).reshape(x.shape)
+
+
+@torch.no_grad()
+def quantize_per_token(x: torch.Tensor, bits: int, group_size: int | None = None):
+    """uint8 codes like x, and fp16 scale and zero (..., n_groups), matching `fake_quant_per_token`."""
+    grouped = _token_groups(x, group_size)
+    scale, zero = _qparams(grouped, bits)
+    codes = (torch.round(grouped / scale) + zero).clamp(0, qmax(bits))
+    return codes.to(torch.uint8).reshape(x.shape), scale.squeeze(-1).half(), zero.squeeze(-1).half()
+
+
+def dequantize_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32):
+    grouped = codes.to(dtype).reshape(*scale.shape, -1)
+    return ((grouped - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).reshape(codes.shape)

@@ -1,0 +1,40 @@
+"""A linear layer holding packed integer weights that it dequantizes on every forward."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .packing import unpack_bits
+from .primitives import dequantize_weight, fake_quant_per_token
+
+
+class PackedLinear(nn.Module):
+    """qweight: uint8 (out, packed_size(in, bits)); scales, zeros: fp16 (out, in // group)."""
+
+    def __init__(self, qweight, scales, zeros, bias, in_features: int, bits: int, group_size: int, act_bits: int = 16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, qweight.shape[0]
+        self.bits, self.group_size, self.act_bits = bits, group_size, act_bits
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("bias", bias)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        codes = unpack_bits(self.qweight, self.bits, self.in_features)
+        return dequantize_weight(codes, self.scales, self.zeros, self.group_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits != 16:
+            x = fake_quant_per_token(x, self.act_bits)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def storage_bytes(self) -> int:
+        """Bytes of the quantized weight itself: packed codes, scales and zero points."""
+        return self.qweight.nbytes + self.scales.nbytes + self.zeros.nbytes
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
