@@ -11,6 +11,9 @@ same parameter shapes (checked on the meta model), so the measured per-layer byt
 Embeddings, final norm and lm_head stay fp16 and are counted from their shapes. KV: bytes per token from
 `kv_bytes_per_token`, cross-checked against a real `WKVQuantCache` (and an fp16 `DynamicCache`) filled through
 `Cache.update` with seqlen tokens per layer. GB = 1e9 bytes.
+
+Throughput: the tiny model is RTN-quantized to a W4KV4 artifact in a temporary directory and loaded with
+`load_quantized`; `generate()` is timed with a `DynamicCache` and with a `WKVQuantCache`, interleaved, in one run.
 """
 
 from __future__ import annotations
@@ -22,17 +25,21 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from wkvq_core.config import FP_BITS, KVQuantConfig
+from wkvq_core.config import FP_BITS, CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.data import calibration_samples, load_text, tokenize
 from wkvq_core.evaluate import kv_bytes_per_token
+from wkvq_core.model import load_model
 from wkvq_core.packing import pack_bits
+from wkvq_core.pipeline import quantize_model_
 from wkvq_core.primitives import quantize_weight
 
 try:
@@ -75,7 +82,10 @@ def layer_bytes(meta_layer: nn.Module, seed: int) -> tuple[int, int, int]:
     for module in layer.modules():
         for param in module.parameters(recurse=False):
             linear = isinstance(module, nn.Linear)
-            param.normal_(0.0, 0.02) if linear else param.fill_(1.0)
+            if linear:
+                param.normal_(0.0, 0.02)
+            else:
+                param.fill_(1.0)
             fp16 += param.nbytes
             w4 += packed_linear_bytes(param) if linear else param.nbytes
             kept += 0 if linear else param.nbytes
@@ -159,7 +169,7 @@ def memory_table(results: list[dict], seqlen: int) -> str:
 
 def model_notes(r: dict, seqlen: int) -> str:
     w, kv, c = r["weights"], r["kv"], r["config"]
-    real = "not run (no WKVQuantCache)" if kv["kv4_real"] is None else (
+    real = "formula only (--no-real-cache, or no WKVQuantCache)" if kv["kv4_real"] is None else (
         f"real caches filled to {seqlen} tokens: DynamicCache fp16 {kv['fp16_real']:,} B, WKVQuantCache "
         f"{kv['kv4_real']:,} B ({'=' if kv['kv4_real'] == kv['kv4'] else '≠'} formula {kv['kv4']:,.0f} B)")
     return (f"- {r['name']}: {c.num_hidden_layers} layers × (fp16 {w['fp16_layer']:,} B → W4 {w['w4_layer']:,} B, "
@@ -174,37 +184,52 @@ def paper_note(results: list[dict]) -> list[str]:
         return []
     w, kv = r["weights"], r["kv"]
     fp, q = w["fp16"] + kv["fp16"], w["w4"] + kv["kv4"]
+    layers_fp16 = w["fp16_layer"] * r["config"].num_hidden_layers
+    naive_fp, naive_q = layers_fp16 + kv["fp16"], (layers_fp16 + kv["fp16"]) / 4
     return [
         f"- LLaMA-2-13B vs paper ({PAPER_13B[0]} GB → {PAPER_13B[1]} GB, ×{PAPER_13B[0] / PAPER_13B[1]:.2f}): "
         f"measured {fp / GB:.2f} GB → {q / GB:.2f} GB (×{fp / q:.2f}) = {fp / GIB:.2f} GiB → {q / GIB:.2f} GiB; "
         f"without the fp16 embeddings/lm_head {(fp - w['other']) / GB:.2f} GB → {(q - w['other']) / GB:.2f} GB",
+        f"- the paper's figures are reproduced by a cruder count: decoder layers only (no embeddings/lm_head) and "
+        f"exactly 16 → 4 bits per weight and per KV element, no scales/zeros: {naive_fp / GB:.2f} GB → "
+        f"{naive_q / GB:.2f} GB; the paper does not state its accounting",
     ]
 
 
 # ---------------------------------------------------------------- throughput
 
-def load_tiny(path: Path):
-    from wkvq_core.model import load_model
-
+def load_tiny(path: Path, workdir: str):
+    """(model, tokenizer, description) for the throughput part: the WKVQuant artifact at `path`; for a plain model
+    directory an RTN W4KV4 artifact of it written to `workdir` and read back with `load_quantized` (the deployment
+    path: packed weights, WKVAttention with POQ); the FP model itself while `load_quantized` does not exist yet."""
     try:
-        from wkvq_core.artifact import is_artifact, load_quantized
+        from wkvq_core.artifact import is_artifact, load_quantized, save_artifact
     except ImportError:
-        is_artifact = None
-    if is_artifact is not None and is_artifact(path):
-        from transformers import AutoTokenizer
-
-        return load_quantized(path), AutoTokenizer.from_pretrained(path), "W4KV4 artifact (load_quantized)"
+        model, tokenizer = load_model(path)
+        return model, tokenizer, "FP32 model (load_model; `load_quantized` not available), stock LlamaAttention"
+    if is_artifact(path):
+        return load_quantized(path), AutoTokenizer.from_pretrained(path), "WKVQuant artifact, load_quantized"
     model, tokenizer = load_model(path)
-    return model, tokenizer, "FP32 weights (load_model), stock LlamaAttention"
+    config = WKVQuantConfig(weight=WeightQuantConfig(bits=W_BITS, group_size=-1, lwc=False),
+                            kv=KVQuantConfig(bits=KV_BITS), calib=CalibConfig(nsamples=16, seqlen=256, epochs=0))
+    calib = tokenize(tokenizer, load_text(str(PROMPT_TEXT.with_name("calib.txt"))))
+    quantize_model_(model, config, calibration_samples(calib, 16, 256, seed=0))
+    save_artifact(Path(workdir) / "tiny-w4kv4", model, tokenizer, config)
+    return (load_quantized(Path(workdir) / "tiny-w4kv4"), tokenizer,
+            "RTN W4KV4 artifact of it (W4 per output row, KV4 with 2D smoothing initialised from 16×256 calibration "
+            "tokens, epochs 0), loaded with load_quantized: PackedLinear + WKVAttention with POQ, fp32 compute; with the "
+            "DynamicCache the attention stores fake-quantized (KV4-valued) K/V in fp32")
 
 
 @torch.no_grad()
 def throughput(args) -> str:
     if WKVQuantCache is None:
         return "- not run: `wkvq_core.kv_cache.WKVQuantCache` does not exist yet"
-    model, tokenizer, kind = load_tiny(Path(args.tiny_model))
-    ids = tokenizer(PROMPT_TEXT.read_text(encoding="utf-8")[:2000], return_tensors="pt").input_ids[:, : args.prompt_len]
-    caches = {"FP cache (DynamicCache)": lambda: DynamicCache(config=model.config),
+    with tempfile.TemporaryDirectory() as workdir:
+        model, tokenizer, kind = load_tiny(Path(args.tiny_model), workdir)
+    ids = tokenizer(PROMPT_TEXT.read_text(encoding="utf-8")[:500], return_tensors="pt").input_ids[:, : args.prompt_len]
+    dtype = str(model.dtype).removeprefix("torch.")
+    caches = {f"FP cache (DynamicCache, {dtype})": lambda: DynamicCache(config=model.config),
               "packed KV4 (WKVQuantCache)": lambda: WKVQuantCache(model.config, kv_bits=KV_BITS)}
     times, outputs, held = {k: [] for k in caches}, {}, {}
     n = args.new_tokens
@@ -267,6 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
     started = datetime.datetime.now(datetime.timezone.utc)
     results = [measure_model(key, args) for key in args.models]
     torch.set_num_threads(args.threads)
@@ -298,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     print(section)
     if args.results:
         with Path(args.results).open("a", encoding="utf-8") as fh:
-            fh.write("\n" + section)
+            fh.write(section + "\n")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ def save_artifact(out: str | os.PathLike, model, tokenizer, config: WKVQuantConf
         model_config = copy.deepcopy(model.config)
         model_config.quantization_config = quantization_config(config, fp_dtype)
         model_config.use_cache = True
+        model_config.architectures = [type(model).__name__]
         model_config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -124,6 +124,8 @@ def quantize(
     poq: Annotated[bool, typer.Option(help="Past-only quantization.")] = True,
     act_bits: Annotated[int, typer.Option(help="Per-token activation bits into linears (16 = off).")] = 16,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Per-block checkpoints; rerun to resume.")] = None,
+    fp_dtype: Annotated[Optional[str], typer.Option(help="float16, bfloat16 or float32 for the non-quantized tensors "
+                                                         "(default: the checkpoint's dtype).")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
@@ -131,7 +133,7 @@ def quantize(
     """Calibrate a model and write a quantized artifact directory."""
     _quiet_transformers()
     from .checkpoint import DirectoryCheckpoints
-    from .pipeline import QuantizeJob, run_quantize_job
+    from .pipeline import FP_DTYPES, QuantizeJob, run_quantize_job
     from .progress import CalibrationCallbacks
 
     _check_device(device)
@@ -140,7 +142,10 @@ def quantize(
         _check_dir_option("--checkpoint-dir", checkpoint_dir)
     try:
         config = _build_config(**locals())
-        job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device, revision=revision)
+        if fp_dtype is not None and fp_dtype not in FP_DTYPES:
+            _fail(f"--fp-dtype must be one of {', '.join(FP_DTYPES)}; got {fp_dtype!r}")
+        job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device,
+                          revision=revision, fp_dtype=fp_dtype)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, disable=as_json) as progress:
             callbacks = CalibrationCallbacks(

@@ -18,6 +18,15 @@ from .model import load_model, prepare_model_
 from .progress import CalibrationCallbacks
 
 
+FP_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def checkpoint_dtype(model) -> str:
+    """The dtype the checkpoint was stored in (fp16 when unknown or not a float type we write)."""
+    stored = str(getattr(model, "checkpoint_dtype", None) or "float16").removeprefix("torch.")
+    return stored if stored in FP_DTYPES else "float16"
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,6 +70,7 @@ class QuantizeJob:
     eval: str | None = None
     device: str = "auto"
     revision: str | None = None
+    fp_dtype: str | None = None  # non-quantized tensors in the artifact; None: the checkpoint's dtype
 
 
 def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = None) -> dict[str, Any]:
@@ -83,5 +93,6 @@ def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = 
     if windows is not None:
         metrics["eval"] = evaluate_modes(model, job.config, windows, list(EvalMode), device=device)
     model.to("cpu")
-    save_artifact(job.out, model, tokenizer, job.config, metrics)
+    fp_dtype = job.fp_dtype or checkpoint_dtype(model)
+    save_artifact(job.out, model, tokenizer, job.config, metrics, fp_dtype=getattr(torch, fp_dtype))
     return metrics
