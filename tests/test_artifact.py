@@ -201,3 +201,30 @@ def test_artifact_write_is_atomic(calibrated, tokenizer, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_artifact(tmp_path / "out", sim, tokenizer, WKVQuantConfig(weight=WeightQuantConfig(group_size=-1)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_generate_streams_the_greedy_continuation(calibrated, tokenizer):
+    from typer.testing import CliRunner
+
+    from wkvq_core.cli import app
+
+    _, out = calibrated
+    result = CliRunner().invoke(app, ["generate", "--model", str(out), "--prompt", "Once upon a time",
+                                      "--max-new-tokens", "20", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    loaded = load_quantized(out)
+    ids = tokenizer("Once upon a time", return_tensors="pt")
+    expected = loaded.generate(**ids, max_new_tokens=20, do_sample=False, past_key_values=WKVQuantCache(loaded.config))
+    assert tokenizer.decode(expected[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() in result.stdout
+
+
+def test_cli_refuses_fp_mode_on_an_artifact(calibrated, tmp_path):
+    from typer.testing import CliRunner
+
+    from wkvq_core.cli import app
+
+    _, out = calibrated
+    (tmp_path / "e.txt").write_text("Once upon a time there was a cat. " * 40)
+    result = CliRunner().invoke(app, ["eval", "--model", str(out), "--data", str(tmp_path / "e.txt"), "--seqlen", "64",
+                                      "--mode", "fp"])
+    assert result.exit_code == 2 and "no full-precision weights" in result.output
