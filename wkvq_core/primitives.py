@@ -57,9 +57,12 @@ def _qparams(
     return scale, zero
 
 
+def _codes(grouped: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (round_ste(grouped / scale) + zero).clamp(0, qmax(bits))
+
+
 def _fake_quant(grouped: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    codes = (round_ste(grouped / scale) + zero).clamp(0, qmax(bits))
-    return (codes - zero) * scale
+    return (_codes(grouped, bits, scale, zero) - zero) * scale
 
 
 def _group(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -95,8 +98,8 @@ def quantize_weight(
     `dequantize_weight(codes, scale, zero, group_size)` equals `fake_quant_weight(...)`."""
     grouped = _group(w, group_size)
     scale, zero = _qparams(grouped, bits, clip_max, clip_min)
-    codes = (torch.round(grouped / scale) + zero).clamp(0, qmax(bits))
-    return codes.to(torch.uint8).reshape(w.shape), scale.squeeze(-1), zero.squeeze(-1)
+    codes = _codes(grouped, bits, scale, zero).to(torch.uint8)
+    return codes.reshape(w.shape), scale.squeeze(-1), zero.squeeze(-1)
 
 
 def dequantize_weight(
@@ -122,8 +125,8 @@ def quantize_per_token(x: torch.Tensor, bits: int, group_size: int | None = None
     """uint8 codes like x, and fp16 scale and zero (..., n_groups), matching `fake_quant_per_token`."""
     grouped = _token_groups(x, group_size)
     scale, zero = _qparams(grouped, bits)
-    codes = (torch.round(grouped / scale) + zero).clamp(0, qmax(bits))
-    return codes.to(torch.uint8).reshape(x.shape), scale.squeeze(-1).half(), zero.squeeze(-1).half()
+    codes = _codes(grouped, bits, scale, zero).to(torch.uint8)
+    return codes.reshape(x.shape), scale.squeeze(-1).half(), zero.squeeze(-1).half()
 
 
 def dequantize_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32):
