@@ -69,3 +69,11 @@ def test_per_token_quantization(group_size):
     assert ((xg - dg).abs().amax(1) <= step + 1e-5).all()  # half a step, plus up to half for the rounded zero
     assert ((xg - dg).abs().mean(1) <= step / 2).all()
     assert all(row.unique().numel() <= 16 for row in dg)
+
+
+def test_constant_and_single_value_groups_are_exact():
+    x = torch.tensor([[0.5] * 8, [-3.0] * 8, [0.0] * 8, [1e-3] * 8])
+    assert torch.allclose(fake_quant_per_token(x, 4), x, rtol=2e-3)  # fp16 scale
+    assert torch.allclose(fake_quant_weight(x, 4, 8), x, rtol=2e-3)  # fp16 scale
+    values = torch.tensor([[0.7, -1.3, 2.0, 0.05]])
+    assert torch.allclose(fake_quant_per_token(values, 4, group_size=1), values, rtol=2e-3)  # fp16 scale

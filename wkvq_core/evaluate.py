@@ -71,7 +71,7 @@ def decode_perplexity(model, windows: torch.Tensor, mode: EvalMode = EvalMode.WK
 
 
 def kv_bytes_per_token(model_config, kv: KVQuantConfig) -> float:
-    """Bytes of K and V cache per token over all layers: packed codes + an fp16 (scale, min) pair per group
+    """Bytes of K and V cache per token over all layers: packed codes + an fp16 (scale, zero point) pair per group
     and KV head; 2 bytes per element when unquantized."""
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     per_head = head_dim * 2.0

@@ -20,7 +20,6 @@ import torch
 __all__ = [
     "round_ste",
     "qmax",
-    "fake_quant_minmax",
     "fake_quant_weight",
     "quantize_weight",
     "dequantize_weight",
@@ -51,7 +50,8 @@ def _qparams(
     if clip_max is not None:
         gmax = gmax * clip_max
         gmin = gmin * clip_min
-    scale = ((gmax - gmin) / qmax(bits)).clamp(min=1e-5)
+    # a near-constant group needs a scale large enough that its zero point stays within ZERO_LIMIT
+    scale = torch.maximum((gmax - gmin) / qmax(bits), gmin.abs() / ZERO_LIMIT).clamp(min=1e-5)
     scale = scale.to(torch.float16).to(grouped.dtype)  # scales are stored in fp16: simulate exactly that
     zero = round_ste((-gmin / scale).clamp(-ZERO_LIMIT, ZERO_LIMIT))  # not clamped to the code range (as OmniQuant)
     return scale, zero
