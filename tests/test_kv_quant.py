@@ -21,9 +21,9 @@ def w4kv4(poq=True, smoothing=True, group_size=-1):
     )
 
 
-def random_model(arch: str, n_heads: int, n_kv_heads: int):
+def random_model(arch: str, n_heads: int, n_kv_heads: int, **extra):
     kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=256)
+              num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=256, **extra)
     torch.manual_seed(1)
     model = LlamaForCausalLM(LlamaConfig(**kw)) if arch == "llama" else MistralForCausalLM(MistralConfig(**kw))
     return model.eval()
@@ -33,6 +33,9 @@ MODELS = {
     "llama-gqa": lambda: random_model("llama", 8, 2),
     "llama-mha": lambda: random_model("llama", 4, 4),
     "mistral-gqa": lambda: random_model("mistral", 8, 4),
+    "llama3-rope-gqa": lambda: random_model("llama", 8, 2, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}, rope_theta=500000.0),
 }
 
 
