@@ -18,6 +18,15 @@ CALIB_TEXT = ASSETS / "tinystories" / "calib.txt"
 EVAL_TEXT = ASSETS / "tinystories" / "eval.txt"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """The test models are tiny: intra-op threads gain nothing and, on a busy 2-core machine, slow them down ~10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def _tiny():
     return load_model(TINY_MODEL)

@@ -248,6 +248,29 @@ def generate(
     )
 
 
+@app.command("export")
+def export(
+    artifact: Annotated[Path, typer.Argument(metavar="DIR", help="A `wkvq quantize` output directory.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (written atomically).")],
+    fmt: Annotated[str, typer.Option("--format", help="compressed-tensors (pack-quantized W4A16, for vLLM).")] = "compressed-tensors",
+) -> None:
+    """Convert a quantized artifact for other runtimes; prints what the target format cannot express."""
+    _quiet_transformers()
+    from .export_ct import FORMAT, NOTES, export_compressed_tensors
+
+    if fmt != FORMAT:
+        _fail(f"--format must be {FORMAT}; got {fmt!r}")
+    _check_dir_option("OUT", out_dir)
+    try:
+        export_compressed_tensors(artifact, out_dir)
+        notes = json.loads((out_dir / NOTES).read_text())
+    except (WKVQError, OSError) as exc:
+        _fail(str(exc))
+    dropped = ", ".join(item["feature"] for item in notes["not_expressed"]) or "nothing"
+    out.print(f"wrote {escape(str(out_dir))} ({FORMAT} {notes['compressed_tensors_format']}, {notes['scheme']}); "
+              f"not expressed: {dropped} (see {NOTES})", emoji=False, soft_wrap=True, highlight=False)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,260 @@
+"""Export a WKVQuant artifact as a compressed-tensors "pack-quantized" checkpoint (weight-only, W{bits}A16,
+asymmetric) that transformers (with the `compressed-tensors` package) and vLLM load.
+
+Written with plain torch / safetensors; the layout follows compressed-tensors 0.20 (`PackedQuantizationCompressor`):
+
+    <linear>.weight_packed      int32 (out, ceil(in * bits / 32)): the codes q + 2**(bits-1) as an LSB-first
+                                bitstream along the input dim, 32 bits per little-endian word
+    <linear>.weight_scale       the artifact's fp16 scales, (out, in // group); (out, 1) for per-row (strategy channel)
+    <linear>.weight_zero_point  int32 (ceil(out * bits / 32), n_groups): zp + 2**(bits-1), packed along the output dim
+    <linear>.weight_shape       int64 [out, in]
+    compressed-tensors dequantizes (q - zp) * scale with q, zp in [-2**(bits-1), 2**(bits-1) - 1].
+
+Mapping, exact for every weight: ours is (code - zero) * scale with code in [0, 2**bits - 1] and an integer zero point,
+so q = code - 2**(bits-1), zp = zero - 2**(bits-1) (the stored nibbles are then our codes unchanged). A zero point
+outside [0, 2**bits - 1] (near-constant groups) is re-expressed with another zp when every (code - zero) of its group
+still fits; otherwise the export fails naming the layer. Scales stay fp16, so decompression in fp16 rounds
+(q - zp) * scale to fp16 exactly as our own fp16 dequantization does; in fp32 it is exact.
+
+The V smoothing is folded into v_proj / o_proj (weights and biases), so the config declares `attention_bias: true`
+and q_proj / k_proj get zero biases. What the format cannot express is listed in `wkvquant_export.json`: the KV-cache
+quantization and POQ (the exported model runs with an ordinary KV cache) and the K smoothing, which is dropped --
+exact with a full-precision cache: softmax((q * s) . (k - d) / s) = softmax(q . k - q . d) = softmax(q . k) since
+q . d is the same for every key of a query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .artifact import MANIFEST, METRICS, WEIGHTS, ATTENTION_PROJECTIONS, is_artifact, load_quantized
+from .config import FP_BITS
+from .errors import ArtifactError, ConfigError
+from .model import MLP_PROJECTIONS, decoder_layers
+from .packed_linear import PackedLinear
+from .packing import pack_bits, unpack_bits
+
+FORMAT = "compressed-tensors"
+CT_FORMAT = "pack-quantized"
+CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writes
+NOTES = "wkvquant_export.json"
+_NOT_COPIED = {"config.json", WEIGHTS, MANIFEST, METRICS}
+_RUNTIME_DTYPES = {"float16": "float16", "float32": "float16", "bfloat16": "bfloat16"}
+
+
+def _int32_words(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes (..., n) of an LSB-first bitstream -> int32 little-endian words (..., ceil(n / 4)), endian-safe."""
+    packed = torch.nn.functional.pad(packed, (0, (-packed.shape[-1]) % 4)).to(torch.int64)
+    words = (packed.unflatten(-1, (-1, 4)) << torch.tensor([0, 8, 16, 24])).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_int32(values: torch.Tensor, bits: int, packed_dim: int = 1) -> torch.Tensor:
+    """Unsigned `bits`-bit values (2-D) -> compressed-tensors' `pack_to_int32` layout along `packed_dim`
+    (`values` are its signed inputs plus 2**(bits-1))."""
+    if packed_dim == 0:
+        return _int32_words(pack_bits(values.t(), bits)).t().contiguous()
+    return _int32_words(pack_bits(values, bits))
+
+
+def _layer_qparams(name: str, lin: PackedLinear) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Unsigned codes (out, in) and zero points (out, n_groups) in compressed-tensors' offset form (value + 2**(bits-1)),
+    with (q - zp) == (code - zero) everywhere; and the number of re-expressed zero points."""
+    bits, offset = lin.bits, 2 ** (lin.bits - 1)
+    codes = unpack_bits(lin.qweight, bits, lin.in_features).to(torch.int64)
+    zero = lin.zeros.to(torch.float32)
+    if not torch.isfinite(zero).all() or not torch.equal(zero, zero.round()):
+        raise ArtifactError(f"{name}: zero points are not integers (corrupt artifact)")
+    zero = zero.to(torch.int64)
+    n_groups = zero.shape[1]
+    diff = codes.reshape(codes.shape[0], n_groups, -1) - zero.unsqueeze(-1)  # what (q - zp) must equal
+    lo = (-offset - diff.amin(-1)).clamp(min=-offset)  # zp range keeping q = diff + zp in [-offset, offset - 1]
+    hi = (offset - 1 - diff.amax(-1)).clamp(max=offset - 1)
+    bad = lo > hi
+    if bad.any():
+        row, group = (int(i) for i in bad.nonzero()[0])
+        d = diff[row, group]
+        reach = int(d.min()) if int(d.min()) < -(2**bits - 1) else int(d.max())
+        raise ConfigError(
+            f"{name}: zero point {int(zero[row, group])} (row {row}, group {group}) cannot be represented: "
+            f"code - zero reaches {reach}, beyond the +-{2**bits - 1} that q - zp can take in compressed-tensors' "
+            f"signed {bits}-bit range ({int(bad.sum())} group(s) of this layer affected)"
+        )
+    zp = torch.minimum(torch.maximum(zero - offset, lo), hi)
+    q = diff + zp.unsqueeze(-1)
+    remapped = int((zp != zero - offset).sum())
+    return (q + offset).reshape(codes.shape).to(torch.uint8), (zp + offset).to(torch.uint8), remapped
+
+
+def _export_linear(name: str, lin: PackedLinear) -> tuple[dict[str, torch.Tensor], int]:
+    codes, zp, remapped = _layer_qparams(name, lin)
+    tensors = {
+        f"{name}.weight_packed": pack_int32(codes, lin.bits),
+        f"{name}.weight_scale": lin.scales.to(torch.float16),
+        f"{name}.weight_zero_point": pack_int32(zp, lin.bits, packed_dim=0),
+        f"{name}.weight_shape": torch.tensor([lin.out_features, lin.in_features], dtype=torch.int64),
+    }
+    return tensors, remapped
+
+
+def quantization_config(bits: int, group_size: int) -> dict[str, Any]:
+    """The `quantization_config` of config.json, as compressed-tensors' `ModelCompressor.update_config` writes it."""
+    weights = {"num_bits": bits, "type": "int", "symmetric": False, "dynamic": False,
+               "strategy": "channel" if group_size == -1 else "group",
+               "group_size": None if group_size == -1 else group_size}
+    return {
+        "version": CT_VERSION,
+        "quant_method": "compressed-tensors",
+        "format": CT_FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": CT_FORMAT}},
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "moe_sparsity_config": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+
+
+def _not_expressed(wkv: dict[str, Any]) -> list[dict[str, str]]:
+    kv, items = wkv.get("kv", {}), []
+    kv_bits = kv.get("bits", FP_BITS)
+    if kv_bits != FP_BITS:
+        group = kv.get("group_size") or "head_dim"
+        items.append({"feature": "kv_cache_quantization", "detail": (
+            f"{kv_bits}-bit dynamic asymmetric per-token KV quantization per KV head (group {group}); "
+            "compressed-tensors' kv_cache_scheme only describes static scales, so kv_cache_scheme is null and the "
+            "KV cache is whatever the runtime uses (full precision unless asked otherwise)")})
+        if kv.get("poq", False):
+            items.append({"feature": "poq", "detail": (
+                "past-only quantization (a token attends to its own K/V in full precision) only matters with the "
+                "quantized KV cache; dropped with it")})
+        if kv.get("smoothing", False):
+            items.append({"feature": "k_smoothing", "detail": (
+                "self_attn.k_scale / k_shift are dropped (vLLM would also mistake `k_scale` for an FP8 KV-cache scale). "
+                "Exact with a full-precision cache: scores (q * s) . (k - d) / s = q . k - q . d, and q . d is the "
+                "same for every key of a query, so the softmax is unchanged")})
+    return items
+
+
+def _target(out: Path, artifact: Path) -> None:
+    if out.resolve() == artifact.resolve():
+        raise ConfigError(f"{out}: the output directory must differ from the artifact")
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not (out / NOTES).is_file():
+            raise ConfigError(f"{out}: exists, is not empty and is not a previous export; remove it or pick another")
+
+
+def export_compressed_tensors(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write `out_dir` (atomically: temporary sibling directory, then rename; a previous export there is replaced)
+    from the WKVQuant artifact in `artifact_dir`. Returns `out_dir`."""
+    artifact, out = Path(artifact_dir), Path(out_dir)
+    if not artifact.is_dir():
+        raise ArtifactError(f"{artifact}: no such directory")
+    if not is_artifact(artifact):
+        raise ArtifactError(f"{artifact}: not a WKVQuant artifact (config.json without quant_method 'wkvquant')")
+    _target(out, artifact)
+    model = load_quantized(artifact)  # fp32: every stored dtype (fp16 / bf16 / fp32) round-trips exactly
+    quant = model.config.quantization_config
+    wkv = quant["wkvquant_config"]
+    bits, group_size, act_bits = quant["w_bits"], quant["group_size"], quant.get("act_bits", FP_BITS)
+    if bits == FP_BITS:
+        raise ConfigError(f"{artifact}: weights are not quantized (w_bits 16); nothing to export as {CT_FORMAT}")
+    if act_bits != FP_BITS:
+        raise ConfigError(f"{artifact}: activations are quantized to {act_bits} bits (W{bits}A{act_bits}); "
+                          f"only weight-only (A16) models can be exported")
+    stored_dtype = getattr(torch, quant.get("non_quantized_dtype", "float16"))
+    config = json.loads((artifact / "config.json").read_text())
+    arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
+
+    tensors: dict[str, torch.Tensor] = {}
+    remapped: dict[str, int] = {}
+    attn_bias = bool(config.get("attention_bias", False))
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        for module, names, part in ((layer.self_attn, ATTENTION_PROJECTIONS, "self_attn"),
+                                    (layer.mlp, MLP_PROJECTIONS, "mlp")):
+            for proj in names:
+                name, lin = f"model.layers.{i}.{part}.{proj}", getattr(module, proj)
+                layer_tensors, n = _export_linear(name, lin)
+                tensors.update(layer_tensors)
+                if n:
+                    remapped[name] = n
+                if lin.bias is not None:
+                    tensors[f"{name}.bias"] = lin.bias.to(stored_dtype)
+                    attn_bias = attn_bias or part == "self_attn"
+    if attn_bias:
+        if arch == "MistralForCausalLM":
+            raise ConfigError(f"{artifact}: the folded V smoothing needs attention biases, which "
+                              "MistralForCausalLM does not have (quantize with --no-smoothing to export it)")
+        for i, layer in enumerate(layers):
+            for proj in ATTENTION_PROJECTIONS:
+                lin = getattr(layer.self_attn, proj)
+                tensors.setdefault(f"model.layers.{i}.self_attn.{proj}.bias",
+                                   torch.zeros(lin.out_features, dtype=stored_dtype))
+    for key, value in model.state_dict().items():
+        in_block = ".self_attn." in key or ".mlp." in key
+        if not in_block and not (model.config.tie_word_embeddings and key == "lm_head.weight"):
+            tensors[key] = value.to(stored_dtype)
+
+    config.pop("quantization_config", None)
+    config["attention_bias"] = attn_bias
+    config["dtype"] = _RUNTIME_DTYPES.get(str(stored_dtype).removeprefix("torch."), "float16")
+    config.pop("torch_dtype", None)
+    config["use_cache"] = True
+    config["quantization_config"] = quantization_config(bits, group_size)
+    scheme = f"W{bits}A16 asymmetric, " + ("per row (strategy channel)" if group_size == -1 else f"group {group_size}")
+    notes = {
+        "format": FORMAT,
+        "compressed_tensors_format": CT_FORMAT,
+        "scheme": scheme,
+        "source": {"quantization_config": quant,
+                   "model.safetensors_sha256": json.loads((artifact / MANIFEST).read_text())["files"][WEIGHTS]["sha256"]},
+        "exact": [
+            "every linear weight: (q - zp) * scale with q - zp == code - zero and the artifact's fp16 scales "
+            "(decompressing in fp16 rounds the product to fp16, as our own fp16 dequantization does)",
+            "V smoothing: folded into v_proj / o_proj weights and biases (attention_bias: true, zero q_proj / "
+            "k_proj biases)",
+        ],
+        "not_expressed": _not_expressed(wkv),
+        "zero_points_reexpressed": remapped,
+        "loading": ("vLLM: `vllm serve OUT` (compressed-tensors WNA16 with zero points; its kernels add shape and "
+                    "group-size limits). transformers: pass quantization_config=CompressedTensorsConfig(dequantize=True); "
+                    "with transformers 5.23 / compressed-tensors 0.20 the default compressed load path rejects the packed "
+                    "zero points of every asymmetric pack-quantized checkpoint (shape mismatch), not only this one"),
+        "runtime_dtype": (f"config dtype {config['dtype']}; non-quantized tensors are stored as in the artifact "
+                          f"({str(stored_dtype).removeprefix('torch.')}); in bfloat16 a runtime rounds the fp16 "
+                          "scales to bfloat16"),
+    }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        for path in sorted(artifact.iterdir()):
+            if path.is_file() and path.name not in _NOT_COPIED:
+                shutil.copyfile(path, tmp / path.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / NOTES).write_text(json.dumps(notes, indent=2) + "\n")
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
