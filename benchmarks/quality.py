@@ -29,7 +29,7 @@ from wkvq_core.calibrate import CalibrationReport
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.data import calibration_samples, eval_windows, load_text, tokenize
 from wkvq_core.evaluate import EvalMode, kv_bytes_per_token, perplexity
-from wkvq_core.model import load_model
+from wkvq_core.model import attentions, load_model
 from wkvq_core.pipeline import quantize_model_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +44,7 @@ class Row:
     name: str
     config: WKVQuantConfig | None  # None: the original model
     mode: EvalMode
+    poq_at_eval: bool | None = None  # override the calibrated model's POQ switch for evaluation
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ def benchmark_rows(calib: CalibConfig) -> list[Row]:
         Row("W4A4 RTN", cfg(kv=FP, act_bits=4, **rtn), EvalMode.W),
         Row("W4KV4 WKVQuant", cfg(crr_k=5, loss="mae"), EvalMode.WKV),
         Row("WKVQuant w/o POQ", cfg(poq=False), EvalMode.WKV),
+        Row("WKVQuant, POQ at eval only", cfg(poq=False), EvalMode.WKV, poq_at_eval=True),
         Row("WKVQuant w/o 2D smoothing", cfg(smoothing=False), EvalMode.WKV),
         Row("WKVQuant w/o CRR (k=1, MSE)", cfg(**omniquant), EvalMode.WKV),
     ]
@@ -100,6 +102,9 @@ def run_row(fp_model, row: Row, samples: torch.Tensor, windows: torch.Tensor, de
             reset_peak_rss()
         report = quantize_model_(model, row.config, samples, device=device)
     kv = row.config.kv if row.config else KVQuantConfig(bits=FP)
+    if row.poq_at_eval is not None:
+        for attn in attentions(model):
+            attn.poq = row.poq_at_eval
     ppl = perplexity(model, windows, row.mode, device=device).ppl
     return Result(row, ppl, kv_bytes_per_token(model.config, kv), report)
 
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         f"- settings: nsamples {calib.nsamples}, seqlen {calib.seqlen}, epochs {calib.epochs}, seed {calib.seed}, "
         f"batch 1; W4 asymmetric, one group per output row; KV4 per token and KV head (head_dim group)",
         "- rows: RTN = no LWC, no smoothing, epochs 0 (W4KV4 RTN keeps POQ); OmniQuant and w/o CRR = CRR k 1, MSE; "
-        "WKVQuant = LWC + 2D smoothing + POQ + CRR k 5, MAE",
+        "WKVQuant = LWC + 2D smoothing + POQ + CRR k 5, MAE; \"POQ at eval only\" = the w/o POQ calibration, "
+        "evaluated with POQ",
         f"- calibration text `{shown(args.calib)}`, eval text `{shown(args.eval)}`",
         f"- peak memory: {memory_note}",
     ])

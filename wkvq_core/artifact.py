@@ -18,8 +18,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .atomic import atomic_directory
 from .checkpoint import load_safetensors, save_safetensors_atomic
 from .config import FP_BITS, WeightQuantConfig, WKVQuantConfig
 from .errors import ArtifactError, WKVQError
@@ -112,10 +111,7 @@ def packed_state_dict(model, fp_dtype: torch.dtype = torch.float16) -> dict[str,
 def save_artifact(out: str | os.PathLike, model, tokenizer, config: WKVQuantConfig,
                   metrics: dict[str, Any] | None = None, fp_dtype: torch.dtype = torch.float16) -> Path:
     """Write to a temporary sibling directory, then rename; an existing `out` is replaced only on success."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_directory(out) as tmp:
         model_config = copy.deepcopy(model.config)
         model_config.quantization_config = quantization_config(config, fp_dtype)
         model_config.use_cache = True
@@ -126,18 +122,9 @@ def save_artifact(out: str | os.PathLike, model, tokenizer, config: WKVQuantConf
         save_safetensors_atomic(tmp / WEIGHTS, packed_state_dict(model, fp_dtype), {"format": QUANT_METHOD})
         if metrics is not None:
             (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        tmp.chmod(0o755)
         files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"format": QUANT_METHOD, "files": files}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def verify_manifest(directory: Path) -> dict[str, Any]:

@@ -28,13 +28,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from .atomic import atomic_directory
 from .artifact import MANIFEST, METRICS, WEIGHTS, ATTENTION_PROJECTIONS, is_artifact, load_quantized
 from .config import FP_BITS
 from .errors import ArtifactError, ConfigError
@@ -239,22 +239,11 @@ def export_compressed_tensors(artifact_dir: str | os.PathLike, out_dir: str | os
                           "scales to bfloat16"),
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_directory(out) as tmp:
         for path in sorted(artifact.iterdir()):
             if path.is_file() and path.name not in _NOT_COPIED:
                 shutil.copyfile(path, tmp / path.name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / NOTES).write_text(json.dumps(notes, indent=2) + "\n")
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
