@@ -35,8 +35,8 @@ def test_four_bit_packing_is_two_codes_per_byte_low_nibble_first():
 
 @pytest.fixture(scope="module")
 def calibrated(_tiny, calib_ids, tmp_path_factory):
-    """The shipped model calibrated (W4 per-row, KV4) and its artifact (non-quantized tensors kept in fp32, the
-    checkpoint's own dtype and what `wkvq quantize` keeps by default for it)."""
+    """The shipped model calibrated (W4 per-row, KV4) and its artifact, configured to keep the non-quantized
+    tensors in fp32 (the checkpoint's own dtype) so that it can match the simulation token for token."""
     model, tokenizer = copy.deepcopy(_tiny[0]), _tiny[1]
     cfg = WKVQuantConfig(weight=WeightQuantConfig(group_size=-1), calib=CalibConfig(nsamples=8, seqlen=128, epochs=1))
     quantize_model_(model, cfg, calibration_samples(calib_ids, 8, 128, seed=0))

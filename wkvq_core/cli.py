@@ -124,8 +124,7 @@ def quantize(
     poq: Annotated[bool, typer.Option(help="Past-only quantization.")] = True,
     act_bits: Annotated[int, typer.Option(help="Per-token activation bits into linears (16 = off).")] = 16,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Per-block checkpoints; rerun to resume.")] = None,
-    fp_dtype: Annotated[Optional[str], typer.Option(help="float16, bfloat16 or float32 for the non-quantized tensors "
-                                                         "(default: the checkpoint's dtype).")] = None,
+    fp_dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32 for the non-quantized tensors.")] = "float16",
     revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
@@ -142,7 +141,7 @@ def quantize(
         _check_dir_option("--checkpoint-dir", checkpoint_dir)
     try:
         config = _build_config(**locals())
-        if fp_dtype is not None and fp_dtype not in FP_DTYPES:
+        if fp_dtype not in FP_DTYPES:
             _fail(f"--fp-dtype must be one of {', '.join(FP_DTYPES)}; got {fp_dtype!r}")
         job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device,
                           revision=revision, fp_dtype=fp_dtype)

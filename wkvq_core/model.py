@@ -64,7 +64,6 @@ def load_model(source: str | os.PathLike, revision: str | None = None, dtype=tor
             "(offline or unknown id); download it first and pass the directory"
         ) from exc
     check_architecture(model.config.to_dict(), str(source))
-    model.checkpoint_dtype = _stored_dtype(path / "config.json") if path.exists() else None
     # Weights come memory-mapped from safetensors at offsets that depend on the file's header length; CPU kernels
     # round differently on unaligned data, so a saved artifact would not reproduce its own metrics. Own copies fix it.
     for param in model.parameters():
@@ -72,11 +71,6 @@ def load_model(source: str | os.PathLike, revision: str | None = None, dtype=tor
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
-
-
-def _stored_dtype(config_file: Path) -> str | None:
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    return config.get("dtype") or config.get("torch_dtype")
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:

@@ -21,12 +21,6 @@ from .progress import CalibrationCallbacks
 FP_DTYPES = ("float16", "bfloat16", "float32")
 
 
-def checkpoint_dtype(model) -> str:
-    """The dtype the checkpoint was stored in (fp16 when unknown or not a float type we write)."""
-    stored = str(getattr(model, "checkpoint_dtype", None) or "float16").removeprefix("torch.")
-    return stored if stored in FP_DTYPES else "float16"
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,7 +64,7 @@ class QuantizeJob:
     eval: str | None = None
     device: str = "auto"
     revision: str | None = None
-    fp_dtype: str | None = None  # non-quantized tensors in the artifact; None: the checkpoint's dtype
+    fp_dtype: str = "float16"  # embeddings, norms, lm_head and biases in the artifact
 
 
 def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = None) -> dict[str, Any]:
@@ -93,6 +87,5 @@ def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = 
     if windows is not None:
         metrics["eval"] = evaluate_modes(model, job.config, windows, list(EvalMode), device=device)
     model.to("cpu")
-    fp_dtype = job.fp_dtype or checkpoint_dtype(model)
-    save_artifact(job.out, model, tokenizer, job.config, metrics, fp_dtype=getattr(torch, fp_dtype))
+    save_artifact(job.out, model, tokenizer, job.config, metrics, fp_dtype=getattr(torch, job.fp_dtype))
     return metrics
