@@ -54,7 +54,7 @@ def test_resume_after_interruption_is_byte_identical(tiny_model, calib_ids, tmp_
     cfg = config()
     samples = calibration_samples(calib_ids, 4, 64, seed=0)
     reference_model = copy.deepcopy(tiny_model)
-    _, rec = run(reference_model, cfg, samples, DirectoryCheckpoints(tmp_path / "a"))
+    reference_report, rec = run(reference_model, cfg, samples, DirectoryCheckpoints(tmp_path / "a"))
     assert rec.blocks(EventKind.BLOCK_END) == [0, 1, 2, 3, 4]
 
     interrupted = copy.deepcopy(tiny_model)
@@ -64,6 +64,7 @@ def test_resume_after_interruption_is_byte_identical(tiny_model, calib_ids, tmp_
 
     report, rec = run(tiny_model, cfg, samples, DirectoryCheckpoints(tmp_path / "b"))
     assert rec.blocks(EventKind.BLOCK_RESUMED) == [0, 1]
+    assert report.block_losses == reference_report.block_losses
     assert rec.blocks(EventKind.BLOCK_START) == [2, 3, 4]  # no finished block redone
     assert report.resumed_blocks == 2
     assert state_bytes(tiny_model) == state_bytes(reference_model)

@@ -155,14 +155,13 @@ def calibrate_(
     x_q = _embed(model, samples, device, offload)
     x_fp, fp_depth = x_q.clone(), 0
 
-    resumed = _resume(layers, callbacks, run_key)
+    report.block_losses = _resume(layers, callbacks, run_key)
+    resumed = report.resumed_blocks = len(report.block_losses)
     for i in range(resumed):
         layers[i].to(device)
         x_q = blocks.propagate(x_q, i, quantized=True)
         layers[i].to(offload)
-        report.block_losses.append(float("nan"))
-        callbacks.emit(CalibrationEvent(EventKind.BLOCK_RESUMED, i, n_blocks))
-    report.resumed_blocks = resumed
+        callbacks.emit(CalibrationEvent(EventKind.BLOCK_RESUMED, i, n_blocks, loss=report.block_losses[i]))
 
     for i in range(resumed, n_blocks):
         if callbacks.cancelled():
@@ -192,21 +191,23 @@ def calibrate_(
     return report
 
 
-def _resume(layers: nn.ModuleList, callbacks: CalibrationCallbacks, run_key: str) -> int:
-    """Load consecutive block checkpoints from block 0; returns how many blocks are finished."""
-    if callbacks.checkpoints is None:
-        return 0
-    done = 0
-    while done < len(layers) and (found := callbacks.checkpoints.load(done)) is not None:
+def _resume(layers: nn.ModuleList, callbacks: CalibrationCallbacks, run_key: str) -> list[float]:
+    """Load consecutive block checkpoints from block 0; returns the final losses of the finished blocks."""
+    losses: list[float] = []
+    while callbacks.checkpoints is not None and len(losses) < len(layers):
+        index = len(losses)
+        found = callbacks.checkpoints.load(index)
+        if found is None:
+            break
         state, meta = found
         if meta.get("fingerprint") != run_key:
             raise ConfigError(
-                f"checkpoint of block {done} was made with another configuration or calibration data; "
+                f"checkpoint of block {index} was made with another configuration or calibration data; "
                 "use an empty checkpoint directory"
             )
-        load_block_state_(layers[done], state, f"checkpoint of block {done}")
-        done += 1
-    return done
+        load_block_state_(layers[index], state, f"checkpoint of block {index}")
+        losses.append(float(meta.get("loss", "nan")))
+    return losses
 
 
 def _calibrate_block(
