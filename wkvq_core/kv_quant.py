@@ -129,7 +129,7 @@ class WKVAttention(nn.Module):
     def projection(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) of a projection with V smoothing folded into v_proj / o_proj (when on)."""
         proj = getattr(self, name)
-        if not self.smoothing or self.v_folded or name not in ("v_proj", "o_proj"):
+        if not self._folds_v(name):
             return proj.weight, proj.bias
         if name == "v_proj":
             scale, shift = self.v_scale.reshape(-1), self.v_shift.reshape(-1)
@@ -140,11 +140,13 @@ class WKVAttention(nn.Module):
         bias = proj.weight @ shift
         return proj.weight * scale[None, :], bias if proj.bias is None else proj.bias + bias
 
+    def _folds_v(self, name: str) -> bool:
+        """Whether `name`'s weights get the V smoothing folded in on the fly."""
+        return self.smoothing and not self.v_folded and name in ("v_proj", "o_proj")
+
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         proj = getattr(self, name)
-        if not self.smoothing or self.v_folded or name not in ("v_proj", "o_proj"):
-            return proj(x)
-        return proj.linear(x, *self.projection(name))
+        return proj.linear(x, *self.projection(name)) if self._folds_v(name) else proj(x)
 
     def _quant(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant_per_token(x, self.kv_bits, self.kv_group) if self.kv_quant else x
