@@ -4,13 +4,13 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from wkvq_core.calibrate import calibration_state
+from wkvq_core.calibrate import calibrate_, calibration_state
 from wkvq_core.checkpoint import DirectoryCheckpoints
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.data import calibration_samples, eval_windows
 from wkvq_core.errors import CalibrationCancelled, ConfigError
 from wkvq_core.evaluate import EvalMode, perplexity
-from wkvq_core.model import decoder_layers, quant_state
+from wkvq_core.model import decoder_layers, prepare_model_, quant_state
 from wkvq_core.pipeline import quantize_model_
 from wkvq_core.progress import CalibrationCallbacks, EventKind
 
@@ -149,3 +149,27 @@ def test_cancel_stops_between_steps_and_keeps_finished_checkpoints(tiny_model, c
     with pytest.raises(CalibrationCancelled, match="block 3"):
         run(tiny_model, config(epochs=1), samples, DirectoryCheckpoints(tmp_path), cancel_after_block=2)
     assert len(list(tmp_path.glob("block-*.safetensors"))) == 3
+
+
+def test_at_most_k_blocks_are_on_the_compute_device(tiny_model, calib_ids):
+    """Sequential onloading: track every layer's last `.to(...)` target; "cpu:0" stands for the compute device."""
+    compute, k = torch.device("cpu", 0), 2
+    cfg = config(epochs=1, crr_k=k)
+    prepare_model_(tiny_model, cfg)
+    placed = {}
+    for i, layer in enumerate(decoder_layers(tiny_model)):
+        def to(*args, _i=i, _layer=layer, _orig=layer.to, **kwargs):
+            placed[_i] = torch.device(args[0])
+            return _orig(*args, **kwargs)
+        layer.to = to
+    on_device = []
+
+    def record(event):
+        if event.kind == EventKind.EPOCH_END:  # while a block trains
+            on_device.append(sorted(i for i, d in placed.items() if d == compute))
+
+    calibrate_(tiny_model, cfg, calibration_samples(calib_ids, 4, 64, seed=0), device=compute, offload_device="cpu",
+               callbacks=CalibrationCallbacks(on_event=record))
+    assert on_device and all(len(blocks) <= k for blocks in on_device), on_device
+    assert on_device[0] == [0, 1] and on_device[-1] == [4]
+    assert all(d != compute for d in placed.values())  # everything offloaded at the end
