@@ -250,7 +250,7 @@ QUANTIZE_CASES = MODEL_CASES + [
     ("seqlen-0", {"--seqlen": "0"}, ["seqlen", "got 0"]),
     ("nsamples-0", {"--nsamples": "0"}, ["nsamples", "got 0"]),
     ("checkpoint-dir-is-a-file", {"--checkpoint-dir": "{a_file}"}, ["--checkpoint-dir", "not a directory"]),
-    ("fp-dtype-int8", {"--fp-dtype": "int8"}, ["--fp-dtype", "float16, bfloat16, float32", "int8"]),
+    ("fp-dtype-int8", {"--fp-dtype": "int8"}, ["fp_dtype", "float16, bfloat16, float32", "int8"]),
 ]
 
 EVAL_CASES = MODEL_CASES + [

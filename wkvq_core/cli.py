@@ -65,6 +65,18 @@ def _check_dir_option(option: str, directory: Path) -> None:
             return
 
 
+def _load_artifact(directory: str, device: str):
+    """(packed model, tokenizer) of a `wkvq quantize` output; raises WKVQError for a bad artifact."""
+    from .artifact import load_quantized
+    from .errors import ArtifactError
+
+    model = load_quantized(directory, device=device)
+    try:
+        return model, AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{directory}: cannot load the tokenizer ({exc})") from exc
+
+
 def _build_config(**kw) -> WKVQuantConfig:
     return WKVQuantConfig(
         weight=WeightQuantConfig(bits=kw["w_bits"], group_size=kw["group_size"], lwc=kw.get("lwc", False)),
@@ -132,7 +144,7 @@ def quantize(
     """Calibrate a model and write a quantized artifact directory."""
     _quiet_transformers()
     from .checkpoint import DirectoryCheckpoints
-    from .pipeline import FP_DTYPES, QuantizeJob, run_quantize_job
+    from .pipeline import QuantizeJob, run_quantize_job
     from .progress import CalibrationCallbacks
 
     _check_device(device)
@@ -141,8 +153,6 @@ def quantize(
         _check_dir_option("--checkpoint-dir", checkpoint_dir)
     try:
         config = _build_config(**locals())
-        if fp_dtype not in FP_DTYPES:
-            _fail(f"--fp-dtype must be one of {', '.join(FP_DTYPES)}; got {fp_dtype!r}")
         job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device,
                           revision=revision, fp_dtype=fp_dtype)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -177,7 +187,7 @@ def evaluate(
 ) -> None:
     """Perplexity with the quantized KV cache read exactly as in decoding (POQ)."""
     _quiet_transformers()
-    from .artifact import is_artifact, load_quantized
+    from .artifact import is_artifact
     from .data import eval_windows, load_text, tokenize
     from .model import load_model, prepare_model_
     from .pipeline import evaluate_modes, resolve_device
@@ -194,7 +204,7 @@ def evaluate(
             if EvalMode.FP in modes and mode != "all":
                 _fail(f"{model}: a quantized artifact holds no full-precision weights; evaluate the original model")
             modes = [m for m in modes if m != EvalMode.FP]
-            net, tokenizer = load_quantized(model), AutoTokenizer.from_pretrained(model)
+            net, tokenizer = _load_artifact(model, "cpu")
             config = WKVQuantConfig.from_dict(net.config.quantization_config["wkvquant_config"])
         else:
             net, tokenizer = load_model(model)
@@ -228,15 +238,13 @@ def generate(
     import torch
     from transformers import TextStreamer
 
-    from .artifact import load_quantized
     from .kv_cache import WKVQuantCache
     from .pipeline import resolve_device
 
     _check_device(device)
     try:
-        net = load_quantized(model, device=resolve_device(device))
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except (WKVQError, OSError) as exc:
+        net, tokenizer = _load_artifact(model, resolve_device(device))
+    except WKVQError as exc:
         _fail(str(exc))
     torch.manual_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt").to(net.device)

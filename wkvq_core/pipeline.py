@@ -13,6 +13,7 @@ from .artifact import save_artifact
 from .calibrate import CalibrationReport, calibrate_
 from .config import WKVQuantConfig
 from .data import calibration_samples, eval_windows, load_text, tokenize
+from .errors import ConfigError
 from .evaluate import EvalMode, kv_bytes_per_token, perplexity
 from .model import load_model, prepare_model_
 from .progress import CalibrationCallbacks
@@ -65,6 +66,10 @@ class QuantizeJob:
     device: str = "auto"
     revision: str | None = None
     fp_dtype: str = "float16"  # embeddings, norms, lm_head and biases in the artifact
+
+    def __post_init__(self) -> None:
+        if self.fp_dtype not in FP_DTYPES:
+            raise ConfigError(f"fp_dtype must be one of {', '.join(FP_DTYPES)}; got {self.fp_dtype!r}")
 
 
 def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = None) -> dict[str, Any]:
