@@ -1,5 +1,7 @@
+import contextlib
 import copy
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,49 @@ def eval_ids(tokenizer):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- PostgreSQL: throwaway databases -------------------------------------------------------------------------------
+# The server is WKVQ_TEST_POSTGRES (a libpq URL of a database to connect to for CREATE/DROP DATABASE), by default the
+# local trust-auth server. It is required: when it cannot be reached, the tests that need it fail, they do not skip.
+
+PG_ADMIN_URL = os.environ.get("WKVQ_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_admin_connection():
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    errors = []
+    for dbname in (None, "postgres"):  # the configured maintenance database, then `postgres`
+        conninfo = PG_ADMIN_URL if dbname is None else make_conninfo(PG_ADMIN_URL, dbname=dbname)
+        try:
+            return psycopg.connect(conninfo, autocommit=True, connect_timeout=10), conninfo_to_dict(conninfo)
+        except psycopg.OperationalError as exc:
+            errors.append(f"{dbname or 'configured db'}: {exc}")
+    pytest.fail(f"PostgreSQL is required for these tests but not reachable at {PG_ADMIN_URL}: {'; '.join(errors)}")
+
+
+@contextlib.contextmanager
+def fresh_pg_database():
+    """Create an empty database with a unique name, yield its SQLAlchemy URL (psycopg 3 driver), drop it afterwards."""
+    from psycopg import sql
+
+    admin, params = _pg_admin_connection()
+    name = f"wkvq_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        user = params.get("user", "postgres")
+        password = f":{params['password']}" if params.get("password") else ""
+        host, port = params.get("host", "127.0.0.1"), params.get("port", "5432")
+        yield f"postgresql+psycopg://{user}{password}@{host}:{port}/{name}"
+    finally:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """URL of an empty PostgreSQL database private to this test session (dropped at the end)."""
+    with fresh_pg_database() as url:
+        yield url

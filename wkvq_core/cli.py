@@ -167,7 +167,7 @@ def quantize(
     if as_json:
         print(json.dumps(metrics))
         return
-    out.print(f"wrote {escape(str(out_dir))} in {metrics['calibration']['seconds']:.1f}s of calibration",
+    out.print(f"wrote {escape(str(out_dir))} in {metrics['run']['seconds']:.1f}s of calibration",
               emoji=False, soft_wrap=True)
     if "eval" in metrics:
         _print_eval(metrics["eval"])

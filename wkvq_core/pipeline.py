@@ -73,7 +73,8 @@ class QuantizeJob:
 
 
 def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = None) -> dict[str, Any]:
-    """Run a job end to end; returns the metrics written to the artifact's metrics.json."""
+    """Run a job end to end. The artifact's metrics.json holds what the same job always reproduces (losses,
+    perplexities); the returned metrics add this run's `run` section (seconds, peak memory, resumed blocks)."""
     device = resolve_device(job.device)
     model, tokenizer = load_model(job.model, revision=job.revision)
     calib = job.config.calib
@@ -81,16 +82,12 @@ def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = 
     windows = eval_windows(tokenize(tokenizer, load_text(job.eval)), calib.seqlen) if job.eval else None
     report = quantize_model_(model, job.config, samples, device=device, callbacks=callbacks)
     metrics: dict[str, Any] = {
-        "calibration": {
-            "seconds": report.seconds,
-            "peak_memory_bytes": report.peak_memory_bytes,
-            "block_losses": [None if math.isnan(x) else x for x in report.block_losses],
-            "resumed_blocks": report.resumed_blocks,
-            "device": device,
-        }
+        "calibration": {"block_losses": [None if math.isnan(x) else x for x in report.block_losses], "device": device},
     }
     if windows is not None:
         metrics["eval"] = evaluate_modes(model, job.config, windows, list(EvalMode), device=device)
     model.to("cpu")
     save_artifact(job.out, model, tokenizer, job.config, metrics, fp_dtype=getattr(torch, job.fp_dtype))
-    return metrics
+    run = {"seconds": report.seconds, "peak_memory_bytes": report.peak_memory_bytes,
+           "resumed_blocks": report.resumed_blocks}
+    return metrics | {"run": run}

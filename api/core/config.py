@@ -1,0 +1,65 @@
+"""All service settings in one class, read from WKVQ_* environment variables and an optional `.env` file."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "wkvq_core" / "assets"
+
+
+class DispatcherKind(str, Enum):
+    LOCAL = "local"  # workers poll the database; no broker
+    CELERY = "celery"  # Celery over BROKER_URL, one queue per GPU class
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WKVQ_", env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    DATABASE_URL: str = "sqlite:///wkvq-data/wkvq.db"
+    STORAGE_URL: str = "file://wkvq-data/store"
+    STORAGE_OPTIONS: dict[str, Any] = Field(default_factory=dict)
+    DISPATCHER: DispatcherKind = DispatcherKind.LOCAL
+    BROKER_URL: str = "redis://127.0.0.1:6379/0"
+    MODELS_DIR: Path = SHIPPED_MODELS
+    GPU_CLASSES: list[str] = Field(default_factory=lambda: ["default"])
+    LEASE_SECONDS: float = 60.0
+    HEARTBEAT_SECONDS: float = 10.0
+    REAPER_SECONDS: float = 15.0
+    POLL_SECONDS: float = 1.0
+    MAX_ATTEMPTS: int = 3
+    JOB_TIME_LIMIT_SECONDS: int = 24 * 3600
+    MAX_UPLOAD_BYTES: int = 64 * 1024 * 1024
+    MIN_UPLOAD_CHARS: int = 1000
+    DEVICE: str = "auto"
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _psycopg3(cls, url: str) -> str:
+        for prefix in ("postgres://", "postgresql://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url.removeprefix(prefix)
+        return url
+
+    @field_validator("STORAGE_URL")
+    @classmethod
+    def _absolute_file_url(cls, url: str) -> str:
+        if "://" not in url or url.startswith("file://"):
+            return "file://" + str(Path(url.removeprefix("file://")).resolve())
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.HEARTBEAT_SECONDS * 2 > self.LEASE_SECONDS:
+            raise ValueError("WKVQ_HEARTBEAT_SECONDS must be at most half of WKVQ_LEASE_SECONDS")
+        if not self.GPU_CLASSES:
+            raise ValueError("WKVQ_GPU_CLASSES needs at least one class")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.DATABASE_URL.startswith("sqlite")

@@ -1,0 +1,43 @@
+"""Service errors carry their HTTP status; one handler in `api.main` turns them into responses."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class ServiceError(Exception):
+    status_code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(ServiceError):
+    status_code = 404
+
+
+class Conflict(ServiceError):
+    status_code = 409
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+
+
+class Unavailable(ServiceError):
+    status_code = 503
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+
+
+class InvalidField(ServiceError):
+    """A 422 shaped like FastAPI's validation errors: `loc` names the field, `message` the reason."""
+
+    status_code = 422
+
+    def __init__(self, loc: Sequence[str | int], message: str) -> None:
+        super().__init__(message)
+        self.loc = list(loc)

@@ -1,0 +1,99 @@
+"""Artifact and checkpoint storage over fsspec: `file://` by default, `s3://` (s3fs) for a shared pool.
+
+Objects are written under a temporary name and then moved into place, so a reader never sees half a file.
+Rows in the database hold the full URI returned by `put_*`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import IO, Any, Iterator
+
+import fsspec
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    uri: str
+    sha256: str
+    size: int
+
+
+class ArtifactStore:
+    def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(url, **(options or {}))
+        self.protocol = url.split("://", 1)[0] if "://" in url else "file"
+
+    def uri(self, key: str) -> str:
+        return f"{self.protocol}://{self._path(key)}"
+
+    def _path(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{key.lstrip('/')}"
+
+    def _path_of(self, uri: str) -> str:
+        path = uri.split("://", 1)[1] if "://" in uri else uri
+        if not path.startswith(self.root.rstrip("/") + "/"):
+            raise ValueError(f"{uri} is outside the artifact store {self.uri('')}")
+        return path
+
+    def put_file(self, local_path: str, key: str) -> StoredObject:
+        digest, size = hashlib.sha256(), 0
+        with open(local_path, "rb") as f:
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                digest.update(chunk)
+                size += len(chunk)
+        self._move_into_place(key, lambda tmp: self.fs.put_file(local_path, tmp))
+        return StoredObject(self.uri(key), digest.hexdigest(), size)
+
+    def put_bytes(self, data: bytes, key: str) -> StoredObject:
+        self._move_into_place(key, lambda tmp: self.fs.pipe_file(tmp, data))
+        return StoredObject(self.uri(key), hashlib.sha256(data).hexdigest(), len(data))
+
+    def _move_into_place(self, key: str, write) -> None:
+        path = self._path(key)
+        parent, name = path.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+        self.fs.makedirs(parent, exist_ok=True)
+        try:
+            write(tmp)
+            self.fs.mv(tmp, path)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
+
+    def read_bytes(self, uri: str) -> bytes:
+        return self.fs.cat_file(self._path_of(uri))
+
+    def open(self, uri: str) -> IO[bytes]:
+        return self.fs.open(self._path_of(uri), "rb")
+
+    def iter_range(self, uri: str, start: int, length: int) -> Iterator[bytes]:
+        with self.open(uri) as f:
+            f.seek(start)
+            while length > 0:
+                chunk = f.read(min(CHUNK, length))
+                if not chunk:
+                    return
+                length -= len(chunk)
+                yield chunk
+
+    def download(self, uri: str, local_path: str) -> None:
+        self.fs.get_file(self._path_of(uri), local_path)
+
+    def exists(self, uri: str) -> bool:
+        return self.fs.exists(self._path_of(uri))
+
+    def delete(self, uri: str) -> None:
+        path = self._path_of(uri)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def check(self) -> None:
+        """Raises when the store cannot be reached."""
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.fs.ls(self.root)

@@ -1,0 +1,59 @@
+"""Uploaded calibration texts: checked (size, UTF-8, length), stored, then recorded."""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..core.config import Settings
+from ..core.db import new_id
+from ..core.errors import InvalidField, NotFound, PayloadTooLarge
+from ..core.storage import ArtifactStore
+from ..models import Dataset, Team
+
+LOC = ("body", "file")
+
+
+def _safe_filename(name: str | None) -> str:
+    base = PurePath((name or "upload.txt").replace("\\", "/")).name
+    return "".join(c for c in base if c.isalnum() or c in "._- ")[:200] or "upload.txt"
+
+
+class DatasetService:
+    def create(self, session: Session, store: ArtifactStore, settings: Settings, *, team: Team, filename: str | None,
+               data: bytes) -> Dataset:
+        if len(data) > settings.MAX_UPLOAD_BYTES:
+            raise PayloadTooLarge(f"upload is larger than {settings.MAX_UPLOAD_BYTES} bytes")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidField(LOC, f"not UTF-8 text (invalid byte at offset {exc.start})") from None
+        if len(text.strip()) < settings.MIN_UPLOAD_CHARS:
+            raise InvalidField(LOC, f"calibration text too short: {len(text.strip())} characters, "
+                                    f"at least {settings.MIN_UPLOAD_CHARS} needed")
+        dataset_id = new_id()
+        stored = store.put_bytes(data, f"datasets/{team.id}/{dataset_id}.txt")
+        row = Dataset(id=dataset_id, team_id=team.id, filename=_safe_filename(filename), uri=stored.uri,
+                      sha256=stored.sha256, size=stored.size, chars=len(text))
+        session.add(row)
+        try:
+            session.commit()
+        except BaseException:
+            session.rollback()
+            store.delete(stored.uri)
+            raise
+        return row
+
+    def get(self, session: Session, *, team: Team, dataset_id: str) -> Dataset:
+        row = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.team_id == team.id))
+        if row is None:
+            raise NotFound(f"dataset {dataset_id} not found")
+        return row
+
+    def list(self, session: Session, *, team: Team) -> list[Dataset]:
+        return list(session.scalars(select(Dataset).where(Dataset.team_id == team.id).order_by(Dataset.created_at.desc())))
+
+
+dataset_service = DatasetService()

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, AsyncIterator
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from ..deps import ContextDep, CurrentTeam, SessionDep
+from ..models import JobStatus
+from .download import ranged_download
+from .schemas import ArtifactRead, JobCreate, JobEventRead, JobList, JobRead
+from .service import job_service
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.post("", response_model=JobRead, status_code=status.HTTP_201_CREATED,
+             responses={200: {"model": JobRead, "description": "replayed: same Idempotency-Key and body"}})
+def submit_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, body: JobCreate, response: Response,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobRead:
+    job, created = job_service.submit(ctx, session, team=team, body=body, idempotency_key=idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return job_service.read(session, job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(session: SessionDep, team: CurrentTeam, status: JobStatus | None = None,
+              gpu_class: Annotated[str | None, Query(max_length=64)] = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20, offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
+    jobs, count = job_service.list(session, team=team, status=status.value if status else None, gpu_class=gpu_class,
+                                   limit=limit, offset=offset)
+    return JobList(data=[job_service.read(session, job) for job in jobs], count=count)
+
+
+@router.get("/{job_id}", response_model=JobRead)
+def get_job(session: SessionDep, team: CurrentTeam, job_id: str) -> JobRead:
+    return job_service.read(session, job_service.get(session, team=team, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobRead)
+def cancel_job(session: SessionDep, team: CurrentTeam, job_id: str) -> JobRead:
+    return job_service.read(session, job_service.cancel(session, team=team, job_id=job_id))
+
+
+@router.post("/{job_id}/retry", response_model=JobRead)
+def retry_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: str) -> JobRead:
+    return job_service.read(session, job_service.retry(ctx, session, team=team, job_id=job_id))
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            responses={200: {"description": "text/event-stream of JobEventRead; ends when the job has ended"}})
+async def job_events(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: str,
+                     last_event_id: Annotated[int, Header(ge=0)] = 0) -> AsyncIterator[ServerSentEvent]:
+    job = await run_in_threadpool(job_service.get, session, team=team, job_id=job_id)
+    after, poll = last_event_id, ctx.settings.POLL_SECONDS
+
+    def fetch():
+        with ctx.session() as s:
+            return job_service.events(s, job_id=job.id, after=after), JobStatus(s.get(type(job), job.id).status)
+
+    while True:
+        events, state = await run_in_threadpool(fetch)
+        for event in events:
+            after = event.id
+            yield ServerSentEvent(data=JobEventRead.model_validate(event).model_dump(mode="json"), event=event.kind,
+                                  id=str(event.id))
+        if not events and state.terminal:
+            yield ServerSentEvent(data={"status": state.value}, event="end")
+            return
+        if not events:
+            await asyncio.sleep(poll)
+
+
+@router.get("/{job_id}/metrics")
+def job_metrics(session: SessionDep, team: CurrentTeam, job_id: str) -> dict:
+    return job_service.metrics(session, team=team, job_id=job_id)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactRead])
+def job_artifacts(request: Request, session: SessionDep, team: CurrentTeam, job_id: str) -> list[ArtifactRead]:
+    return [ArtifactRead(name=a.name, size=a.size, sha256=a.sha256, media_type=a.media_type,
+                         download_url=str(request.url_for("download_artifact", job_id=job_id, name=a.name)))
+            for a in job_service.artifacts(session, team=team, job_id=job_id)]
+
+
+@router.get("/{job_id}/artifacts/{name}", response_class=Response,
+            responses={200: {"content": {"application/x-tar": {}}}, 206: {"description": "partial content (Range)"},
+                       416: {"description": "range not satisfiable"}})
+def download_artifact(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: str, name: str,
+                      range: Annotated[str | None, Header()] = None) -> Response:
+    artifact = job_service.artifact(session, team=team, job_id=job_id, name=name)
+    return ranged_download(ctx.store, artifact, range)

@@ -1,0 +1,159 @@
+"""Request and response models of the job API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
+FP_BITS = 16
+BUILTIN_DATASETS = ("tinystories",)  # keys of api.datasets.builtin.BUILTIN_TEXTS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalModel(Strict):
+    source: Literal["local"]
+    name: str = Field(pattern=NAME_PATTERN, description="a model directory under WKVQ_MODELS_DIR")
+
+
+class HubModel(Strict):
+    source: Literal["hf"]
+    id: str = Field(pattern=HUB_ID_PATTERN, max_length=200, description="a Hugging Face model id")
+    revision: str | None = Field(None, pattern=NAME_PATTERN)
+
+
+ModelSpec = Annotated[LocalModel | HubModel, Field(discriminator="source")]
+
+
+class BuiltinData(Strict):
+    source: Literal["builtin"]
+    name: Literal[BUILTIN_DATASETS] = Field(description="a text set shipped with the service")  # type: ignore[valid-type]
+
+
+class UploadedData(Strict):
+    source: Literal["upload"]
+    dataset_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="the id returned by POST /v1/datasets")
+
+
+class HubData(Strict):
+    source: Literal["hf"]
+    name: str = Field(pattern=HUB_ID_PATTERN, max_length=200, examples=["wikitext"])
+    config: str | None = Field(None, pattern=NAME_PATTERN, examples=["wikitext-2-raw-v1"])
+    split: str = Field("train", pattern=NAME_PATTERN)
+    field: str = Field("text", pattern=NAME_PATTERN)
+
+
+DataSpec = Annotated[BuiltinData | UploadedData | HubData, Field(discriminator="source")]
+
+
+def _bits(value: int, name: str) -> int:
+    if value != FP_BITS and value not in QUANT_BITS:
+        raise ValueError(f"{name} must be between 2 and 8, or 16 for full precision")
+    return value
+
+
+class QuantConfig(Strict):
+    """WKVQuant bit configuration and calibration budget; the defaults are the paper's."""
+
+    w_bits: int = 4
+    kv_bits: int = 4
+    group_size: int = Field(128, ge=-1, le=65536, description="weight group along the input dim; -1 = per row")
+    kv_group_size: int | None = Field(None, ge=1, le=1024, description="KV channels per group; null = head_dim")
+    crr_k: int = Field(5, ge=1, le=64)
+    loss: Literal["mae", "mse"] = "mae"
+    epochs: int = Field(5, ge=0, le=50)
+    nsamples: int = Field(128, ge=1, le=4096)
+    seqlen: int = Field(2048, ge=16, le=32768)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    lwc: bool = True
+    smoothing: bool = True
+    poq: bool = True
+
+    @field_validator("w_bits")
+    @classmethod
+    def _w_bits(cls, value: int) -> int:
+        return _bits(value, "w_bits")
+
+    @field_validator("kv_bits")
+    @classmethod
+    def _kv_bits(cls, value: int) -> int:
+        return _bits(value, "kv_bits")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("group_size must be positive or -1")
+        return value
+
+
+class JobCreate(Strict):
+    model: ModelSpec
+    config: QuantConfig = Field(default_factory=QuantConfig)
+    calibration: DataSpec
+    evaluation: DataSpec | None = Field(
+        None, description="held-out text for perplexity; a built-in calibration set brings its own by default"
+    )
+    gpu_class: str | None = Field(None, pattern=NAME_PATTERN, description="default: the first configured class")
+    priority: int = Field(0, ge=-100, le=100, description="higher runs first")
+
+
+class JobRead(BaseModel):
+    id: str
+    status: str
+    model: dict[str, Any]
+    config: dict[str, Any]
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any] | None
+    gpu_class: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    current_block: int
+    total_blocks: int | None
+    progress: float = Field(description="finished blocks / total blocks")
+    eta_seconds: float | None
+    heartbeat_age_seconds: float | None
+    last_loss: float | None
+    worker: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class JobList(BaseModel):
+    data: list[JobRead]
+    count: int
+
+
+class JobEventRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    created_at: datetime
+    kind: str
+    block: int | None
+    n_blocks: int | None
+    epoch: int | None
+    epochs: int | None
+    loss: float | None
+    seconds: float | None
+    message: str | None
+
+
+class ArtifactRead(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    media_type: str
+    download_url: str

@@ -1,0 +1,189 @@
+"""Job lifecycle on the API side: submit (idempotent, enqueue after commit), read, list, cancel, retry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..core.context import ServiceContext
+from ..core.db import utcnow
+from ..core.errors import Conflict, InvalidField, NotFound
+from ..models import Artifact, Job, JobEvent, JobMetrics, JobStatus, Team
+from ..datasets.service import dataset_service
+from .model_source import check_dims, model_config
+from .schemas import JobCreate, JobRead, UploadedData
+
+RETRYABLE = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+
+
+def request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def add_event(session: Session, job_id: str, kind: str, message: str | None = None, **fields) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, message=message, **fields))
+
+
+class JobService:
+    def submit(self, ctx: ServiceContext, session: Session, *, team: Team, body: JobCreate,
+               idempotency_key: str | None) -> tuple[Job, bool]:
+        """Returns (job, created). The job is enqueued only after its row has committed."""
+        digest = request_hash(body)
+        if idempotency_key is not None:
+            existing = self._by_idempotency_key(session, team, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, digest), False
+        self._validate(ctx, session, team, body)
+        gpu_class = body.gpu_class or ctx.settings.GPU_CLASSES[0]
+        job = Job(team_id=team.id, spec=body.model_dump(mode="json", exclude={"gpu_class", "priority"}),
+                  gpu_class=gpu_class, priority=body.priority, max_attempts=ctx.settings.MAX_ATTEMPTS,
+                  idempotency_key=idempotency_key, request_hash=digest)
+        session.add(job)
+        try:
+            session.flush()
+            add_event(session, job.id, "queued", f"queued on {gpu_class}")
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            existing = self._by_idempotency_key(session, team, idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return self._replay(existing, digest), False
+        ctx.dispatcher.enqueue(job.id, job.gpu_class)
+        return job, True
+
+    def _by_idempotency_key(self, session: Session, team: Team, key: str) -> Job | None:
+        return session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == key))
+
+    def _replay(self, job: Job, digest: str) -> Job:
+        if job.request_hash != digest:
+            raise InvalidField(("header", "Idempotency-Key"),
+                               "this Idempotency-Key was already used with a different request body")
+        return job
+
+    def _validate(self, ctx: ServiceContext, session: Session, team: Team, body: JobCreate) -> None:
+        settings = ctx.settings
+        if body.gpu_class is not None and body.gpu_class not in settings.GPU_CLASSES:
+            raise InvalidField(("body", "gpu_class"), f"unknown GPU class {body.gpu_class!r}; "
+                                                      f"available: {', '.join(settings.GPU_CLASSES)}")
+        check_dims(model_config(settings, body.model), body.config)
+        for field in ("calibration", "evaluation"):
+            spec = getattr(body, field)
+            if isinstance(spec, UploadedData):
+                try:
+                    dataset = dataset_service.get(session, team=team, dataset_id=spec.dataset_id)
+                except NotFound:
+                    raise InvalidField(("body", field, "dataset_id"), f"unknown dataset {spec.dataset_id}") from None
+                if dataset.chars <= body.config.seqlen:
+                    raise InvalidField(("body", field, "dataset_id"),
+                                       f"dataset has {dataset.chars} characters, fewer than the {body.config.seqlen + 1} "
+                                       f"tokens a {body.config.seqlen}-token window needs")
+
+    def get(self, session: Session, *, team: Team, job_id: str) -> Job:
+        job = session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team.id))
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def list(self, session: Session, *, team: Team, status: str | None, gpu_class: str | None, limit: int,
+             offset: int) -> tuple[list[Job], int]:
+        where = [Job.team_id == team.id]
+        if status is not None:
+            where.append(Job.status == status)
+        if gpu_class is not None:
+            where.append(Job.gpu_class == gpu_class)
+        count = session.scalar(select(func.count()).select_from(Job).where(*where))
+        jobs = session.scalars(select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
+        return list(jobs), count
+
+    def cancel(self, session: Session, *, team: Team, job_id: str) -> Job:
+        """A queued job is cancelled at once; a running one at its next block boundary (it keeps its checkpoints)."""
+        job = self.get(session, team=team, job_id=job_id)
+        now = utcnow()
+        queued = session.execute(
+            update(Job).where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now)
+        ).rowcount
+        if queued:
+            add_event(session, job.id, "cancelled", "cancelled before it started")
+        else:
+            running = session.execute(
+                update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING.value)
+                .values(cancel_requested=True, updated_at=now)
+            ).rowcount
+            if not running:
+                session.rollback()
+                raise Conflict(f"job {job.id} is already {job.status}")
+            add_event(session, job.id, "cancel_requested", "will stop after the current block")
+        session.commit()
+        session.refresh(job)
+        return job
+
+    def retry(self, ctx: ServiceContext, session: Session, *, team: Team, job_id: str) -> Job:
+        """Requeue a failed or cancelled job; it resumes from its last block checkpoint."""
+        job = self.get(session, team=team, job_id=job_id)
+        now = utcnow()
+        changed = session.execute(
+            update(Job).where(Job.id == job.id, Job.status.in_(RETRYABLE)).values(
+                status=JobStatus.QUEUED.value, attempts=0, cancel_requested=False, error=None, lease_owner=None,
+                lease_token=None, lease_expires_at=None, finished_at=None, updated_at=now)
+        ).rowcount
+        if not changed:
+            session.rollback()
+            raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
+        add_event(session, job.id, "retried", "requeued; resumes from the last block checkpoint")
+        session.commit()
+        session.refresh(job)
+        ctx.dispatcher.enqueue(job.id, job.gpu_class)
+        return job
+
+    def events(self, session: Session, *, job_id: str, after: int, limit: int = 500) -> list[JobEvent]:
+        return list(session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)))
+
+    def metrics(self, session: Session, *, team: Team, job_id: str) -> dict:
+        job = self.get(session, team=team, job_id=job_id)
+        row = session.get(JobMetrics, job.id)
+        if row is None:
+            raise NotFound(f"job {job.id} has no metrics yet (status {job.status})")
+        return row.metrics
+
+    def artifacts(self, session: Session, *, team: Team, job_id: str) -> list[Artifact]:
+        job = self.get(session, team=team, job_id=job_id)
+        return list(session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)))
+
+    def artifact(self, session: Session, *, team: Team, job_id: str, name: str) -> Artifact:
+        for artifact in self.artifacts(session, team=team, job_id=job_id):
+            if artifact.name == name:
+                return artifact
+        raise NotFound(f"job {job_id} has no artifact {name!r}")
+
+    def read(self, session: Session, job: Job, now: datetime | None = None) -> JobRead:
+        now = now or utcnow()
+        block_seconds = session.scalar(
+            select(func.avg(JobEvent.seconds)).where(JobEvent.job_id == job.id, JobEvent.kind == "block_end"))
+        last_loss = session.scalar(
+            select(JobEvent.loss).where(JobEvent.job_id == job.id, JobEvent.loss.is_not(None))
+            .order_by(JobEvent.id.desc()).limit(1))
+        total = job.total_blocks
+        eta = None
+        if job.status == JobStatus.RUNNING.value and total and block_seconds is not None:
+            eta = block_seconds * (total - job.current_block)
+        return JobRead(
+            id=job.id, status=job.status, model=job.spec["model"], config=job.spec["config"],
+            calibration=job.spec["calibration"], evaluation=job.spec.get("evaluation"), gpu_class=job.gpu_class,
+            priority=job.priority, attempts=job.attempts, max_attempts=job.max_attempts,
+            cancel_requested=job.cancel_requested, current_block=job.current_block, total_blocks=total,
+            progress=job.current_block / total if total else (1.0 if job.status == JobStatus.SUCCEEDED.value else 0.0),
+            eta_seconds=eta, last_loss=last_loss, worker=job.lease_owner, error=job.error,
+            heartbeat_age_seconds=(now - job.heartbeat_at).total_seconds() if job.heartbeat_at else None,
+            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at,
+        )
+
+
+job_service = JobService()

@@ -1,0 +1,59 @@
+"""create_app(): routers under /v1, one handler for service errors."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from sqlalchemy.exc import OperationalError
+
+from .core.config import Settings
+from .core.context import ServiceContext
+from .core.errors import InvalidField, ServiceError
+from .datasets.endpoints import router as datasets_router
+from .health.endpoints import router as health_router
+from .jobs.endpoints import router as jobs_router
+
+
+def _operation_id(route: APIRoute) -> str:
+    return f"{route.tags[0]}-{route.name}"
+
+
+def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+    if isinstance(exc, InvalidField):
+        detail = [{"loc": exc.loc, "msg": exc.message, "type": "value_error"}]
+    else:
+        detail = exc.message
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
+
+
+def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
+    return JSONResponse({"detail": "database unavailable, try again shortly"}, status_code=503,
+                        headers={"Retry-After": "5"})
+
+
+def create_app(ctx: ServiceContext | None = None) -> FastAPI:
+    owned = ctx is None
+    ctx = ctx or ServiceContext.from_settings(Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if owned:
+            ctx.close()
+
+    app = FastAPI(title="WKVQuant calibration service", version="1.0.0", lifespan=lifespan,
+                  generate_unique_id_function=_operation_id,
+                  description="Post-training W4KV4 quantization jobs for LLaMA-family models, by team.")
+    app.state.ctx = ctx
+    v1 = APIRouter(prefix="/v1")
+    v1.include_router(jobs_router)
+    v1.include_router(datasets_router)
+    app.include_router(v1)
+    app.include_router(health_router)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(OperationalError, _database_down)
+    return app

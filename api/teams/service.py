@@ -1,0 +1,81 @@
+"""Teams and their API keys. A key is `wkvq_<prefix>_<secret>`; only its sha256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..core.db import utcnow
+from ..core.errors import Conflict, NotFound, Unauthorized
+from ..models import ApiKey, Team
+
+KEY_PREFIX = "wkvq"
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    key: str  # shown once, never stored
+    prefix: str
+    team: str
+
+
+class TeamService:
+    def create_team(self, session: Session, *, name: str) -> Team:
+        team = Team(name=name)
+        session.add(team)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            raise Conflict(f"team {name!r} already exists") from None
+        return team
+
+    def get_team(self, session: Session, *, name: str) -> Team:
+        team = session.scalar(select(Team).where(Team.name == name))
+        if team is None:
+            raise NotFound(f"no team named {name!r}")
+        return team
+
+    def create_key(self, session: Session, *, team_name: str, name: str = "") -> IssuedKey:
+        team = self.get_team(session, name=team_name)
+        prefix, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        key = f"{KEY_PREFIX}_{prefix}_{secret}"
+        session.add(ApiKey(team_id=team.id, prefix=prefix, key_hash=_hash(key), name=name))
+        session.commit()
+        return IssuedKey(key, prefix, team.name)
+
+    def revoke_key(self, session: Session, *, prefix: str) -> None:
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        if row is None:
+            raise NotFound(f"no API key with prefix {prefix!r}")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+            session.commit()
+
+    def list_keys(self, session: Session) -> list[tuple[ApiKey, Team]]:
+        return list(session.execute(select(ApiKey, Team).join(Team).order_by(Team.name, ApiKey.created_at)).tuples())
+
+    def authenticate(self, session: Session, key: str | None) -> Team:
+        """The team of a valid, unrevoked key; 401 otherwise. The hash comparison is constant-time."""
+        parts = (key or "").split("_", 2)
+        if len(parts) != 3 or parts[0] != KEY_PREFIX:
+            raise Unauthorized("missing or malformed API key (expected 'Authorization: Bearer wkvq_...')")
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
+        if row is None or not hmac.compare_digest(row.key_hash, _hash(key)):
+            raise Unauthorized("invalid API key")
+        if row.revoked_at is not None:
+            raise Unauthorized("API key revoked")
+        return session.get(Team, row.team_id)
+
+
+team_service = TeamService()

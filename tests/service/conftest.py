@@ -1,0 +1,72 @@
+"""Service fixtures: a migrated database (SQLite file or a throwaway Postgres database), the app, teams and keys."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.core.config import Settings
+from api.core.context import ServiceContext
+from api.core.migrate import upgrade
+from api.main import create_app
+from api.teams.service import team_service
+from tests.conftest import fresh_pg_database
+
+# A job small enough for the CPU: the shipped tiny model, 4 windows of 64 tokens, one epoch, 5 blocks.
+TINY_JOB = {
+    "model": {"source": "local", "name": "stories260k"},
+    "calibration": {"source": "builtin", "name": "tinystories"},
+    "config": {"group_size": -1, "nsamples": 4, "seqlen": 64, "epochs": 1, "crr_k": 2},
+}
+
+
+def service_settings(db_url: str, store: str, **overrides) -> Settings:
+    values = dict(DATABASE_URL=db_url, STORAGE_URL=store, LEASE_SECONDS=6, HEARTBEAT_SECONDS=1, REAPER_SECONDS=1,
+                  POLL_SECONDS=0.2, MIN_UPLOAD_CHARS=200, MAX_UPLOAD_BYTES=64 * 1024, DEVICE="cpu")
+    return Settings(_env_file=None, **(values | overrides))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/wkvq.db"
+        return
+    with fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture
+def settings(db_url, tmp_path) -> Settings:
+    return service_settings(db_url, str(tmp_path / "store"))
+
+
+@pytest.fixture
+def service(settings) -> ServiceContext:
+    upgrade(settings.DATABASE_URL)
+    ctx = ServiceContext.from_settings(settings)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def client(service) -> TestClient:
+    with TestClient(create_app(service)) as c:
+        yield c
+
+
+@pytest.fixture
+def team_headers(service) -> Callable[[str], dict[str, str]]:
+    """team_headers("a") creates team a (once) and returns Authorization headers with a fresh key."""
+
+    def make(name: str) -> dict[str, str]:
+        with service.session() as session:
+            try:
+                team_service.get_team(session, name=name)
+            except Exception:
+                team_service.create_team(session, name=name)
+            key = team_service.create_key(session, team_name=name).key
+        return {"Authorization": f"Bearer {key}"}
+
+    return make

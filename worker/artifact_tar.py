@@ -1,0 +1,28 @@
+"""The downloadable artifact: the quantized model directory as one reproducible tar file."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+
+def write_reproducible_tar(directory: Path, tar_path: Path, top: str) -> None:
+    """Same files -> same bytes: sorted entries under `top/`, zero mtimes and owners, fixed modes."""
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            info = tarfile.TarInfo(f"{top}/{path.relative_to(directory).as_posix()}")
+            info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+
+
+def extract_artifact(tar_path: Path, dest: Path) -> Path:
+    """Extract safely (no links, no paths outside `dest`); returns the model directory inside."""
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(dest, filter="data")
+        tops = {Path(name).parts[0] for name in tar.getnames()}
+    if len(tops) != 1:
+        raise ValueError(f"{tar_path}: expected one top-level directory, found {sorted(tops)}")
+    return dest / tops.pop()

@@ -1,0 +1,22 @@
+"""The Celery worker: one queue per GPU class, one job at a time per process, acknowledged only when done."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from api.core.config import Settings
+from api.core.dispatch import RUN_TASK, celery_config
+
+from .runner import JobRunner
+
+
+def create_celery(settings: Settings, runner: JobRunner) -> Celery:
+    app = Celery("wkvq")
+    app.conf.update(celery_config(settings))
+
+    @app.task(name=RUN_TASK, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+    def run_calibration(job_id: str) -> None:
+        """Only the id travels; the job row says what to do (a stale or duplicate message is a no-op)."""
+        runner.run(job_id)
+
+    return app

@@ -1,0 +1,66 @@
+"""`CheckpointStore` for the service: block checkpoints in the artifact store, recorded (uri, sha256) in the DB.
+
+A checkpoint whose bytes no longer match the recorded sha256 is reported and treated as missing, so that block
+is recomputed instead of silently trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from sqlalchemy.orm import sessionmaker
+
+from api.core.storage import ArtifactStore
+from api.models import BlockCheckpoint
+from wkvq_core.checkpoint import META_KEY
+
+
+class StorageCheckpoints:
+    def __init__(self, store: ArtifactStore, sessions: sessionmaker, job_id: str,
+                 on_corrupt: Callable[[int, str], None], db_write: Callable[[Callable[[], None], str], None]) -> None:
+        self.store, self.sessions, self.job_id = store, sessions, job_id
+        self.on_corrupt, self.db_write = on_corrupt, db_write
+
+    def key(self, index: int) -> str:
+        return f"jobs/{self.job_id}/checkpoints/block-{index:04d}.safetensors"
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        data = save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()},
+                                      metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        stored = self.store.put_bytes(data, self.key(index))
+
+        def record() -> None:
+            with self.sessions() as session:
+                row = session.get(BlockCheckpoint, (self.job_id, index))
+                if row is None:
+                    session.add(BlockCheckpoint(job_id=self.job_id, block_index=index, uri=stored.uri,
+                                                sha256=stored.sha256, size=stored.size))
+                else:
+                    row.uri, row.sha256, row.size = stored.uri, stored.sha256, stored.size
+                session.commit()
+
+        self.db_write(record, f"checkpoint of block {index}")
+
+    def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        with self.sessions() as session:
+            row: BlockCheckpoint | None = session.get(BlockCheckpoint, (self.job_id, index))
+        if row is None:
+            return None
+        try:
+            data = self.store.read_bytes(row.uri)
+        except FileNotFoundError:
+            self.on_corrupt(index, f"checkpoint of block {index} is missing from the store; recomputing")
+            return None
+        if hashlib.sha256(data).hexdigest() != row.sha256:
+            self.on_corrupt(index, f"checkpoint of block {index} does not match its sha256; recomputing")
+            return None
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])  # safetensors: u64 header length, then a JSON header
+        meta = json.loads((header.get("__metadata__") or {}).get(META_KEY, "{}"))
+        return load_safetensors_bytes(data), meta
+

@@ -1,0 +1,192 @@
+"""`wkvq`: the library commands (quantize, eval, generate, export) plus the service: serve, worker, migrate, admin."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from api.core.config import DispatcherKind, Settings
+from api.core.context import ServiceContext
+from api.core.errors import ServiceError
+from api.core.migrate import upgrade
+from api.teams.service import team_service
+from wkvq_core.cli import app as core_app
+
+from .demo import run_demo
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="WKVQuant: W4 + KV4 post-training quantization, as a library CLI and a calibration service.")
+app.add_typer(core_app)
+admin = typer.Typer(no_args_is_help=True, help="Teams and API keys (talks to WKVQ_DATABASE_URL directly).")
+app.add_typer(admin, name="admin")
+app.command("demo")(run_demo)
+out = Console(highlight=False)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValueError as exc:
+        out.print(f"error: invalid settings: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _worker_id(label: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{label}"
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema to the latest revision."""
+    upgrade(_settings().DATABASE_URL)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    workers: Annotated[int, typer.Option(help="in-process workers when WKVQ_DISPATCHER=local")] = 1,
+    migrate_db: Annotated[bool, typer.Option("--migrate/--no-migrate", help="upgrade the schema first")] = True,
+) -> None:
+    """Run the API (and, in the embedded local mode, in-process workers and the reaper)."""
+    import uvicorn
+
+    from api.main import create_app
+
+    from .local import LocalWorker
+    from .reaper import ReaperThread
+    from .runner import JobRunner
+
+    _logging()
+    settings = _settings()
+    if migrate_db:
+        upgrade(settings.DATABASE_URL)
+    ctx = ServiceContext.from_settings(settings)
+    stop = threading.Event()
+    ReaperThread(ctx, stop).start()
+    if settings.DISPATCHER == DispatcherKind.LOCAL:
+        for i in range(workers):
+            LocalWorker(JobRunner(ctx, _worker_id(f"local-{i}")), settings.GPU_CLASSES, stop, ctx.dispatcher.wakeup).start()
+    try:
+        uvicorn.run(create_app(ctx), host=host, port=port, log_level="info")
+    finally:
+        stop.set()
+
+
+@app.command()
+def worker(
+    queue: Annotated[list[str], typer.Option(help="GPU class(es) to take jobs from; default: the first configured")] = [],
+    gpus: Annotated[Optional[str], typer.Option(help="GPU ids, e.g. 0 or 0,1 (one worker process per GPU)")] = None,
+) -> None:
+    """Run a GPU worker: Celery (WKVQ_DISPATCHER=celery) or database polling (local)."""
+    settings = _settings()
+    queues = queue or settings.GPU_CLASSES[:1]
+    unknown = sorted(set(queues) - set(settings.GPU_CLASSES))
+    if unknown:
+        out.print(f"error: unknown GPU class {', '.join(unknown)}; configured: {', '.join(settings.GPU_CLASSES)}")
+        raise typer.Exit(2)
+    devices = [d.strip() for d in gpus.split(",")] if gpus else []
+    if len(devices) > 1:
+        raise typer.Exit(_one_process_per_gpu(queues, devices))
+    if devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
+    _run_worker(settings, queues, devices[0] if devices else "cpu")
+
+
+def _one_process_per_gpu(queues: list[str], devices: list[str]) -> int:
+    args = [arg for q in queues for arg in ("--queue", q)]
+    children = [subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", *args, "--gpus", d]) for d in devices]
+
+    def forward(signum, _frame) -> None:
+        for child in children:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
+
+
+def _run_worker(settings: Settings, queues: list[str], device: str) -> None:
+    from .celery_app import create_celery
+    from .local import LocalWorker
+    from .reaper import ReaperThread
+    from .runner import JobRunner
+
+    _logging()
+    ctx = ServiceContext.from_settings(settings)
+    runner = JobRunner(ctx, _worker_id(f"{'+'.join(queues)}:gpu{device}"))
+    stop = threading.Event()
+    ReaperThread(ctx, stop).start()
+    if settings.DISPATCHER == DispatcherKind.CELERY:
+        name = f"wkvq-{'+'.join(queues)}-{device}-{os.getpid()}@{socket.gethostname()}"
+        create_celery(settings, runner).worker_main([
+            "worker", "--queues", ",".join(queues), "--pool", "solo", "--concurrency", "1",
+            "--prefetch-multiplier", "1", "--hostname", name, "--without-gossip", "--without-mingle",
+            "--loglevel", "INFO",
+        ])
+    else:
+        LocalWorker(runner, queues, stop).run()
+
+
+@admin.command("create-team")
+def create_team(name: str) -> None:
+    """Create a team."""
+    _admin(lambda ctx, s: team_service.create_team(s, name=name))
+    out.print(f"team {name} created")
+
+
+@admin.command("create-key")
+def create_key(team: str, name: Annotated[str, typer.Option(help="a label for the key")] = "") -> None:
+    """Issue an API key for TEAM; the key is printed once and only its hash is stored."""
+    issued = _admin(lambda ctx, s: team_service.create_key(s, team_name=team, name=name))
+    print(issued.key)
+
+
+@admin.command("revoke-key")
+def revoke_key(prefix: str) -> None:
+    """Revoke the key with this visible PREFIX (the part after `wkvq_`)."""
+    _admin(lambda ctx, s: team_service.revoke_key(s, prefix=prefix))
+    out.print(f"key {prefix} revoked")
+
+
+@admin.command("list-keys")
+def list_keys() -> None:
+    """Teams and their keys (prefix, label, revoked)."""
+    rows = _admin(lambda ctx, s: team_service.list_keys(s))
+    table = Table("team", "prefix", "name", "created", "revoked")
+    for key, team in rows:
+        table.add_row(team.name, key.prefix, key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
+                      f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "")
+    out.print(table)
+
+
+def _admin(action):
+    settings = _settings()
+    upgrade(settings.DATABASE_URL)
+    ctx = ServiceContext.from_settings(settings)
+    try:
+        with ctx.session() as session:
+            return action(ctx, session)
+    except ServiceError as exc:
+        out.print(f"error: {exc.message}")
+        raise typer.Exit(2) from None
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,291 @@
+"""Runs one job on this worker: claim (lease), heartbeat, calibrate with per-block checkpoints, publish.
+
+Every write after the claim is fenced by the lease token, so a worker that lost its lease (frozen, partitioned,
+reaped) cannot overwrite the state of the job's new owner.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import select, update
+
+from api.core.context import ServiceContext
+from api.core.db import new_id, utcnow
+from api.datasets.builtin import BUILTIN_TEXTS
+from api.jobs.model_source import local_model_dir
+from api.jobs.service import add_event
+from api.models import Artifact, Dataset, Job, JobMetrics, JobStatus
+from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.errors import CalibrationCancelled, WKVQError
+from wkvq_core.pipeline import QuantizeJob, run_quantize_job
+from wkvq_core.progress import CalibrationCallbacks, CalibrationEvent, EventKind
+
+from .artifact_tar import write_reproducible_tar
+from .checkpoints import StorageCheckpoints
+from .retry import with_db_retry
+
+log = logging.getLogger(__name__)
+ARTIFACT_NAME = "model.tar"
+CANCEL_POLL_SECONDS = 0.5
+
+
+class LeaseLost(Exception):
+    """Another worker owns the job now; this one must stop without writing."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: str
+    token: str
+    owner: str
+
+
+def job_config(spec: dict[str, Any]) -> WKVQuantConfig:
+    c = spec["config"]
+    return WKVQuantConfig(
+        weight=WeightQuantConfig(bits=c["w_bits"], group_size=c["group_size"], lwc=c["lwc"]),
+        kv=KVQuantConfig(bits=c["kv_bits"], group_size=c["kv_group_size"], smoothing=c["smoothing"], poq=c["poq"]),
+        calib=CalibConfig(nsamples=c["nsamples"], seqlen=c["seqlen"], epochs=c["epochs"], crr_k=c["crr_k"],
+                          loss=c["loss"], seed=c["seed"]),
+    )
+
+
+def artifact_top_dir(spec: dict[str, Any]) -> str:
+    model = spec["model"]
+    name = model["name"] if model["source"] == "local" else model["id"].split("/")[-1]
+    return f"{name}-w{spec['config']['w_bits']}kv{spec['config']['kv_bits']}"
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, runner: JobRunner, lease: Lease) -> None:
+        super().__init__(name=f"heartbeat-{lease.job_id}", daemon=True)
+        self.runner, self.lease = runner, lease
+        self.stopped, self.lost = threading.Event(), threading.Event()
+        self.last_cancel_check = float("-inf")
+
+    def run(self) -> None:
+        settings = self.runner.ctx.settings
+        while not self.stopped.wait(settings.HEARTBEAT_SECONDS):
+            try:
+                now = utcnow()
+                if not self.runner.fenced_update(self.lease, heartbeat_at=now,
+                                                 lease_expires_at=now + timedelta(seconds=settings.LEASE_SECONDS)):
+                    log.warning("job %s: lease lost (another worker owns it now)", self.lease.job_id)
+                    self.lost.set()
+                    return
+            except Exception as exc:  # the database may be down for a while: keep trying until the lease ends
+                log.warning("job %s: heartbeat failed: %s", self.lease.job_id, exc)
+
+
+class JobRunner:
+    def __init__(self, ctx: ServiceContext, worker_id: str) -> None:
+        self.ctx, self.worker_id = ctx, worker_id
+
+    # ------------------------------------------------------------------ claiming
+
+    def _claim_values(self) -> dict[str, Any]:
+        now = utcnow()
+        return dict(status=JobStatus.RUNNING.value, lease_owner=self.worker_id, lease_token=new_id(),
+                    lease_expires_at=now + timedelta(seconds=self.ctx.settings.LEASE_SECONDS), heartbeat_at=now,
+                    attempts=Job.attempts + 1, updated_at=now)
+
+    def claim(self, job_id: str) -> Lease | None:
+        """Conditional UPDATE queued -> running; None if the job is not (or no longer) queued."""
+        values = self._claim_values()
+        with self.ctx.session() as session:
+            claimed = session.execute(
+                update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value).values(**values)).rowcount
+            if not claimed:
+                session.rollback()
+                return None
+            session.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=utcnow()))
+            job = session.get(Job, job_id)
+            add_event(session, job_id, "started", f"attempt {job.attempts} on {self.worker_id}")
+            session.commit()
+        return Lease(job_id, values["lease_token"], self.worker_id)
+
+    def claim_next(self, gpu_classes: list[str]) -> Lease | None:
+        """The highest-priority, oldest queued job of these classes (local dispatcher)."""
+        with self.ctx.session() as session:
+            candidates = session.scalars(
+                select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.gpu_class.in_(gpu_classes))
+                .order_by(Job.priority.desc(), Job.created_at).limit(5)).all()
+        for job_id in candidates:
+            lease = self.claim(job_id)
+            if lease is not None:
+                return lease
+        return None
+
+    def fenced_update(self, lease: Lease, **values: Any) -> bool:
+        with self.ctx.session() as session:
+            changed = session.execute(
+                update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
+                                  Job.status == JobStatus.RUNNING.value).values(updated_at=utcnow(), **values)).rowcount
+            session.commit()
+        return bool(changed)
+
+    def _db(self, fn: Callable[[], Any], what: str) -> Any:
+        return with_db_retry(fn, deadline_seconds=self.ctx.settings.LEASE_SECONDS, what=what)
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, job_id: str) -> None:
+        lease = self.claim(job_id)
+        if lease is None:
+            log.info("job %s: not queued any more, nothing to do", job_id)
+            return
+        self.execute(lease)
+
+    def execute(self, lease: Lease) -> None:
+        heartbeat = _Heartbeat(self, lease)
+        heartbeat.start()
+        workdir = Path(tempfile.mkdtemp(prefix=f"wkvq-{lease.job_id}-"))
+        try:
+            self._execute(lease, heartbeat, workdir)
+        except LeaseLost:
+            log.warning("job %s: stopped, the lease belongs to another worker", lease.job_id)
+        except CalibrationCancelled as exc:
+            if heartbeat.lost.is_set():
+                log.warning("job %s: stopped, the lease belongs to another worker", lease.job_id)
+            else:
+                self._finish(lease, JobStatus.CANCELLED, "cancelled", str(exc))
+        except WKVQError as exc:
+            self._finish(lease, JobStatus.FAILED, "failed", str(exc))
+        except Exception as exc:
+            log.error("job %s failed:\n%s", lease.job_id, traceback.format_exc())
+            self._finish(lease, JobStatus.FAILED, "failed", f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            heartbeat.stopped.set()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _finish(self, lease: Lease, status: JobStatus, kind: str, message: str) -> None:
+        def write() -> None:
+            with self.ctx.session() as session:
+                changed = session.execute(
+                    update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
+                                      Job.status == JobStatus.RUNNING.value)
+                    .values(status=status.value, error=message if status == JobStatus.FAILED else None,
+                            finished_at=utcnow(), updated_at=utcnow(), lease_token=None, lease_expires_at=None)
+                ).rowcount
+                if changed:
+                    add_event(session, lease.job_id, kind, message)
+                session.commit()
+
+        self._db(write, f"marking job {lease.job_id} {status.value}")
+
+    def _execute(self, lease: Lease, heartbeat: _Heartbeat, workdir: Path) -> None:
+        with self.ctx.session() as session:
+            job = session.get(Job, lease.job_id)
+            spec, team_id = job.spec, job.team_id
+            calib = self._text(session, spec["calibration"], "calibration", team_id, workdir)
+            evaluation = spec.get("evaluation") or (
+                spec["calibration"] if spec["calibration"]["source"] == "builtin" else None)
+            eval_text = self._text(session, evaluation, "evaluation", team_id, workdir) if evaluation else None
+        model = spec["model"]
+        quantize_job = QuantizeJob(
+            model=str(local_model_dir(self.ctx.settings, model["name"])) if model["source"] == "local" else model["id"],
+            revision=model.get("revision"), calib=calib, eval=eval_text, out=workdir / "artifact",
+            config=job_config(spec), device=self.ctx.settings.DEVICE)
+        callbacks = CalibrationCallbacks(
+            on_event=lambda event: self._on_event(lease, heartbeat, event),
+            should_cancel=lambda: self._should_cancel(lease, heartbeat),
+            checkpoints=StorageCheckpoints(self.ctx.store, self.ctx.sessions, lease.job_id,
+                                           on_corrupt=lambda index, msg: self._event(lease, "checkpoint_corrupt", msg),
+                                           db_write=self._db),
+        )
+        metrics = run_quantize_job(quantize_job, callbacks)
+        if heartbeat.lost.is_set():
+            raise LeaseLost()
+        tar_path = workdir / ARTIFACT_NAME
+        write_reproducible_tar(workdir / "artifact", tar_path, artifact_top_dir(spec))
+        stored = self.ctx.store.put_file(str(tar_path), f"jobs/{lease.job_id}/{ARTIFACT_NAME}")
+        metrics["artifact"] = {"name": ARTIFACT_NAME, "size": stored.size, "sha256": stored.sha256}
+        self._db(lambda: self._publish(lease, stored, metrics), f"publishing job {lease.job_id}")
+
+    def _publish(self, lease: Lease, stored, metrics: dict[str, Any]) -> None:
+        """One transaction: artifact row, metrics, status succeeded (fenced)."""
+        with self.ctx.session() as session:
+            now = utcnow()
+            changed = session.execute(
+                update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
+                                  Job.status == JobStatus.RUNNING.value)
+                .values(status=JobStatus.SUCCEEDED.value, finished_at=now, updated_at=now, error=None,
+                        lease_token=None, lease_expires_at=None)).rowcount
+            if not changed:
+                session.rollback()
+                raise LeaseLost()
+            existing = session.scalar(select(Artifact).where(Artifact.job_id == lease.job_id, Artifact.name == ARTIFACT_NAME))
+            if existing is not None:
+                session.delete(existing)
+                session.flush()
+            session.add(Artifact(job_id=lease.job_id, name=ARTIFACT_NAME, uri=stored.uri, sha256=stored.sha256,
+                                 size=stored.size, media_type="application/x-tar"))
+            session.merge(JobMetrics(job_id=lease.job_id, metrics=metrics))
+            add_event(session, lease.job_id, "succeeded", f"artifact {ARTIFACT_NAME} ({stored.size} bytes)")
+            session.commit()
+
+    def _text(self, session, spec: dict[str, Any], role: str, team_id: str, workdir: Path) -> str:
+        """A text SPEC the library reads: a shipped file, an uploaded file fetched from the store, or `hf:...`."""
+        if spec["source"] == "builtin":
+            return str(BUILTIN_TEXTS[spec["name"]][role])
+        if spec["source"] == "upload":
+            dataset = session.scalar(select(Dataset).where(Dataset.id == spec["dataset_id"], Dataset.team_id == team_id))
+            if dataset is None:
+                raise WKVQError(f"{role} dataset {spec['dataset_id']} no longer exists")
+            path = workdir / f"{role}.txt"
+            self.ctx.store.download(dataset.uri, str(path))
+            return str(path)
+        parts = [spec["name"], *([spec["config"]] if spec.get("config") else []), spec["split"]]
+        return "hf:" + ":".join(parts + ([spec["field"]] if spec.get("config") else []))
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _event(self, lease: Lease, kind: str, message: str | None = None, **fields: Any) -> None:
+        def write() -> None:
+            with self.ctx.session() as session:
+                add_event(session, lease.job_id, kind, message, **fields)
+                session.commit()
+
+        self._db(write, f"event {kind}")
+
+    def _on_event(self, lease: Lease, heartbeat: _Heartbeat, event: CalibrationEvent) -> None:
+        self._event(lease, event.kind.value, block=event.block, n_blocks=event.n_blocks,
+                    epoch=event.epoch or None, epochs=event.epochs or None, loss=event.loss, seconds=event.seconds)
+        progress: dict[str, Any] = {"total_blocks": event.n_blocks}
+        if event.kind in (EventKind.BLOCK_END, EventKind.BLOCK_RESUMED):
+            progress["current_block"] = event.block + 1
+        if event.kind == EventKind.BLOCK_START:
+            progress["current_block"] = event.block
+        if not self._db(lambda: self.fenced_update(lease, **progress), "progress"):
+            heartbeat.lost.set()
+        log.info("job %s: %s block %d/%d%s", lease.job_id, event.kind.value, event.block + 1, event.n_blocks,
+                 "" if event.loss is None else f" loss {event.loss:.6g}")
+
+    def _should_cancel(self, lease: Lease, heartbeat: _Heartbeat) -> bool:
+        """Asked between blocks and between optimizer steps; the database is read at most every CANCEL_POLL s."""
+        if heartbeat.lost.is_set():
+            return True
+        now = time.monotonic()
+        if now - heartbeat.last_cancel_check < CANCEL_POLL_SECONDS:
+            return False
+        heartbeat.last_cancel_check = now
+
+        def read() -> tuple[bool, str | None]:
+            with self.ctx.session() as session:
+                return session.execute(select(Job.cancel_requested, Job.lease_token).where(Job.id == lease.job_id)).one()
+
+        cancel, token = self._db(read, "cancel check")
+        if token != lease.token:
+            heartbeat.lost.set()
+            return True
+        return bool(cancel)
