@@ -104,7 +104,7 @@ class _RichEvents:
             self.progress.advance(self.task)
 
 
-def _print_eval(result: dict) -> None:
+def print_eval_table(result: dict) -> None:
     table = Table(caption=f"{result['tokens']} tokens")
     table.add_column("mode")
     table.add_column("ppl", justify="right")
@@ -170,7 +170,7 @@ def quantize(
     out.print(f"wrote {escape(str(out_dir))} in {metrics['run']['seconds']:.1f}s of calibration",
               emoji=False, soft_wrap=True)
     if "eval" in metrics:
-        _print_eval(metrics["eval"])
+        print_eval_table(metrics["eval"])
 
 
 @app.command("eval")
@@ -219,7 +219,7 @@ def evaluate(
     if as_json:
         print(json.dumps(result | {"seqlen": seqlen}))
     else:
-        _print_eval(result)
+        print_eval_table(result)
 
 
 @app.command()

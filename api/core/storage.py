@@ -35,8 +35,9 @@ class ArtifactStore:
         return f"{self.root.rstrip('/')}/{key.lstrip('/')}"
 
     def _path_of(self, uri: str) -> str:
-        path = uri.split("://", 1)[1] if "://" in uri else uri
-        if not path.startswith(self.root.rstrip("/") + "/"):
+        protocol, path = uri.split("://", 1) if "://" in uri else (self.protocol, uri)
+        if (protocol != self.protocol or not path.startswith(self.root.rstrip("/") + "/")
+                or ".." in path.split("/")):  # a local file system would resolve `..` out of the root
             raise ValueError(f"{uri} is outside the artifact store {self.uri('')}")
         return path
 
@@ -96,4 +97,4 @@ class ArtifactStore:
     def check(self) -> None:
         """Raises when the store cannot be reached."""
         self.fs.makedirs(self.root, exist_ok=True)
-        self.fs.ls(self.root)
+        self.fs.find(self.root, maxdepth=1)  # not ls: an object store's empty prefix is no error

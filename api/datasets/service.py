@@ -18,7 +18,8 @@ LOC = ("body", "file")
 
 def _safe_filename(name: str | None) -> str:
     base = PurePath((name or "upload.txt").replace("\\", "/")).name
-    return "".join(c for c in base if c.isalnum() or c in "._- ")[:200] or "upload.txt"
+    kept = "".join(c for c in base if c.isalnum() or c in "._- ").lstrip(". ")  # no "..", no hidden names
+    return kept[:200] or "upload.txt"
 
 
 class DatasetService:

@@ -3,17 +3,22 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, AsyncIterator
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from ..deps import ContextDep, CurrentTeam, SessionDep
-from ..models import JobStatus
+from ..models import Job, JobStatus
 from .download import ranged_download
 from .schemas import ArtifactRead, JobCreate, JobEventRead, JobList, JobRead
 from .service import job_service
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def owned_job(session: SessionDep, team: CurrentTeam, job_id: str) -> Job:
+    """The team's job, looked up before a streaming response starts (a 404 cannot be sent once it has)."""
+    return job_service.get(session, team=team, job_id=job_id)
 
 
 @router.post("", response_model=JobRead, status_code=status.HTTP_201_CREATED,
@@ -52,9 +57,8 @@ def retry_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: s
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses={200: {"description": "text/event-stream of JobEventRead; ends when the job has ended"}})
-async def job_events(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: str,
+async def job_events(ctx: ContextDep, job: Annotated[Job, Depends(owned_job)],
                      last_event_id: Annotated[int, Header(ge=0)] = 0) -> AsyncIterator[ServerSentEvent]:
-    job = await run_in_threadpool(job_service.get, session, team=team, job_id=job_id)
     after, poll = last_event_id, ctx.settings.POLL_SECONDS
 
     def fetch():

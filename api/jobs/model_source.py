@@ -25,17 +25,23 @@ def local_model_dir(settings: Settings, name: str) -> Path:
 
 def _hub_config(spec: HubModel) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     try:
         return Path(hf_hub_download(spec.id, "config.json", revision=spec.revision))
+    except LocalEntryNotFoundError as exc:  # offline or no connection (a subclass of EntryNotFoundError)
+        raise _unreachable(spec, exc) from exc
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
         raise InvalidField((*LOC, "id"), f"{spec.id}: not found on the model hub ({type(exc).__name__})") from exc
     except Exception as exc:  # offline mode, DNS, proxy, timeouts: all mean the same to the user
-        raise InvalidField(
-            (*LOC, "id"), f"{spec.id}: the model hub is unreachable from this service ({type(exc).__name__}); "
-            "put the model in the models directory and use source 'local'"
-        ) from exc
+        raise _unreachable(spec, exc) from exc
+
+
+def _unreachable(spec: HubModel, exc: Exception) -> InvalidField:
+    return InvalidField((*LOC, "id"), f"{spec.id}: the model hub is unreachable from this service "
+                                      f"({type(exc).__name__}); put the model in the models directory and use "
+                                      "source 'local'")
 
 
 def model_config(settings: Settings, spec: LocalModel | HubModel) -> dict[str, Any]:

@@ -1,0 +1,117 @@
+"""Real service processes for end-to-end tests: `wkvq serve`, `wkvq worker`, a private redis-server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_env(db_url: str, store: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WKVQ_")}
+    return env | {
+        "WKVQ_DATABASE_URL": db_url, "WKVQ_STORAGE_URL": str(store), "WKVQ_LEASE_SECONDS": "6",
+        "WKVQ_HEARTBEAT_SECONDS": "1", "WKVQ_REAPER_SECONDS": "1", "WKVQ_POLL_SECONDS": "0.2", "WKVQ_DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+    } | extra
+
+
+def wkvq(env: dict[str, str], *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def admin_key(env: dict[str, str], cwd: Path, team: str) -> str:
+    wkvq(env, "admin", "create-team", team, cwd=cwd)  # may already exist
+    result = wkvq(env, "admin", "create-key", team, cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+class Process:
+    """A child process with its output in a log file, stopped (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
+        self.log = log
+        with open(log, "ab") as f:
+            self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+def start_server(env: dict[str, str], cwd: Path, *extra: str) -> tuple[Process, str]:
+    port = free_port()
+    server = Process([sys.executable, "-m", "worker.cli", "serve", "--port", str(port), *extra], env, cwd,
+                     cwd / f"serve-{port}.log")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert server.popen.poll() is None, server.output()
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return server, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise AssertionError(f"server not ready:\n{server.output()}")
+
+
+def start_worker(env: dict[str, str], cwd: Path, name: str, *extra: str) -> Process:
+    return Process([sys.executable, "-m", "worker.cli", "worker", *extra], env, cwd, cwd / f"worker-{name}.log")
+
+
+class RedisServer:
+    """A redis-server owned by the test, on a free port, keeping nothing on disk."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.popen = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--dir", str(workdir)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        self.popen.wait(timeout=10)
