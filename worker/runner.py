@@ -32,22 +32,12 @@ from wkvq_core.progress import CalibrationCallbacks, CalibrationEvent, EventKind
 
 from .artifact_tar import write_reproducible_tar
 from .checkpoints import StorageCheckpoints
+from .lease import Lease, LeaseLost, fence
 from .retry import with_db_retry
 
 log = logging.getLogger(__name__)
 ARTIFACT_NAME = "model.tar"
 CANCEL_POLL_SECONDS = 0.5
-
-
-class LeaseLost(Exception):
-    """Another worker owns the job now; this one must stop without writing."""
-
-
-@dataclass(frozen=True)
-class Lease:
-    job_id: str
-    token: str
-    owner: str
 
 
 def job_config(spec: dict[str, Any]) -> WKVQuantConfig:
@@ -128,11 +118,9 @@ class JobRunner:
 
     def fenced_update(self, lease: Lease, **values: Any) -> bool:
         with self.ctx.session() as session:
-            changed = session.execute(
-                update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
-                                  Job.status == JobStatus.RUNNING.value).values(updated_at=utcnow(), **values)).rowcount
+            changed = fence(session, lease, **values)
             session.commit()
-        return bool(changed)
+        return changed
 
     def _db(self, fn: Callable[[], Any], what: str) -> Any:
         return with_db_retry(fn, deadline_seconds=self.ctx.settings.LEASE_SECONDS, what=what)
@@ -171,13 +159,8 @@ class JobRunner:
     def _finish(self, lease: Lease, status: JobStatus, kind: str, message: str) -> None:
         def write() -> None:
             with self.ctx.session() as session:
-                changed = session.execute(
-                    update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
-                                      Job.status == JobStatus.RUNNING.value)
-                    .values(status=status.value, error=message if status == JobStatus.FAILED else None,
-                            finished_at=utcnow(), updated_at=utcnow(), lease_token=None, lease_expires_at=None)
-                ).rowcount
-                if changed:
+                if fence(session, lease, status=status.value, error=message if status == JobStatus.FAILED else None,
+                         finished_at=utcnow(), lease_token=None, lease_expires_at=None):
                     add_event(session, lease.job_id, kind, message)
                 session.commit()
 
@@ -199,40 +182,41 @@ class JobRunner:
         callbacks = CalibrationCallbacks(
             on_event=lambda event: self._on_event(lease, heartbeat, event),
             should_cancel=lambda: self._should_cancel(lease, heartbeat),
-            checkpoints=StorageCheckpoints(self.ctx.store, self.ctx.sessions, lease.job_id,
-                                           on_corrupt=lambda index, msg: self._event(lease, "checkpoint_corrupt", msg),
-                                           db_write=self._db),
+            checkpoints=StorageCheckpoints(
+                self.ctx.store, self.ctx.sessions, lease, db_write=self._db,
+                on_corrupt=lambda index, msg: self._event(lease, heartbeat, "checkpoint_corrupt", msg)),
         )
         metrics = run_quantize_job(quantize_job, callbacks)
         if heartbeat.lost.is_set():
             raise LeaseLost()
         tar_path = workdir / ARTIFACT_NAME
         write_reproducible_tar(workdir / "artifact", tar_path, artifact_top_dir(spec))
-        stored = self.ctx.store.put_file(str(tar_path), f"jobs/{lease.job_id}/{ARTIFACT_NAME}")
+        stored = self.ctx.store.put_file(str(tar_path), f"jobs/{lease.job_id}/{lease.token}-{ARTIFACT_NAME}")
         metrics["artifact"] = {"name": ARTIFACT_NAME, "size": stored.size, "sha256": stored.sha256}
-        self._db(lambda: self._publish(lease, stored, metrics), f"publishing job {lease.job_id}")
+        try:
+            self._db(lambda: self._publish(lease, stored, metrics), f"publishing job {lease.job_id}")
+        except BaseException:
+            self.ctx.store.delete(stored.uri)
+            raise
 
     def _publish(self, lease: Lease, stored, metrics: dict[str, Any]) -> None:
         """One transaction: artifact row, metrics, status succeeded (fenced)."""
         with self.ctx.session() as session:
-            now = utcnow()
-            changed = session.execute(
-                update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
-                                  Job.status == JobStatus.RUNNING.value)
-                .values(status=JobStatus.SUCCEEDED.value, finished_at=now, updated_at=now, error=None,
-                        lease_token=None, lease_expires_at=None)).rowcount
-            if not changed:
+            if not fence(session, lease, status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), error=None,
+                         lease_token=None, lease_expires_at=None):
                 session.rollback()
                 raise LeaseLost()
-            existing = session.scalar(select(Artifact).where(Artifact.job_id == lease.job_id, Artifact.name == ARTIFACT_NAME))
-            if existing is not None:
-                session.delete(existing)
+            previous = session.scalar(select(Artifact).where(Artifact.job_id == lease.job_id, Artifact.name == ARTIFACT_NAME))
+            if previous is not None:  # republished after a manual requeue: the new bytes replace the old
+                session.delete(previous)
                 session.flush()
             session.add(Artifact(job_id=lease.job_id, name=ARTIFACT_NAME, uri=stored.uri, sha256=stored.sha256,
                                  size=stored.size, media_type="application/x-tar"))
             session.merge(JobMetrics(job_id=lease.job_id, metrics=metrics))
             add_event(session, lease.job_id, "succeeded", f"artifact {ARTIFACT_NAME} ({stored.size} bytes)")
             session.commit()
+        if previous is not None and previous.uri != stored.uri:
+            self.ctx.store.delete(previous.uri)
 
     def _text(self, session, spec: dict[str, Any], role: str, team_id: str, workdir: Path) -> str:
         """A text SPEC the library reads: a shipped file, an uploaded file fetched from the store, or `hf:...`."""
@@ -245,29 +229,35 @@ class JobRunner:
             path = workdir / f"{role}.txt"
             self.ctx.store.download(dataset.uri, str(path))
             return str(path)
-        parts = [spec["name"], *([spec["config"]] if spec.get("config") else []), spec["split"]]
-        return "hf:" + ":".join(parts + ([spec["field"]] if spec.get("config") else []))
+        if spec.get("config"):
+            return f"hf:{spec['name']}:{spec['config']}:{spec['split']}:{spec['field']}"
+        return f"hf:{spec['name']}:{spec['split']}"  # the schema requires a config for a field other than "text"
 
     # ------------------------------------------------------------------ callbacks
 
-    def _event(self, lease: Lease, kind: str, message: str | None = None, **fields: Any) -> None:
-        def write() -> None:
+    def _event(self, lease: Lease, heartbeat: _Heartbeat, kind: str, message: str | None = None,
+               progress: dict[str, Any] | None = None, **fields: Any) -> None:
+        """The event and the job's progress in one fenced transaction: a worker that lost its lease writes neither."""
+        def write() -> bool:
             with self.ctx.session() as session:
+                if not fence(session, lease, **(progress or {})):
+                    session.rollback()
+                    return False
                 add_event(session, lease.job_id, kind, message, **fields)
                 session.commit()
+                return True
 
-        self._db(write, f"event {kind}")
+        if not self._db(write, f"event {kind}"):
+            heartbeat.lost.set()
 
     def _on_event(self, lease: Lease, heartbeat: _Heartbeat, event: CalibrationEvent) -> None:
-        self._event(lease, event.kind.value, block=event.block, n_blocks=event.n_blocks,
-                    epoch=event.epoch or None, epochs=event.epochs or None, loss=event.loss, seconds=event.seconds)
         progress: dict[str, Any] = {"total_blocks": event.n_blocks}
         if event.kind in (EventKind.BLOCK_END, EventKind.BLOCK_RESUMED):
             progress["current_block"] = event.block + 1
         if event.kind == EventKind.BLOCK_START:
             progress["current_block"] = event.block
-        if not self._db(lambda: self.fenced_update(lease, **progress), "progress"):
-            heartbeat.lost.set()
+        self._event(lease, heartbeat, event.kind.value, progress=progress, block=event.block, n_blocks=event.n_blocks,
+                    epoch=event.epoch or None, epochs=event.epochs or None, loss=event.loss, seconds=event.seconds)
         log.info("job %s: %s block %d/%d%s", lease.job_id, event.kind.value, event.block + 1, event.n_blocks,
                  "" if event.loss is None else f" loss {event.loss:.6g}")
 

@@ -10,7 +10,7 @@ from ..core.config import Settings
 from ..core.errors import InvalidField
 from .schemas import HubModel, LocalModel
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # as wkvq_core.model (no torch import here)
 LOC = ("body", "model")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
@@ -48,6 +48,12 @@ class HubData(Strict):
     config: str | None = Field(None, pattern=NAME_PATTERN, examples=["wikitext-2-raw-v1"])
     split: str = Field("train", pattern=NAME_PATTERN)
     field: str = Field("text", pattern=NAME_PATTERN)
+
+    @model_validator(mode="after")
+    def _field_needs_config(self) -> HubData:
+        if self.field != "text" and self.config is None:
+            raise ValueError("a text field other than 'text' needs the dataset config too")
+        return self
 
 
 DataSpec = Annotated[BuiltinData | UploadedData | HubData, Field(discriminator="source")]

@@ -18,11 +18,18 @@ from ..datasets.service import dataset_service
 from .model_source import check_dims, model_config
 from .schemas import JobCreate, JobRead, UploadedData
 
-RETRYABLE = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 def request_hash(body: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _transition(session: Session, job_id: str, from_statuses: tuple[JobStatus, ...], **values) -> bool:
+    """Conditional UPDATE: changes the job only if it is in one of `from_statuses`."""
+    return bool(session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_([s.value for s in from_statuses]))
+        .values(updated_at=utcnow(), **values)).rowcount)
 
 
 def add_event(session: Session, job_id: str, kind: str, message: str | None = None, **fields) -> None:
@@ -104,22 +111,13 @@ class JobService:
     def cancel(self, session: Session, *, team: Team, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one at its next block boundary (it keeps its checkpoints)."""
         job = self.get(session, team=team, job_id=job_id)
-        now = utcnow()
-        queued = session.execute(
-            update(Job).where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
-            .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now)
-        ).rowcount
-        if queued:
+        if _transition(session, job.id, (JobStatus.QUEUED,), status=JobStatus.CANCELLED.value, finished_at=utcnow()):
             add_event(session, job.id, "cancelled", "cancelled before it started")
-        else:
-            running = session.execute(
-                update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING.value)
-                .values(cancel_requested=True, updated_at=now)
-            ).rowcount
-            if not running:
-                session.rollback()
-                raise Conflict(f"job {job.id} is already {job.status}")
+        elif _transition(session, job.id, (JobStatus.RUNNING,), cancel_requested=True):
             add_event(session, job.id, "cancel_requested", "will stop after the current block")
+        else:
+            session.rollback()
+            raise Conflict(f"job {job.id} is already {job.status}")
         session.commit()
         session.refresh(job)
         return job
@@ -127,13 +125,8 @@ class JobService:
     def retry(self, ctx: ServiceContext, session: Session, *, team: Team, job_id: str) -> Job:
         """Requeue a failed or cancelled job; it resumes from its last block checkpoint."""
         job = self.get(session, team=team, job_id=job_id)
-        now = utcnow()
-        changed = session.execute(
-            update(Job).where(Job.id == job.id, Job.status.in_(RETRYABLE)).values(
-                status=JobStatus.QUEUED.value, attempts=0, cancel_requested=False, error=None, lease_owner=None,
-                lease_token=None, lease_expires_at=None, finished_at=None, updated_at=now)
-        ).rowcount
-        if not changed:
+        if not _transition(session, job.id, RETRYABLE, status=JobStatus.QUEUED.value, attempts=0, cancel_requested=False,
+                           error=None, lease_owner=None, lease_token=None, lease_expires_at=None, finished_at=None):
             session.rollback()
             raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
         add_event(session, job.id, "retried", "requeued; resumes from the last block checkpoint")

@@ -379,8 +379,8 @@ class TestDatasets:
         assert count(service, Job) == 0
 
     @pytest.mark.parametrize("data, status, message", [
-        pytest.param(UTF8_TEXT[:500] + b"\xff\xfe" + UTF8_TEXT[500:], 422, "not UTF-8 text (invalid byte at offset 500)",
-                     id="not-utf8"),
+        pytest.param(UTF8_TEXT[:500] + b"\xff\xfe" + UTF8_TEXT[500:], 422,
+                     "not UTF-8 text (invalid byte at offset 500)", id="not-utf8"),
         pytest.param(b"too short " * 5, 422, "too short", id="too-short"),
         pytest.param(b" " * 5000 + b"x" * 50, 422, "too short", id="whitespace"),
         pytest.param(b"a" * (64 * 1024 + 1), 413, "larger than 65536 bytes", id="oversized"),

@@ -1,0 +1,31 @@
+"""A worker's claim on a job, and the fence every later write goes through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from api.core.db import utcnow
+from api.models import Job, JobStatus
+
+
+class LeaseLost(Exception):
+    """Another worker owns the job now; this one must stop without writing."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: str
+    token: str
+    owner: str
+
+
+def fence(session: Session, lease: Lease, **values: Any) -> bool:
+    """In the caller's transaction: update the job only while this lease still holds it (False otherwise).
+    On Postgres the row stays locked until commit, so whatever else the transaction writes is fenced too."""
+    return bool(session.execute(
+        update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token, Job.status == JobStatus.RUNNING.value)
+        .values(updated_at=utcnow(), **values)).rowcount)
