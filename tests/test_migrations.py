@@ -13,7 +13,8 @@ from api.core.db import Base, make_engine, make_sessionmaker
 from api.core.migrate import alembic_config, downgrade, upgrade
 from api.models import Job, JobEvent, Team
 
-TABLES = {"teams", "api_keys", "datasets", "jobs", "artifacts", "block_checkpoints", "job_events", "job_metrics"}
+TABLES = {"teams", "api_keys", "datasets", "jobs", "artifacts", "block_checkpoints", "job_events", "job_metrics",
+          "workers"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

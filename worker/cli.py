@@ -68,6 +68,7 @@ def serve(
     from api.main import create_app
 
     from .local import LocalWorker
+    from .presence import PresenceThread
     from .reaper import ReaperThread
     from .runner import JobRunner
 
@@ -80,7 +81,9 @@ def serve(
     ReaperThread(ctx, stop).start()
     if settings.DISPATCHER == DispatcherKind.LOCAL:
         for i in range(workers):
-            LocalWorker(JobRunner(ctx, _worker_id(f"local-{i}")), settings.GPU_CLASSES, stop, ctx.dispatcher.wakeup).start()
+            runner = JobRunner(ctx, _worker_id(f"local-{i}"))
+            PresenceThread(ctx, runner, settings.GPU_CLASSES, settings.DEVICE, stop).start()
+            LocalWorker(runner, settings.GPU_CLASSES, stop, ctx.dispatcher.wakeup).start()
     try:
         uvicorn.run(create_app(ctx), host=host, port=port, log_level="info")
     finally:
@@ -123,6 +126,7 @@ def _one_process_per_gpu(queues: list[str], devices: list[str]) -> int:
 def _run_worker(settings: Settings, queues: list[str], device: str) -> None:
     from .celery_app import create_celery
     from .local import LocalWorker
+    from .presence import PresenceThread
     from .reaper import ReaperThread
     from .runner import JobRunner
 
@@ -131,6 +135,7 @@ def _run_worker(settings: Settings, queues: list[str], device: str) -> None:
     runner = JobRunner(ctx, _worker_id(f"{'+'.join(queues)}:gpu{device}"))
     stop = threading.Event()
     ReaperThread(ctx, stop).start()
+    PresenceThread(ctx, runner, queues, device, stop).start()
     if settings.DISPATCHER == DispatcherKind.CELERY:
         name = f"wkvq-{'+'.join(queues)}-{device}-{os.getpid()}@{socket.gethostname()}"
         create_celery(settings, runner).worker_main([

@@ -12,7 +12,6 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -80,6 +79,7 @@ class _Heartbeat(threading.Thread):
 class JobRunner:
     def __init__(self, ctx: ServiceContext, worker_id: str) -> None:
         self.ctx, self.worker_id = ctx, worker_id
+        self.current_job: str | None = None
 
     # ------------------------------------------------------------------ claiming
 
@@ -135,6 +135,7 @@ class JobRunner:
         self.execute(lease)
 
     def execute(self, lease: Lease) -> None:
+        self.current_job = lease.job_id
         heartbeat = _Heartbeat(self, lease)
         heartbeat.start()
         workdir = Path(tempfile.mkdtemp(prefix=f"wkvq-{lease.job_id}-"))
@@ -154,6 +155,7 @@ class JobRunner:
             self._finish(lease, JobStatus.FAILED, "failed", f"internal error: {type(exc).__name__}: {exc}")
         finally:
             heartbeat.stopped.set()
+            self.current_job = None
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _finish(self, lease: Lease, status: JobStatus, kind: str, message: str) -> None:

@@ -9,5 +9,6 @@ from .job import Job, JobStatus
 from .job_event import JobEvent
 from .job_metrics import JobMetrics
 from .team import Team
+from .worker import Worker
 
-__all__ = ["ApiKey", "Artifact", "Base", "BlockCheckpoint", "Dataset", "Job", "JobEvent", "JobMetrics", "JobStatus", "Team"]
+__all__ = ["ApiKey", "Artifact", "Base", "BlockCheckpoint", "Dataset", "Job", "JobEvent", "JobMetrics", "JobStatus", "Team", "Worker"]

@@ -10,7 +10,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute
@@ -22,7 +22,7 @@ from api.datasets.endpoints import router as datasets_router
 from api.health.endpoints import router as health_router
 from api.jobs.endpoints import router as jobs_router
 from api.main import create_app
-from api.models import ApiKey, Dataset, Job, JobEvent
+from api.models import Dataset, Job, JobEvent
 from api.teams.service import team_service
 from tests.conftest import CALIB_TEXT
 from tests.service.conftest import TINY_JOB, service_settings
