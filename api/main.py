@@ -12,9 +12,11 @@ from sqlalchemy.exc import OperationalError
 from .core.config import Settings
 from .core.context import ServiceContext
 from .core.errors import InvalidField, ServiceError
+from .dashboard import router as dashboard_router
 from .datasets.endpoints import router as datasets_router
 from .health.endpoints import router as health_router
 from .jobs.endpoints import router as jobs_router
+from .observability import install_metrics
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -54,6 +56,8 @@ def create_app(ctx: ServiceContext | None = None) -> FastAPI:
     v1.include_router(datasets_router)
     app.include_router(v1)
     app.include_router(health_router)
+    app.include_router(dashboard_router)
+    install_metrics(app, ctx)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(OperationalError, _database_down)
     return app

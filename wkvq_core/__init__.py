@@ -1,16 +1,53 @@
-"""WKVQuant: 4-bit weights and a 4-bit KV cache for LLaMA-family models (arXiv 2402.12065)."""
+"""WKVQuant: 4-bit weights and a 4-bit KV cache for LLaMA-family models (arXiv 2402.12065).
 
-from .artifact import load_quantized, save_artifact
-from .calibrate import CalibrationReport, calibrate_
-from .checkpoint import DirectoryCheckpoints
-from .config import CalibConfig, CRRLoss, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from .data import calibration_samples, eval_windows, load_text, tokenize
-from .errors import WKVQError
-from .kv_cache import WKVQuantCache
-from .evaluate import EvalMode, decode_perplexity, kv_bytes_per_token, perplexity
-from .model import load_model, prepare_model_, quant_state
-from .pipeline import QuantizeJob, quantize_model_, run_quantize_job
-from .progress import CalibrationCallbacks, CalibrationEvent, EventKind
+Names are imported on first use, so `import wkvq_core.config` (or the `wkvq` command line's service commands)
+does not pay for importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "CRRLoss": ".config",
+    "CalibConfig": ".config",
+    "CalibrationCallbacks": ".progress",
+    "CalibrationEvent": ".progress",
+    "CalibrationReport": ".calibrate",
+    "DirectoryCheckpoints": ".checkpoint",
+    "EvalMode": ".evaluate",
+    "EventKind": ".progress",
+    "KVQuantConfig": ".config",
+    "QuantizeJob": ".pipeline",
+    "WKVQError": ".errors",
+    "WKVQuantCache": ".kv_cache",
+    "WKVQuantConfig": ".config",
+    "WeightQuantConfig": ".config",
+    "calibrate_": ".calibrate",
+    "calibration_samples": ".data",
+    "decode_perplexity": ".evaluate",
+    "eval_windows": ".data",
+    "kv_bytes_per_token": ".evaluate",
+    "load_model": ".model",
+    "load_quantized": ".artifact",
+    "load_text": ".data",
+    "perplexity": ".evaluate",
+    "prepare_model_": ".model",
+    "quant_state": ".model",
+    "quantize_model_": ".pipeline",
+    "run_quantize_job": ".pipeline",
+    "save_artifact": ".artifact",
+    "tokenize": ".data",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CRRLoss",

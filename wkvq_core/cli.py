@@ -12,11 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from transformers import AutoTokenizer
 
-from .config import CalibConfig, CRRLoss, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from .config import CalibConfig, CRRLoss, EvalMode, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from .errors import WKVQError
-from .evaluate import EvalMode
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="WKVQuant: W4 + KV4 post-training quantization.")
 err = Console(stderr=True)
@@ -67,6 +65,8 @@ def _check_dir_option(option: str, directory: Path) -> None:
 
 def _load_artifact(directory: str, device: str):
     """(packed model, tokenizer) of a `wkvq quantize` output; raises WKVQError for a bad artifact."""
+    from transformers import AutoTokenizer
+
     from .artifact import load_quantized
     from .errors import ArtifactError
 

@@ -13,6 +13,14 @@ FP_BITS = 16
 QUANT_BITS = range(2, 9)
 
 
+class EvalMode(str, Enum):
+    """What a perplexity evaluation quantizes."""
+
+    FP = "fp"  # the original model
+    W = "w"  # quantized weights (and activations, if configured), full-precision KV cache
+    WKV = "wkv"  # quantized weights and KV cache
+
+
 class CRRLoss(str, Enum):
     """Distance between the quantized and full-precision paths after k blocks."""
 

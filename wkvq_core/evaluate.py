@@ -8,21 +8,15 @@ decoding through a quantized cache: `decode_perplexity` does exactly that, for v
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch.nn import functional as F
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
-from .config import FP_BITS, KVQuantConfig
+from .config import FP_BITS, EvalMode, KVQuantConfig
 from .model import quant_state
-
-
-class EvalMode(str, Enum):
-    FP = "fp"  # the original model
-    W = "w"  # quantized weights (and activations, if configured), full-precision KV cache
-    WKV = "wkv"  # quantized weights and KV cache
 
 
 @dataclass(frozen=True)
@@ -56,13 +50,24 @@ def perplexity(model, windows: torch.Tensor, mode: EvalMode = EvalMode.WKV, devi
 
 
 @torch.no_grad()
-def decode_perplexity(model, windows: torch.Tensor, mode: EvalMode = EvalMode.WKV, device="cpu") -> Perplexity:
-    """Perplexity by incremental decoding, one token per step, through a cache holding the quantized K/V."""
+def decode_perplexity(
+    model,
+    windows: torch.Tensor,
+    mode: EvalMode = EvalMode.WKV,
+    device="cpu",
+    make_cache: Callable[[], Cache] | None = None,
+) -> Perplexity:
+    """Perplexity by incremental decoding, one token per step, through a cache holding the quantized K/V.
+
+    make_cache: a new cache per window (default: a `DynamicCache`, into which a prepared model's attention stores
+    fake-quantized K/V); e.g. `lambda: WKVQuantCache(model.config, kv_bits=4)` for the packed cache, or any
+    transformers `Cache` (a `QuantizedCache`, a `KIVICache`) for a model whose attention leaves quantization to it.
+    """
     nll_sum, tokens = 0.0, 0
     model.to(device)
     with quant_state(model, **_mode_flags(mode)):
         for window in windows.to(device):
-            cache = DynamicCache(config=model.config)
+            cache = make_cache() if make_cache is not None else DynamicCache(config=model.config)
             for t in range(window.numel() - 1):
                 logits = model(window[None, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float()
                 nll_sum += F.cross_entropy(logits[None], window[t + 1 : t + 2], reduction="sum").item()

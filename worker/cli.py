@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -15,26 +14,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from api.core.config import DispatcherKind, Settings
+from api.core.config import DispatcherKind, LogFormat, Settings
 from api.core.context import ServiceContext
 from api.core.errors import ServiceError
 from api.core.migrate import upgrade
 from api.teams.service import team_service
+from wkvq_client.cli import app as client_app
 from wkvq_core.cli import app as core_app
 
 from .demo import run_demo
+from .logging import configure_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="WKVQuant: W4 + KV4 post-training quantization, as a library CLI and a calibration service.")
 app.add_typer(core_app)
+app.add_typer(client_app)  # submit, status, watch, download, jobs, cancel, retry, datasets, upload
 admin = typer.Typer(no_args_is_help=True, help="Teams and API keys (talks to WKVQ_DATABASE_URL directly).")
 app.add_typer(admin, name="admin")
 app.command("demo")(run_demo)
 out = Console(highlight=False)
-
-
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def _settings() -> Settings:
@@ -72,8 +70,8 @@ def serve(
     from .reaper import ReaperThread
     from .runner import JobRunner
 
-    _logging()
     settings = _settings()
+    configure_logging(settings.LOG_FORMAT)
     if migrate_db:
         upgrade(settings.DATABASE_URL)
     ctx = ServiceContext.from_settings(settings)
@@ -85,7 +83,7 @@ def serve(
             PresenceThread(ctx, runner, settings.GPU_CLASSES, settings.DEVICE, stop).start()
             LocalWorker(runner, settings.GPU_CLASSES, stop, ctx.dispatcher.wakeup).start()
     try:
-        uvicorn.run(create_app(ctx), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(ctx), host=host, port=port, log_level="info", log_config=None)  # our handler
     finally:
         stop.set()
 
@@ -130,16 +128,18 @@ def _run_worker(settings: Settings, queues: list[str], device: str) -> None:
     from .reaper import ReaperThread
     from .runner import JobRunner
 
-    _logging()
+    worker_id = _worker_id(f"{'+'.join(queues)}:gpu{device}")
+    configure_logging(settings.LOG_FORMAT, worker_id=worker_id)
     ctx = ServiceContext.from_settings(settings)
-    runner = JobRunner(ctx, _worker_id(f"{'+'.join(queues)}:gpu{device}"))
+    runner = JobRunner(ctx, worker_id)
     stop = threading.Event()
     ReaperThread(ctx, stop).start()
     PresenceThread(ctx, runner, queues, device, stop).start()
     if settings.DISPATCHER == DispatcherKind.CELERY:
         name = f"wkvq-{'+'.join(queues)}-{device}-{os.getpid()}@{socket.gethostname()}"
+        quiet = ["--quiet"] if settings.LOG_FORMAT == LogFormat.JSON else []  # no banner between the JSON lines
         create_celery(settings, runner).worker_main([
-            "worker", "--queues", ",".join(queues), "--pool", "solo", "--concurrency", "1",
+            *quiet, "worker", "--queues", ",".join(queues), "--pool", "solo", "--concurrency", "1",
             "--prefetch-multiplier", "1", "--hostname", name, "--without-gossip", "--without-mingle",
             "--loglevel", "INFO",
         ])

@@ -6,8 +6,6 @@ its Server-Sent Events, downloads the artifact (sha256 checked), loads it and pr
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import socket
@@ -16,19 +14,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Iterator
+from typing import Annotated
 
 import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from api.core.config import Settings
 from api.core.context import ServiceContext
 from api.core.errors import NotFound
 from api.core.migrate import upgrade
 from api.teams.service import team_service
-from wkvq_core.artifact import load_quantized, verify_manifest
+from wkvq_client import ClientError, WKVQClient
+from wkvq_client.progress import follow
 from wkvq_core.cli import print_eval_table
 
 from .artifact_tar import extract_artifact
@@ -72,53 +70,6 @@ def _wait_ready(base: str, server: subprocess.Popen, log: Path, timeout: float =
     raise RuntimeError(f"the server was not ready after {timeout:.0f}s; see {log}")
 
 
-def sse_events(client: httpx.Client, url: str) -> Iterator[tuple[str, dict]]:
-    """(event, data) pairs of a text/event-stream."""
-    with client.stream("GET", url, timeout=httpx.Timeout(10, read=None)) as response:
-        response.raise_for_status()
-        event, data = "message", []
-        for line in response.iter_lines():
-            if not line:
-                if data:
-                    yield event, json.loads("\n".join(data))
-                event, data = "message", []
-            elif line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-
-
-def _follow(client: httpx.Client, job_id: str) -> None:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=out, transient=False) as progress:
-        task = progress.add_task("queued", total=None)
-        for event, data in sse_events(client, f"/v1/jobs/{job_id}/events"):
-            if data.get("n_blocks"):
-                progress.update(task, total=data["n_blocks"])
-            if event in ("block_end", "block_resumed"):
-                progress.update(task, completed=data["block"] + 1)
-            if event == "epoch_end":
-                progress.update(task, description=f"block {data['block'] + 1} epoch {data['epoch']}/{data['epochs']} "
-                                                  f"loss {data['loss']:.4f}")
-            elif event in ("started", "succeeded", "failed", "cancelled", "requeued"):
-                progress.update(task, description=event)
-            if event == "end":
-                return
-
-
-def _download(client: httpx.Client, job_id: str, dest: Path) -> str:
-    (artifact,) = client.get(f"/v1/jobs/{job_id}/artifacts").raise_for_status().json()
-    digest = hashlib.sha256()
-    with client.stream("GET", artifact["download_url"]) as response, open(dest, "wb") as f:
-        response.raise_for_status()
-        for chunk in response.iter_bytes():
-            digest.update(chunk)
-            f.write(chunk)
-    if not digest.hexdigest() == artifact["sha256"] == response.headers["x-content-sha256"]:
-        raise RuntimeError(f"artifact sha256 mismatch: got {digest.hexdigest()}, expected {artifact['sha256']}")
-    return artifact["sha256"]
-
-
 def run_demo(
     data_dir: Annotated[Path, typer.Option(help="service state: SQLite database and artifact store")] = Path("wkvq-data/demo"),
     out_dir: Annotated[Path, typer.Option("--out", help="where the downloaded model is unpacked")] = Path("runs/stories260k-w4kv4"),
@@ -127,6 +78,8 @@ def run_demo(
     epochs: int = 2,
 ) -> None:
     """Start the embedded service, quantize the shipped tiny model to W4KV4 over REST, download and verify it."""
+    from wkvq_core.artifact import load_quantized, verify_manifest
+
     data_dir = data_dir.resolve()
     env = os.environ | {"WKVQ_DATABASE_URL": f"sqlite:///{data_dir}/wkvq.db", "WKVQ_STORAGE_URL": str(data_dir / "store"),
                         "WKVQ_DISPATCHER": "local", "WKVQ_POLL_SECONDS": "0.5", "HF_HUB_OFFLINE": "1"}
@@ -139,20 +92,20 @@ def run_demo(
     try:
         _wait_ready(base, server, log)
         out.print(f"service up at {base} (SQLite + local store in {data_dir}, log {log})")
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        with WKVQClient(base, key, timeout=30) as client:
             body = {"model": {"source": "local", "name": "stories260k"},
                     "calibration": {"source": "builtin", "name": "tinystories"},
                     "config": {"group_size": -1, "nsamples": nsamples, "seqlen": seqlen, "epochs": epochs}}
-            job = client.post("/v1/jobs", json=body).raise_for_status().json()
-            out.print(f"job {job['id']} submitted: stories260k W4KV4, {nsamples} x {seqlen} tokens, {epochs} epochs")
-            _follow(client, job["id"])
-            job = client.get(f"/v1/jobs/{job['id']}").raise_for_status().json()
-            if job["status"] != "succeeded":
-                out.print(f"error: job {job['status']}: {job['error']}")
+            job = client.submit(body)
+            out.print(f"job {job.id} submitted: stories260k W4KV4, {nsamples} x {seqlen} tokens, {epochs} epochs")
+            follow(client, job.id, out)
+            job = client.get(job.id)
+            if job.status != "succeeded":
+                out.print(f"error: job {job.status}: {job.error}")
                 raise typer.Exit(1)
-            metrics = client.get(f"/v1/jobs/{job['id']}/metrics").raise_for_status().json()
+            metrics = client.metrics(job.id)
             with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
-                sha256 = _download(client, job["id"], Path(tmp) / "model.tar")
+                sha256 = client.download(job.id, tmp).sha256  # resumable, sha256 checked twice
                 model_dir = extract_artifact(Path(tmp) / "model.tar", Path(tmp) / "x")
                 verify_manifest(model_dir)
                 load_quantized(model_dir)
@@ -161,6 +114,9 @@ def run_demo(
                 shutil.move(model_dir, out_dir)
         out.print(f"artifact model.tar sha256 {sha256} verified; unpacked to {out_dir} (loads with load_quantized)")
         print_eval_table(metrics["eval"])
+    except ClientError as exc:
+        out.print(f"error: {exc}")
+        raise typer.Exit(2) from None
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -32,6 +32,7 @@ from wkvq_core.progress import CalibrationCallbacks, CalibrationEvent, EventKind
 from .artifact_tar import write_reproducible_tar
 from .checkpoints import StorageCheckpoints
 from .lease import Lease, LeaseLost, fence
+from .logging import log_context
 from .retry import with_db_retry
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ class _Heartbeat(threading.Thread):
         self.last_cancel_check = float("-inf")
 
     def run(self) -> None:
+        with log_context(job_id=self.lease.job_id, worker_id=self.runner.worker_id):  # a thread of its own
+            self._beat()
+
+    def _beat(self) -> None:
         settings = self.runner.ctx.settings
         while not self.stopped.wait(settings.HEARTBEAT_SECONDS):
             try:
@@ -128,13 +133,19 @@ class JobRunner:
     # ------------------------------------------------------------------ running
 
     def run(self, job_id: str) -> None:
-        lease = self.claim(job_id)
-        if lease is None:
-            log.info("job %s: not queued any more, nothing to do", job_id)
-            return
-        self.execute(lease)
+        with log_context(job_id=job_id, worker_id=self.worker_id):
+            lease = self.claim(job_id)
+            if lease is None:
+                log.info("job %s: not queued any more, nothing to do", job_id)
+                return
+            self.execute(lease)
 
     def execute(self, lease: Lease) -> None:
+        """Runs the claimed job to its end; every log line of this thread meanwhile carries the job id."""
+        with log_context(job_id=lease.job_id, worker_id=self.worker_id):
+            self._execute_logged(lease)
+
+    def _execute_logged(self, lease: Lease) -> None:
         self.current_job = lease.job_id
         heartbeat = _Heartbeat(self, lease)
         heartbeat.start()

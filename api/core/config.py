@@ -17,6 +17,11 @@ class DispatcherKind(str, Enum):
     CELERY = "celery"  # Celery over BROKER_URL, one queue per GPU class
 
 
+class LogFormat(str, Enum):
+    TEXT = "text"  # one line: time level [job=... worker=...] logger: message
+    JSON = "json"  # one JSON object per line
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WKVQ_", env_file=".env", env_ignore_empty=True, extra="ignore")
 
@@ -36,6 +41,7 @@ class Settings(BaseSettings):
     MAX_UPLOAD_BYTES: int = 64 * 1024 * 1024
     MIN_UPLOAD_CHARS: int = 1000
     DEVICE: str = "auto"
+    LOG_FORMAT: LogFormat = LogFormat.TEXT
 
     @field_validator("DATABASE_URL")
     @classmethod

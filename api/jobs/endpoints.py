@@ -34,7 +34,8 @@ def submit_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, body: Jo
 @router.get("", response_model=JobList)
 def list_jobs(session: SessionDep, team: CurrentTeam, status: JobStatus | None = None,
               gpu_class: Annotated[str | None, Query(max_length=64)] = None,
-              limit: Annotated[int, Query(ge=1, le=100)] = 20, offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0) -> JobList:
     jobs, count = job_service.list(session, team=team, status=status.value if status else None, gpu_class=gpu_class,
                                    limit=limit, offset=offset)
     return JobList(data=[job_service.read(session, job) for job in jobs], count=count)
@@ -58,7 +59,7 @@ def retry_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: s
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses={200: {"description": "text/event-stream of JobEventRead; ends when the job has ended"}})
 async def job_events(ctx: ContextDep, job: Annotated[Job, Depends(owned_job)],
-                     last_event_id: Annotated[int, Header(ge=0)] = 0) -> AsyncIterator[ServerSentEvent]:
+                     last_event_id: Annotated[int, Header(ge=0, le=2**62)] = 0) -> AsyncIterator[ServerSentEvent]:
     after, poll = last_event_id, ctx.settings.POLL_SECONDS
 
     def fetch():

@@ -14,11 +14,17 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # as wkvq_
 LOC = ("body", "model")
 
 
+def local_models(settings: Settings) -> list[str]:
+    """The model directories (those with a config.json) under the models directory."""
+    root = settings.MODELS_DIR.resolve()
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+
+
 def local_model_dir(settings: Settings, name: str) -> Path:
     root = settings.MODELS_DIR.resolve()
     path = (root / name).resolve()
     if path.parent != root or not (path / "config.json").is_file():
-        known = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+        known = local_models(settings)
         raise InvalidField((*LOC, "name"), f"unknown model {name!r}; available: {', '.join(known) or 'none'}")
     return path
 

@@ -129,6 +129,7 @@ class JobRead(BaseModel):
     eta_seconds: float | None
     heartbeat_age_seconds: float | None
     last_loss: float | None
+    epoch: int | None = Field(None, description="epochs finished in the block being calibrated (of config.epochs)")
     worker: str | None
     error: str | None
     created_at: datetime

@@ -163,6 +163,11 @@ class JobService:
         last_loss = session.scalar(
             select(JobEvent.loss).where(JobEvent.job_id == job.id, JobEvent.loss.is_not(None))
             .order_by(JobEvent.id.desc()).limit(1))
+        latest = session.execute(
+            select(JobEvent.kind, JobEvent.epoch).where(JobEvent.job_id == job.id,
+                                                        JobEvent.kind.in_(("block_start", "epoch_end")))
+            .order_by(JobEvent.id.desc()).limit(1)).first()
+        epoch = None if latest is None else (latest.epoch if latest.kind == "epoch_end" else 0)
         total = job.total_blocks
         eta = None
         if job.status == JobStatus.RUNNING.value and total and block_seconds is not None:
@@ -173,7 +178,7 @@ class JobService:
             priority=job.priority, attempts=job.attempts, max_attempts=job.max_attempts,
             cancel_requested=job.cancel_requested, current_block=job.current_block, total_blocks=total,
             progress=job.current_block / total if total else (1.0 if job.status == JobStatus.SUCCEEDED.value else 0.0),
-            eta_seconds=eta, last_loss=last_loss, worker=job.lease_owner, error=job.error,
+            eta_seconds=eta, last_loss=last_loss, epoch=epoch, worker=job.lease_owner, error=job.error,
             heartbeat_age_seconds=(now - job.heartbeat_at).total_seconds() if job.heartbeat_at else None,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at,
         )

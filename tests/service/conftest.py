@@ -70,3 +70,11 @@ def team_headers(service) -> Callable[[str], dict[str, str]]:
         return {"Authorization": f"Bearer {key}"}
 
     return make
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item (`item.rep_call`), so that a fixture can tell a failed test."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

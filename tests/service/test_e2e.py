@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, func, select
 from api.models import BlockCheckpoint
 from tests.conftest import fresh_pg_database
 from worker.artifact_tar import extract_artifact
-from worker.demo import sse_events
+from wkvq_client import sse_events
 from wkvq_core.artifact import load_quantized
 
 from .conftest import TINY_JOB

@@ -1,0 +1,159 @@
+"""The dashboard's pages: thin routes over job_service, dataset_service, team_service and queue_service.
+
+Signed in by a team API key kept in an HttpOnly, Secure, SameSite=Strict cookie; forms that change state are POST.
+Live parts are htmx fragments polled while a job is queued or running."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Header, Query, Request, Response
+from fastapi.responses import FileResponse, RedirectResponse
+from sqlalchemy.orm import Session
+
+from ..core.errors import Conflict, NotFound, Unauthorized
+from ..deps import ContextDep, SessionDep
+from ..jobs.download import ranged_download
+from ..jobs.service import job_service
+from ..models import JobStatus, Team
+from ..queue.service import queue_service
+from ..teams.service import team_service
+from .forms import JobForm, form_context, submit_form
+from .views import job_detail, job_row
+from .web import HERE, HOME, SIGNIN, DashboardRoute, DashboardTeam, clear_cookie, render, safe_next, set_cookie
+
+router = APIRouter(tags=["dashboard"], include_in_schema=False, route_class=DashboardRoute)
+
+PAGE_SIZE = 20
+STATUSES = [s.value for s in JobStatus]
+STATIC = {"htmx.min.js": "text/javascript", "dashboard.css": "text/css"}
+
+
+def see_other(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+@router.get("/")
+def index() -> RedirectResponse:
+    return see_other(HOME)
+
+
+@router.get("/dashboard")
+def dashboard_index() -> RedirectResponse:
+    return see_other(HOME)
+
+
+@router.get("/dashboard/static/{name}")
+def static(name: str) -> FileResponse:
+    if name not in STATIC:
+        raise NotFound(f"no static file {name!r}")
+    return FileResponse(HERE / "static" / name, media_type=STATIC[name],
+                        headers={"Cache-Control": "public, max-age=3600"})
+
+
+# ------------------------------------------------------------------------------------------------ sign-in
+
+
+@router.get("/dashboard/signin")
+def signin_page(request: Request, next: str | None = None) -> Response:
+    return render(request, "signin.html", {"next": safe_next(next)})
+
+
+@router.post("/dashboard/signin")
+def signin(request: Request, session: SessionDep, api_key: Annotated[str, Form()] = "",
+           next: Annotated[str, Form()] = HOME) -> Response:
+    key = api_key.strip()
+    try:
+        team_service.authenticate(session, key)
+    except Unauthorized as exc:
+        message = exc.message if key.startswith("wkvq_") else "paste a team API key; it starts with wkvq_"
+        return render(request, "signin.html", {"next": safe_next(next), "error": message}, status_code=401)
+    response = see_other(safe_next(next))
+    set_cookie(response, key)
+    return response
+
+
+@router.post("/dashboard/logout")
+def logout() -> Response:
+    response = see_other(SIGNIN)
+    clear_cookie(response)
+    return response
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+@router.get("/dashboard/jobs")
+def jobs_page(request: Request, session: SessionDep, team: DashboardTeam, status: str | None = None,
+              page: Annotated[int, Query(ge=1)] = 1,
+              size: Annotated[int, Query(ge=1, le=100)] = PAGE_SIZE) -> Response:
+    status = status if status in STATUSES else None  # an unknown filter shows every job
+    jobs, count = job_service.list(session, team=team, status=status, gpu_class=None, limit=size,
+                                   offset=(page - 1) * size)
+    rows = [job_row(job_service.read(session, job)) for job in jobs]
+    return render(request, "jobs.html", {
+        "rows": rows, "count": count, "status": status, "statuses": STATUSES,
+        "page": page, "size": size, "pages": max(1, -(-count // size)), "first": (page - 1) * size + 1,
+        "live": any(not JobStatus(r["job"].status).terminal for r in rows), "nav": "jobs"})
+
+
+@router.get("/dashboard/jobs/new")
+def new_job_page(request: Request, ctx: ContextDep, session: SessionDep, team: DashboardTeam) -> Response:
+    return render(request, "job_new.html", form_context(ctx, session, team, JobForm.initial(ctx)))
+
+
+@router.post("/dashboard/jobs/new")
+def new_job(request: Request, ctx: ContextDep, session: SessionDep, team: DashboardTeam,
+            form: Annotated[JobForm, Form()]) -> Response:
+    job, errors = submit_form(ctx, session, team, form)
+    if job is None:
+        return render(request, "job_new.html", form_context(ctx, session, team, form, errors), status_code=422)
+    return see_other(f"/dashboard/jobs/{job.id}")
+
+
+@router.get("/dashboard/jobs/{job_id}")
+def job_page(request: Request, session: SessionDep, team: DashboardTeam, job_id: str) -> Response:
+    return render(request, "job_detail.html", job_detail(session, team=team, job_id=job_id) | {"nav": "jobs"})
+
+
+@router.get("/dashboard/jobs/{job_id}/fragment")
+def job_fragment(request: Request, session: SessionDep, team: DashboardTeam, job_id: str) -> Response:
+    return render(request, "_job_live.html", job_detail(session, team=team, job_id=job_id))
+
+
+@router.post("/dashboard/jobs/{job_id}/cancel")
+def cancel_job(request: Request, session: SessionDep, team: DashboardTeam, job_id: str) -> Response:
+    try:
+        job_service.cancel(session, team=team, job_id=job_id)
+    except Conflict as exc:
+        return _refused(request, session, team, job_id, exc)
+    return see_other(f"/dashboard/jobs/{job_id}")
+
+
+@router.post("/dashboard/jobs/{job_id}/retry")
+def retry_job(request: Request, ctx: ContextDep, session: SessionDep, team: DashboardTeam, job_id: str) -> Response:
+    try:
+        job_service.retry(ctx, session, team=team, job_id=job_id)
+    except Conflict as exc:
+        return _refused(request, session, team, job_id, exc)
+    return see_other(f"/dashboard/jobs/{job_id}")
+
+
+def _refused(request: Request, session: Session, team: Team, job_id: str, exc: Conflict) -> Response:
+    context = job_detail(session, team=team, job_id=job_id) | {"nav": "jobs", "notice": exc.message}
+    return render(request, "job_detail.html", context, status_code=409)
+
+
+@router.get("/dashboard/jobs/{job_id}/artifacts/{name}")
+def download_artifact(ctx: ContextDep, session: SessionDep, team: DashboardTeam, job_id: str, name: str,
+                      range: Annotated[str | None, Header()] = None) -> Response:
+    return ranged_download(ctx.store, job_service.artifact(session, team=team, job_id=job_id, name=name), range)
+
+
+# ------------------------------------------------------------------------------------------------ queue
+
+
+@router.get("/dashboard/queue")
+def queue_page(request: Request, ctx: ContextDep, session: SessionDep, team: DashboardTeam) -> Response:
+    summary = queue_service.summary(session, ctx.settings, team=team)
+    return render(request, "queue.html", {"summary": summary, "nav": "queue"})

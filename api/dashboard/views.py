@@ -1,0 +1,106 @@
+"""What the job pages show, gathered from job_service (and queue_service for the worker's device)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ..core.errors import NotFound
+from ..jobs.schemas import FP_BITS, JobRead
+from ..jobs.service import RETRYABLE, job_service
+from ..models import JobEvent, JobStatus, Team
+from ..queue.service import queue_service
+from .charts import loss_chart_svg, loss_points
+from .web import duration, filesize
+
+EVENT_PAGE = 500
+EVENT_LOG_LIMIT = 40
+PPL_MODES = {"fp": "full precision", "w": "W: weights quantized", "wkv": "WKV: weights + KV cache"}
+
+
+def model_label(model: dict[str, Any]) -> str:
+    return model.get("name") or model.get("id") or "?"
+
+
+def bits_label(config: dict[str, Any]) -> str:
+    w, kv = config.get("w_bits", 4), config.get("kv_bits", 4)
+    return f"W{w}" + ("" if kv == FP_BITS else f"KV{kv}")
+
+
+def job_row(job: JobRead) -> dict[str, Any]:
+    return {"job": job, "model": model_label(job.model), "bits": bits_label(job.config)}
+
+
+def all_events(session: Session, job_id: str) -> list[JobEvent]:
+    events: list[JobEvent] = []
+    while True:
+        page = job_service.events(session, job_id=job_id, after=events[-1].id if events else 0, limit=EVENT_PAGE)
+        events += page
+        if len(page) < EVENT_PAGE:
+            return events
+
+
+def current_epoch(job: JobRead, events: list[JobEvent]) -> tuple[int, int] | None:
+    """(epoch, epochs) reached in the block being calibrated now, or None outside a block's epochs."""
+    if job.status != JobStatus.RUNNING.value:
+        return None
+    for event in reversed(events):
+        if event.kind == "epoch_end" and event.block == job.current_block and event.epochs:
+            return event.epoch or 0, event.epochs
+        if event.kind in ("block_start", "started") and event.block in (None, job.current_block):
+            return (0, job.config.get("epochs", 0)) if event.kind == "block_start" else None
+    return None
+
+
+def metric_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not metrics:
+        return None
+    evaluation, run = metrics.get("eval") or {}, metrics.get("run") or {}
+    ppl = evaluation.get("ppl") or {}
+    reference = ppl.get("fp")
+    rows = [{"mode": mode, "label": label, "ppl": ppl[mode],
+             "delta": None if reference is None or mode == "fp" else ppl[mode] - reference}
+            for mode, label in PPL_MODES.items() if mode in ppl]
+    facts = []
+    kv, kv16 = evaluation.get("kv_bytes_per_token"), evaluation.get("kv_bytes_per_token_fp16")
+    if kv and kv16:
+        facts.append(("KV cache / token", f"{filesize(kv)} (fp16 {filesize(kv16)}, {kv16 / kv:.1f}× smaller)"))
+    if evaluation.get("tokens"):
+        facts.append(("Evaluation tokens", f"{evaluation['tokens']:,}"))
+    if run.get("seconds") is not None:
+        facts.append(("Calibration time", duration(run["seconds"])))
+    if run.get("peak_memory_bytes") is not None:
+        facts.append(("Peak memory", filesize(run["peak_memory_bytes"])))
+    if run.get("resumed_blocks"):
+        facts.append(("Blocks resumed from checkpoints", str(run["resumed_blocks"])))
+    if (metrics.get("calibration") or {}).get("device"):
+        facts.append(("Device", metrics["calibration"]["device"]))
+    if (metrics.get("artifact") or {}).get("size") is not None:
+        facts.append(("Artifact size", filesize(metrics["artifact"]["size"])))
+    return {"ppl": rows, "facts": facts}
+
+
+def job_detail(session: Session, *, team: Team, job_id: str) -> dict[str, Any]:
+    """Everything the job page and its live fragment show; NotFound for another team's job."""
+    job = job_service.read(session, job_service.get(session, team=team, job_id=job_id))
+    status = JobStatus(job.status)
+    events = all_events(session, job.id)
+    try:
+        metrics = job_service.metrics(session, team=team, job_id=job.id)
+    except NotFound:
+        metrics = None
+    worker = queue_service.worker(session, job.worker) if job.worker else None
+    return {
+        **job_row(job),
+        "live": not status.terminal,
+        "can_cancel": status in (JobStatus.QUEUED, JobStatus.RUNNING) and not job.cancel_requested,
+        "can_retry": status in RETRYABLE,
+        "epoch": current_epoch(job, events),
+        "device": worker.device if worker else None,
+        "chart": loss_chart_svg(loss_points(events)),
+        "metrics": metric_summary(metrics),
+        "artifacts": job_service.artifacts(session, team=team, job_id=job.id),
+        "events": events[::-1][:EVENT_LOG_LIMIT],
+        "event_count": len(events),
+    }

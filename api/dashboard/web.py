@@ -1,0 +1,139 @@
+"""Dashboard plumbing: templates and their filters, cookie sign-in, and a route class that turns a missing
+sign-in into a redirect and a NotFound into an HTML 404 page (the API's JSON error handler stays as it is)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import Depends, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.templating import Jinja2Templates
+
+from ..core.db import utcnow
+from ..core.errors import NotFound, Unauthorized
+from ..deps import SessionDep
+from ..models import Team
+from ..teams.service import team_service
+
+HERE = Path(__file__).resolve().parent
+COOKIE = "wkvq_key"
+COOKIE_MAX_AGE = 7 * 24 * 3600
+SIGNIN = "/dashboard/signin"
+HOME = "/dashboard/jobs"
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def ago(moment: datetime | None) -> str:
+    return "–" if moment is None else f"{duration((utcnow() - moment).total_seconds())} ago"
+
+
+def filesize(size: float | None) -> str:
+    if size is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def timestamp(moment: datetime | None) -> str:
+    return "–" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _page_globals(request: Request) -> dict[str, Any]:
+    return {"team": getattr(request.state, "team", None), "path": request.url.path}
+
+
+templates = Jinja2Templates(directory=HERE / "templates", context_processors=[_page_globals])
+templates.env.filters.update(duration=duration, ago=ago, filesize=filesize, timestamp=timestamp)
+
+
+def render(request: Request, name: str, context: dict[str, Any] | None = None, status_code: int = 200) -> Response:
+    return templates.TemplateResponse(request, name, context or {}, status_code=status_code)
+
+
+def safe_next(target: str | None) -> str:
+    """Only a dashboard path of this site (no open redirect)."""
+    if target and target.startswith("/dashboard/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return HOME
+
+
+class SignInRequired(Exception):
+    pass
+
+
+def signed_in_team(request: Request, session: SessionDep) -> Team:
+    try:
+        team = team_service.authenticate(session, request.cookies.get(COOKIE))
+    except Unauthorized:
+        raise SignInRequired() from None
+    request.state.team = team  # for the page header
+    return team
+
+
+DashboardTeam = Annotated[Team, Depends(signed_in_team)]
+
+
+def sign_in_redirect(request: Request) -> Response:
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    back = request.method == "GET" and here.startswith("/dashboard/")  # a POST is not replayed after sign-in
+    target = f"{SIGNIN}?next={quote(here, safe='/')}" if back else SIGNIN
+    if request.headers.get("HX-Request"):
+        response: Response = Response(status_code=401, headers={"HX-Redirect": target})
+    else:
+        response = RedirectResponse(target, status_code=303)
+    if COOKIE in request.cookies:  # expired or revoked: forget it
+        clear_cookie(response)
+    return response
+
+
+def set_cookie(response: Response, key: str) -> None:
+    response.set_cookie(COOKIE, key, max_age=COOKIE_MAX_AGE, path="/", secure=True, httponly=True, samesite="strict")
+
+
+def clear_cookie(response: Response) -> None:
+    response.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+
+
+class DashboardRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except SignInRequired:
+                response = sign_in_redirect(request)
+            except NotFound as exc:
+                response = render(request, "not_found.html", {"message": exc.message}, status_code=404)
+            for name, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(name, value)
+            return response
+
+        return route
