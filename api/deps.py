@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Iterator
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from .core.context import ServiceContext
@@ -23,8 +25,12 @@ ContextDep = Annotated[ServiceContext, Depends(get_context)]
 
 
 def get_session(ctx: ContextDep) -> Iterator[Session]:
-    with ctx.session() as session:
+    session = ctx.session()
+    try:
         yield session
+    finally:
+        with contextlib.suppress(DBAPIError):  # the database went away: the response (503) is already out
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

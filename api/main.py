@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 from .core.config import Settings
 from .core.context import ServiceContext
 from .core.errors import InvalidField, ServiceError
+from .core.storage import StorageError
 from .dashboard import router as dashboard_router
 from .datasets.endpoints import router as datasets_router
 from .health.endpoints import router as health_router
@@ -34,6 +35,11 @@ def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
 
 def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
     return JSONResponse({"detail": "database unavailable, try again shortly"}, status_code=503,
+                        headers={"Retry-After": "5"})
+
+
+def _store_down(_request: Request, exc: StorageError) -> JSONResponse:
+    return JSONResponse({"detail": f"artifact store unavailable, try again shortly ({exc})"}, status_code=503,
                         headers={"Retry-After": "5"})
 
 
@@ -60,4 +66,5 @@ def create_app(ctx: ServiceContext | None = None) -> FastAPI:
     install_metrics(app, ctx)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(StorageError, _store_down)
     return app

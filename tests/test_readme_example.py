@@ -8,7 +8,7 @@ README = Path(__file__).parents[1] / "README.md"
 
 
 def test_readme_python_example_runs(tmp_path):
-    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "quantize_model_" in block]
     code = code.replace("nsamples=64", "nsamples=4").replace(", 64, 256,", ", 4, 256,")
     result = subprocess.run([sys.executable, "-c", code], cwd=README.parent, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 
 from api.core.context import ServiceContext
 from api.core.db import new_id, utcnow
+from api.core.storage import StorageError
 from api.datasets.builtin import BUILTIN_TEXTS
 from api.jobs.model_source import local_model_dir
 from api.jobs.service import add_event
@@ -159,7 +160,7 @@ class JobRunner:
                 log.warning("job %s: stopped, the lease belongs to another worker", lease.job_id)
             else:
                 self._finish(lease, JobStatus.CANCELLED, "cancelled", str(exc))
-        except WKVQError as exc:
+        except (WKVQError, StorageError) as exc:
             self._finish(lease, JobStatus.FAILED, "failed", str(exc))
         except Exception as exc:
             log.error("job %s failed:\n%s", lease.job_id, traceback.format_exc())

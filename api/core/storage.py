@@ -6,6 +6,7 @@ Rows in the database hold the full URI returned by `put_*`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -14,6 +15,10 @@ from typing import IO, Any, Iterator
 import fsspec
 
 CHUNK = 1 << 20
+
+
+class StorageError(Exception):
+    """The artifact store could not take a write (full, read-only, unreachable)."""
 
 
 @dataclass(frozen=True)
@@ -55,16 +60,20 @@ class ArtifactStore:
         return StoredObject(self.uri(key), hashlib.sha256(data).hexdigest(), len(data))
 
     def _move_into_place(self, key: str, write) -> None:
+        """Raises StorageError (a readable message) when the store refuses the write; nothing is left behind."""
         path = self._path(key)
         parent, name = path.rsplit("/", 1)
         tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
-        self.fs.makedirs(parent, exist_ok=True)
         try:
+            self.fs.makedirs(parent, exist_ok=True)
             write(tmp)
             self.fs.mv(tmp, path)
-        except BaseException:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+            if isinstance(exc, Exception):
+                raise StorageError(f"artifact store write of {self.uri(key)} failed: {type(exc).__name__}: {exc}") from exc
             raise
 
     def read_bytes(self, uri: str) -> bytes:

@@ -91,13 +91,16 @@ def start_worker(env: dict[str, str], cwd: Path, name: str, *extra: str) -> Proc
 
 
 class RedisServer:
-    """A redis-server owned by the test, on a free port, keeping nothing on disk."""
+    """A redis-server owned by the test, on a free port, keeping nothing on disk; `restart()` keeps the port."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+        self.port, self.workdir = free_port(), workdir
+        self.start()
+
+    def start(self) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.popen = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--dir", str(workdir)],
+                                       "--appendonly", "no", "--dir", str(self.workdir)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -115,3 +118,9 @@ class RedisServer:
     def stop(self) -> None:
         self.popen.terminate()
         self.popen.wait(timeout=10)
+
+    def restart(self, down_seconds: float) -> None:
+        """Stop (losing every queued message: nothing is kept on disk), stay down a while, start again."""
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()

@@ -172,9 +172,9 @@ def test_upload_command_and_dataset_spec(svc, api):
 
 
 def test_upload_calibration_cancel_and_retry(svc, api):
-    # big enough that a cancel of the running job lands before its last block (~0.5 s a block)
+    # big enough (~3 s a block) that a cancel of the running job always lands before its last block
     result = ok(cli(svc, "submit", "stories260k", "--calib", f"upload:{CALIB_TXT}", "--group-size", "-1",
-                    "--nsamples", "16", "--seqlen", "128", "--epochs", "2", "--crr-k", "2", "--json"))
+                    "--nsamples", "32", "--seqlen", "128", "--epochs", "6", "--crr-k", "2", "--json"))
     job = JobRead.model_validate_json(result.stdout)
     assert "uploaded" in result.stderr and job.calibration["source"] == "upload"
 

@@ -11,7 +11,7 @@ from tests.conftest import fresh_pg_database
 
 from .conftest import TINY_JOB
 
-EXAMPLES_PER_OPERATION = 20
+EXAMPLES_PER_OPERATION = 12
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from api.core.context import ServiceContext
 from api.core.migrate import upgrade
-from api.core.storage import CHUNK, ArtifactStore
+from api.core.storage import CHUNK, ArtifactStore, StorageError
 from api.main import create_app
 from api.models import Artifact, BlockCheckpoint, Job
 from api.teams.service import team_service
@@ -169,11 +169,11 @@ def test_failure_between_write_and_move_leaves_nothing(store, monkeypatch, tmp_p
         raise OSError("connection lost")
 
     monkeypatch.setattr(store.fs, "mv", broken_mv)
-    with pytest.raises(OSError, match="connection lost"):
+    with pytest.raises(StorageError, match="f/obj failed: OSError: connection lost"):
         store.put_bytes(b"new bytes", "f/obj")
     local = tmp_path / "in.bin"
     local.write_bytes(b"file bytes")
-    with pytest.raises(OSError, match="connection lost"):
+    with pytest.raises(StorageError, match="connection lost"):
         store.put_file(str(local), "f/kept")
     monkeypatch.undo()
     assert _objects(store) == ["f/kept"]
