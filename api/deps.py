@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated, Iterator
+from typing import Annotated, AsyncIterator, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -17,27 +18,54 @@ from .teams.service import team_service
 bearer = HTTPBearer(auto_error=False, description="a team API key: `Authorization: Bearer wkvq_...`")
 
 
-def get_context(request: Request) -> ServiceContext:
+async def get_context(request: Request) -> ServiceContext:  # async: no thread-pool hop for an attribute read
     return request.app.state.ctx
 
 
 ContextDep = Annotated[ServiceContext, Depends(get_context)]
 
 
-def get_session(ctx: ContextDep) -> Iterator[Session]:
-    session = ctx.session()
+def _close(session: Session) -> None:
+    with contextlib.suppress(DBAPIError):  # the database went away: the response (503) is already out
+        session.close()
+
+
+async def get_session(request: Request, ctx: ContextDep) -> AsyncIterator[Session]:
+    """The request's session: autocommit for GET and HEAD, which only read (`ServiceContext.read_session`).
+    Async, so that creating it and closing it cost no thread-pool hop: neither does I/O once the request has
+    `released` its connection; a session still in a transaction (an error on the way, a handler that did not
+    release) is closed in a worker thread, since its ROLLBACK is a database round trip."""
+    session = ctx.read_session() if request.method in ("GET", "HEAD") else ctx.session()
     try:
         yield session
     finally:
-        with contextlib.suppress(DBAPIError):  # the database went away: the response (503) is already out
-            session.close()
+        if session.in_transaction():
+            await run_in_threadpool(_close, session)
+        else:
+            _close(session)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+T = TypeVar("T")
+
+
+def released(session: Session, result: T) -> T:
+    """Ends the request's transaction, so that its pooled connection goes back to the pool, and returns `result`.
+
+    FastAPI runs each sync dependency, the sync endpoint and the validation of its return value in separate
+    thread-pool hops. A request must not keep a connection while it waits for its next thread: under load every
+    pooled connection ends up held by requests queued for a thread while every thread waits for a connection, and
+    the process stalls until the pool timeout (30 s) fails them. So authentication and each endpoint release the
+    connection before handing back to the event loop (the next query of the request checks one out again). The
+    session is closed, not committed: nothing is written here (writers commit themselves), and the ORM objects it
+    loaded stay readable, detached.
+    """
+    session.close()
+    return result
 
 
 def get_team(session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Team:
-    return team_service.authenticate(session, credentials.credentials if credentials else None)
+    return released(session, team_service.authenticate(session, credentials.credentials if credentials else None))
 
 
 CurrentTeam = Annotated[Team, Depends(get_team)]

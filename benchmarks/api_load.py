@@ -8,20 +8,25 @@ submit -> start latency of the local and the Celery dispatcher. Every part is bo
 Reads: a throwaway Postgres database (WKVQ_TEST_POSTGRES, default the local trust-auth server) is migrated and
 filled through the SQLAlchemy models with `--jobs` jobs of one team in mixed statuses, most of them with the events
 a real run writes (block start/end, per-epoch loss), so that a status read computes ETA, last loss and epoch from
-real rows. `wkvq serve` runs as a real process (uvicorn) in Celery mode with a private redis-server and no worker,
-so that nothing changes the table while it is read. The load generator is a separate process (this file,
-subcommand `load`): one `httpx.AsyncClient` with a connection limit equal to the number of clients, and that many
-asyncio tasks, each sending its next request as soon as the previous one has answered (closed loop, the server
-saturated: this gives throughput) or on a fixed schedule (paced: each client polls every `--poll-interval` s, as
-`wkvq_client.wait` does; latency is then counted from the scheduled send time, so a stalled server cannot hide
-its queue). Each scenario runs `--warmup` s unrecorded, then `--duration` s recorded; a request counts when it
-starts and ends inside the recorded window.
+real rows; then ANALYZEd, as autovacuum would. `wkvq serve --processes N` (for each N of `--processes`) runs as a
+real process in Celery mode with a private redis-server and no worker, so that nothing changes the table while it
+is read. The load generator is a separate process (this file, subcommand `load`): `--clients` asyncio tasks, each
+on its own keep-alive HTTP/1.1 connection, sending its next request as soon as the previous one has answered
+(closed loop: the server saturated, this gives throughput) or on a fixed schedule (paced: each client polls every
+`--poll-interval` s, as `wkvq_client.wait` does; latency is then counted from the scheduled send time, so a
+stalled server cannot hide its queue). Each row runs `--warmup` s unrecorded, then `--duration` s recorded; a
+request counts when it starts and ends inside the recorded window; what is still in flight at the end is
+cancelled, and the next row waits until /healthz answers quickly again.
+
+The connections are plain asyncio streams, not httpx: one `httpx.AsyncClient` with 100 connections costs about
+7 ms of client CPU per request here (httpcore's pool rescans every connection for every waiting request), so on
+2 cores it would measure itself. `--client httpx` runs it anyway, for comparison.
 
 Submit -> start: a fresh database each; `wkvq serve` with WKVQ_DISPATCHER=local (in-process worker), then `wkvq
 serve` with WKVQ_DISPATCHER=celery plus a `wkvq worker` process and a private redis-server. `--submissions` tiny
-jobs (stories260k, epochs 0) are submitted one at a time; the latency is the job's `started_at` (set by the worker
-when it claims the job) minus the wall-clock time at which POST /v1/jobs returned, and each job is awaited to its
-end before the next is submitted. Service settings are the shipped defaults (poll 1 s, lease 60 s).
+jobs are submitted one at a time; the latency is the job's `started_at` (set by the worker when it claims the job)
+minus the wall-clock time at which POST /v1/jobs returned (and at which it was sent), and each job is awaited to
+its end before the next is submitted. Service settings are the shipped defaults (poll 1 s, lease 60 s).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ from tests.service.processes import (  # noqa: E402
     Process, RedisServer, free_port, service_env, start_server, start_worker)
 
 PG_ADMIN_URL = os.environ.get("WKVQ_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+CALIB_TEXT = ROOT / "wkvq_core" / "assets" / "tinystories" / "calib.txt"
+START_TEXT_CHARS = 3000
 TINY_JOB = {
     "model": {"source": "local", "name": "stories260k"},
     "calibration": {"source": "builtin", "name": "tinystories"},
@@ -65,7 +72,8 @@ DEFAULT_TIMING = ("WKVQ_LEASE_SECONDS", "WKVQ_HEARTBEAT_SECONDS", "WKVQ_REAPER_S
 TARGET_STATUS_P99_MS = 50.0
 TARGET_THROUGHPUT_RATIO = 0.5
 TARGET_START_S = {"local": 1.0, "celery": 2.0}
-VERSIONED = ("fastapi", "starlette", "uvicorn", "sqlalchemy", "psycopg", "pydantic", "celery", "kombu", "redis", "httpx")
+VERSIONED = ("fastapi", "starlette", "uvicorn", "sqlalchemy", "psycopg", "pydantic", "celery", "kombu", "redis",
+             "httpx")
 
 
 def log(message: str) -> None:
@@ -164,6 +172,10 @@ def prepare_database(url: str, n_jobs: int, seed: int = 0) -> tuple[str, list[st
         session.execute(insert(Job), jobs)
         session.execute(insert(JobEvent), events)
         session.commit()
+    # what autovacuum does to a table that grew: without statistics Postgres plans "last event of this job" as a
+    # backward scan of the whole events table (5 ms instead of 0.05 ms per job on this data)
+    with ctx.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ANALYZE")
     ctx.close()
     return key, [j["id"] for j in jobs], counts, len(events)
 
@@ -175,6 +187,7 @@ class Recorded:
     latencies: list[float] = field(default_factory=list)  # seconds
     errors: dict[str, int] = field(default_factory=dict)
     late_starts: int = 0  # paced: requests sent later than scheduled (the client was still waiting)
+    completed: int = 0  # every answered request, warm-up included (for CPU per request)
 
 
 class RawConnection:
@@ -259,6 +272,7 @@ async def _load(base: str, key: str, target: str, job_ids: list[str], clients: i
         except (OSError, asyncio.IncompleteReadError, httpx.HTTPError, ValueError, KeyError) as exc:
             outcome = type(exc).__name__
         end = loop.time()
+        rec.completed += 1
         if start >= t0 and end <= t1:
             if outcome is None:
                 rec.latencies.append(end - start)
@@ -295,6 +309,7 @@ async def _load(base: str, key: str, target: str, job_ids: list[str], clients: i
     return {
         "target": target, "mode": "paced" if interval else "closed", "clients": clients, "duration": duration,
         "interval": interval, "count": len(lat), "errors": rec.errors, "late_starts": rec.late_starts,
+        "completed": rec.completed + clients,
         "throughput": len(lat) / duration, "client": implementation, "client_cpu_s": cpu,
         "p50_ms": 1000 * percentile(lat, 50), "p90_ms": 1000 * percentile(lat, 90),
         "p99_ms": 1000 * percentile(lat, 99), "max_ms": 1000 * lat[-1] if lat else float("nan"),
@@ -345,7 +360,6 @@ def settle(base: str, limit: float = 60.0) -> None:
 
 def run_load(base: str, key: str, ids_file: Path, target: str, args: argparse.Namespace,
              interval: float | None = None) -> dict:
-    settle(base)
     cmd = [sys.executable, __file__, "load", "--base", base, "--key", key, "--target", target, "--job-ids",
            str(ids_file), "--clients", str(args.clients), "--warmup", str(args.warmup), "--duration",
            str(args.duration), "--seed", str(args.seed), "--client", args.client]
@@ -362,6 +376,24 @@ def run_load(base: str, key: str, ids_file: Path, target: str, args: argparse.Na
 
 # --------------------------------------------------------------------------------------------- the scenarios
 
+def _cpu_ticks(pids: list[int]) -> int:
+    """utime + stime (+ waited-for children) of these processes, in clock ticks; gone ones count 0."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])
+    return total
+
+
+def _group(pgid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()]
+
+
+def _postgres() -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True).stdout.split()]
+
+
 def read_scenarios(args: argparse.Namespace, workdir: Path) -> dict:
     with fresh_database() as url:
         t = time.monotonic()
@@ -372,17 +404,29 @@ def read_scenarios(args: argparse.Namespace, workdir: Path) -> dict:
         redis = RedisServer(workdir)
         env = {k: v for k, v in service_env(url, workdir / "store").items() if k not in DEFAULT_TIMING}
         env |= {"WKVQ_DISPATCHER": "celery", "WKVQ_BROKER_URL": redis.url}
-        serve_args = ["--no-migrate"] + (["--workers", str(args.serve_workers)] if args.serve_workers else [])
-        server, base = start_server(env, workdir, *serve_args)
-        results = {"counts": counts, "events": n_events, "closed": {}, "paced": {}}
+        results = {"counts": counts, "events": n_events, "runs": {}}
         try:
-            for target in ("healthz", "status", "list"):
-                results["closed"][target] = run_load(base, key, ids_file, target, args)
-            if args.poll_interval:
-                for target in ("healthz", "status", "list"):
-                    results["paced"][target] = run_load(base, key, ids_file, target, args, args.poll_interval)
+            for processes in args.processes:
+                log(f"reads, `wkvq serve --processes {processes}`")
+                extra = ["--processes", str(processes)] if processes != 1 else []  # (older serves lack the flag)
+                server, base = start_server(env, workdir, "--no-migrate", *extra)
+                run = results["runs"][processes] = {"closed": {}, "paced": {}}
+                try:
+                    ticks = os.sysconf("SC_CLK_TCK")
+                    for mode, interval in (("closed", None), ("paced", args.poll_interval)):
+                        if mode == "paced" and not interval:
+                            continue
+                        for target in ("healthz", "status", "list"):
+                            settle(base)
+                            serve_pids, pg_pids = _group(server.popen.pid), _postgres()
+                            cpu0 = _cpu_ticks(serve_pids), _cpu_ticks(pg_pids)
+                            r = run[mode][target] = run_load(base, key, ids_file, target, args, interval)
+                            cpu1 = _cpu_ticks(serve_pids), _cpu_ticks(pg_pids)
+                            r["server_cpu_ms"] = 1000 * (cpu1[0] - cpu0[0]) / ticks / max(r["completed"], 1)
+                            r["postgres_cpu_ms"] = 1000 * (cpu1[1] - cpu0[1]) / ticks / max(r["completed"], 1)
+                finally:
+                    server.stop()
         finally:
-            server.stop()
             redis.stop()
     return results
 
@@ -422,11 +466,17 @@ def submit_to_start(dispatcher: str, args: argparse.Namespace, workdir: Path) ->
 
 
 def _submissions(base: str, key: str, n: int, dispatcher: str) -> dict:
-    delays, post_ms, run_s = [], [], []
+    delays, from_sent, post_ms, run_s = [], [], [], []
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as api:
+        # a short uploaded text for calibration and evaluation keeps each job to a few seconds
+        text = CALIB_TEXT.read_text()[:START_TEXT_CHARS]
+        dataset = api.post("/v1/datasets", files={"file": ("bench.txt", text.encode())}).raise_for_status().json()
+        data = {"source": "upload", "dataset_id": dataset["id"]}
+        job_spec = TINY_JOB | {"calibration": data, "evaluation": data}
         for i in range(n + 1):  # the first one warms the worker up (imports, model files) and is not counted
             t_post = time.perf_counter()
-            response = api.post("/v1/jobs", json=TINY_JOB).raise_for_status()
+            sent = dt.datetime.now(dt.timezone.utc)
+            response = api.post("/v1/jobs", json=job_spec).raise_for_status()
             returned = dt.datetime.now(dt.timezone.utc)
             post_ms.append(1000 * (time.perf_counter() - t_post))
             job_id = response.json()["id"]
@@ -438,7 +488,8 @@ def _submissions(base: str, key: str, n: int, dispatcher: str) -> dict:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{dispatcher}: job {job_id} not started after 30 s: {job}")
                 time.sleep(0.01)
-            delay = (dt.datetime.fromisoformat(job["started_at"]) - returned).total_seconds()
+            started = dt.datetime.fromisoformat(job["started_at"])
+            delay = (started - returned).total_seconds()
             deadline = time.monotonic() + 300
             while job["status"] not in ("succeeded", "failed", "cancelled"):
                 if time.monotonic() > deadline:
@@ -452,10 +503,12 @@ def _submissions(base: str, key: str, n: int, dispatcher: str) -> dict:
                 f"run {finished.total_seconds():.1f} s){'  [warm-up, not counted]' if i == 0 else ''}")
             if i:
                 delays.append(delay)
+                from_sent.append((started - sent).total_seconds())
                 run_s.append(finished.total_seconds())
     s = sorted(delays)
     return {"n": len(s), "median_ms": 1000 * statistics.median(s), "max_ms": 1000 * s[-1], "min_ms": 1000 * s[0],
             "mean_ms": 1000 * statistics.fmean(s), "post_median_ms": statistics.median(post_ms[1:]),
+            "sent_median_ms": 1000 * statistics.median(from_sent), "sent_max_ms": 1000 * max(from_sent),
             "run_median_s": statistics.median(run_s)}
 
 
@@ -504,68 +557,83 @@ def fmt(x: float, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
+ENDPOINTS = {"healthz": "`GET /healthz`", "status": "`GET /v1/jobs/{id}`", "list": "`GET /v1/jobs?limit=20`"}
+
+
 def report(args: argparse.Namespace, reads: dict | None, starts: dict, started: dt.datetime, runtime: float,
            loads: tuple) -> str:
     lines = [f"## API load run {started:%Y-%m-%d %H:%M} UTC", "",
              f"- command: `{shlex.join(['python', 'benchmarks/api_load.py', *sys.argv[1:]])}`",
              f"- date (UTC): {started:%Y-%m-%d %H:%M}; total runtime {runtime / 60:.1f} min; code {code_version()}",
              f"- {versions()}",
-             f"- machine: {os.cpu_count()} CPU cores shared with other jobs; load average (1 min) "
+             f"- machine: {os.cpu_count()} CPU cores shared with other users' jobs; load average (1 min) "
              f"{loads[0]:.2f} before the run, {loads[1]:.2f} after it"
-             + (f" (waited for < {args.max_load})" if args.max_load else ""),
+             + (f" (the run waited for < {args.max_load:g})" if args.max_load else ""),
              ]
     checks = []
     if reads:
-        closed, paced = reads["closed"], reads["paced"]
-        procs = f"{args.serve_workers} uvicorn worker processes" if args.serve_workers else "1 uvicorn process"
         lines += [
-            f"- reads: `wkvq serve` ({procs}, WKVQ_DISPATCHER=celery, private redis, no worker) on a throwaway "
-            f"Postgres database with {args.jobs} jobs of one team ({', '.join(f'{n} {s}' for s, n in sorted(reads['counts'].items()))}) "
-            f"and {reads['events']:,} job events; status reads pick a random job of the {args.jobs}, list reads "
-            f"`GET /v1/jobs?limit=20`",
-            f"- load generator: its own process, httpx.AsyncClient (connection limit {args.clients}), "
-            f"{args.clients} clients; {args.warmup:g} s warm-up then {args.duration:g} s recorded per row; client-side "
-            f"latency (request sent to JSON parsed); closed loop = each client sends its next request as soon as the "
-            f"previous one answered (saturation); paced = each client sends one request every {args.poll_interval:g} s "
-            f"(offered {args.clients / args.poll_interval:.0f} req/s), latency from the scheduled send time",
-            "", "| load | endpoint | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
-        for mode, rows in (("closed loop", closed), (f"paced {args.poll_interval:g} s", paced)):
-            for target, r in rows.items():
-                name = {"healthz": "`GET /healthz`", "status": "`GET /v1/jobs/{id}`",
-                        "list": "`GET /v1/jobs?limit=20`"}[target]
-                errors = sum(r["errors"].values())
-                lines.append(f"| {mode} | {name} | {fmt(r['throughput'])} | {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | "
-                             f"{fmt(r['p99_ms'])} | {fmt(r['max_ms'])} | {errors} |")
+            f"- reads: `wkvq serve --processes N` (WKVQ_DISPATCHER=celery, private redis-server, no worker, shipped "
+            f"defaults otherwise) on a throwaway Postgres database with {args.jobs} jobs of one team "
+            f"({', '.join(f'{n} {s}' for s, n in sorted(reads['counts'].items()))}) and {reads['events']:,} job "
+            f"events, ANALYZEd after the bulk insert; a status read asks for a random job of the {args.jobs}",
+            f"- load generator: its own process, {args.clients} clients on {args.clients} keep-alive connections "
+            f"({'asyncio streams' if args.client == 'raw' else 'one httpx.AsyncClient'}); per row {args.warmup:g} s "
+            f"warm-up, then {args.duration:g} s recorded; latency = request sent (paced: scheduled) to JSON parsed, "
+            f"on the client; **closed** = each client sends its next request as soon as the previous one answered "
+            f"(the server saturated), **paced** = each client sends one request every {args.poll_interval:g} s "
+            f"(offered {args.clients / args.poll_interval:.0f} req/s)",
+            "- CPU ms/req: CPU time of the `serve` processes, and of all Postgres server processes (other users' "
+            "queries included), during the row, divided by the requests answered",
+            "", "| API processes | load | endpoint | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors "
+                "| serve CPU ms/req | Postgres CPU ms/req |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for processes, run in reads["runs"].items():
+            for mode, rows in run.items():
+                for target, r in rows.items():
+                    load = "closed" if mode == "closed" else f"paced {args.poll_interval:g} s"
+                    lines.append(
+                        f"| {processes} | {load} | {ENDPOINTS[target]} | {fmt(r['throughput'])} | {fmt(r['p50_ms'])} | "
+                        f"{fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['max_ms'])} | {sum(r['errors'].values())} | "
+                        f"{fmt(r['server_cpu_ms'], 2)} | {fmt(r['postgres_cpu_ms'], 2)} |")
         lines.append("")
-        ratio = closed["status"]["throughput"] / closed["healthz"]["throughput"]
-        if paced:
-            p99 = paced["status"]["p99_ms"]
+        for processes, run in reads["runs"].items():
+            closed, paced = run["closed"], run["paced"]
+            where = f"{processes} API process{'es' if processes > 1 else ''}"
+            if paced:
+                p99 = paced["status"]["p99_ms"]
+                checks.append(f"{'PASS' if p99 < TARGET_STATUS_P99_MS else 'FAIL'}: status p99 {p99:.1f} ms < "
+                              f"{TARGET_STATUS_P99_MS:.0f} ms with {args.clients} clients polling every "
+                              f"{args.poll_interval:g} s ({where})")
+            p99 = closed["status"]["p99_ms"]
             checks.append(f"{'PASS' if p99 < TARGET_STATUS_P99_MS else 'FAIL'}: status p99 {p99:.1f} ms < "
-                          f"{TARGET_STATUS_P99_MS:.0f} ms ({args.clients} clients polling every {args.poll_interval:g} s)")
-        p99 = closed["status"]["p99_ms"]
-        checks.append(f"{'PASS' if p99 < TARGET_STATUS_P99_MS else 'FAIL'}: status p99 {p99:.1f} ms < "
-                      f"{TARGET_STATUS_P99_MS:.0f} ms ({args.clients} clients, closed loop: saturated)")
-        checks.append(f"{'PASS' if ratio >= TARGET_THROUGHPUT_RATIO else 'FAIL'}: status throughput "
-                      f"{closed['status']['throughput']:.1f} req/s = {ratio:.2f} × /healthz "
-                      f"({closed['healthz']['throughput']:.1f} req/s) ≥ {TARGET_THROUGHPUT_RATIO}× (closed loop)")
+                          f"{TARGET_STATUS_P99_MS:.0f} ms with {args.clients} clients in a closed loop ({where})")
+            ratio = closed["status"]["throughput"] / closed["healthz"]["throughput"]
+            checks.append(f"{'PASS' if ratio >= TARGET_THROUGHPUT_RATIO else 'FAIL'}: status throughput "
+                          f"{closed['status']['throughput']:.1f} req/s = {ratio:.2f} × `/healthz`'s "
+                          f"{closed['healthz']['throughput']:.1f} req/s, ≥ {TARGET_THROUGHPUT_RATIO:g}× ({where})")
     if starts:
         lines += [
-            f"- submit -> start: `started_at` of the job minus the time POST /v1/jobs returned; {args.submissions} "
-            f"tiny jobs (stories260k, nsamples 4, seqlen 64, epochs 0, crr_k 1) one at a time, each awaited to its "
-            f"end, after one uncounted warm-up job; shipped default settings (WKVQ_POLL_SECONDS 1); local = `wkvq "
-            f"serve` with its in-process worker; celery = `wkvq serve` + one `wkvq worker` process + private "
+            f"- submit -> start: the job's `started_at` minus the time POST /v1/jobs returned (negative: the worker "
+            f"claimed the job before the response reached the client); \"from sent\": minus the time the POST was "
+            f"sent. {args.submissions} tiny jobs (stories260k, nsamples 4, seqlen 64, epochs 0, crr_k 1, a "
+            f"{START_TEXT_CHARS}-character uploaded text for calibration and evaluation), one at a time, each awaited "
+            f"to its end, after one uncounted warm-up job; shipped default settings (WKVQ_POLL_SECONDS 1); local = "
+            f"`wkvq serve` with its in-process worker; celery = `wkvq serve` + one `wkvq worker` process + a private "
             f"redis-server; a fresh database each",
-            "", "| dispatcher | jobs | median ms | mean ms | min ms | max ms | POST median ms | job run median s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, s in starts.items():
-            lines.append(f"| {name} | {s['n']} | {fmt(s['median_ms'])} | {fmt(s['mean_ms'])} | {fmt(s['min_ms'])} | "
-                         f"{fmt(s['max_ms'])} | {fmt(s['post_median_ms'])} | {fmt(s['run_median_s'], 2)} |")
+            "", "| dispatcher | jobs | median ms | mean ms | min ms | max ms | from sent: median ms "
+                "| from sent: max ms | POST median ms | job run median s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in starts.items():
+            lines.append(f"| {name} | {r['n']} | {fmt(r['median_ms'])} | {fmt(r['mean_ms'])} | {fmt(r['min_ms'])} | "
+                         f"{fmt(r['max_ms'])} | {fmt(r['sent_median_ms'])} | {fmt(r['sent_max_ms'])} | "
+                         f"{fmt(r['post_median_ms'])} | {fmt(r['run_median_s'], 2)} |")
         lines.append("")
-        for name, s in starts.items():
+        for name, r in starts.items():
             limit = TARGET_START_S[name]
-            checks.append(f"{'PASS' if s['max_ms'] < 1000 * limit else 'FAIL'}: submit->start {name} max "
-                          f"{s['max_ms']:.1f} ms (median {s['median_ms']:.1f} ms) < {limit:g} s")
+            checks.append(f"{'PASS' if r['sent_max_ms'] < 1000 * limit else 'FAIL'}: submit->start {name}: at most "
+                          f"{r['max_ms']:.1f} ms after POST returned, {r['sent_max_ms']:.1f} ms after it was sent "
+                          f"(median {r['sent_median_ms']:.1f} ms), < {limit:g} s")
     lines += [f"- {c}" for c in checks]
     return "\n".join(lines) + "\n"
 
@@ -578,15 +646,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each load row")
     parser.add_argument("--poll-interval", type=float, default=1.0,
                         help="paced rows: seconds between a client's requests (0: no paced rows)")
-    parser.add_argument("--serve-workers", type=int, default=0,
-                        help="uvicorn worker processes of `wkvq serve` for the reads (0: serve's default)")
+    parser.add_argument("--processes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                        help="API processes of `wkvq serve` (--processes) for the reads, one set of rows each: 1,2")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
                         help="load generator's HTTP client: keep-alive asyncio streams, or one httpx.AsyncClient")
     parser.add_argument("--submissions", type=int, default=10)
     parser.add_argument("--skip", choices=("reads", "starts"), action="append", default=[])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-load", type=float, default=None,
-                        help="first wait (polling every 30 s, up to --max-wait s) until the 1-min load average is below")
+                        help="first wait (polling every 30 s, up to --max-wait s) until the 1-min load average is "
+                             "below this")
     parser.add_argument("--max-wait", type=float, default=1200.0)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-write", dest="results", action="store_const", const=None, help="do not append results")

@@ -9,7 +9,8 @@ Rows: FP reference; weights: llm-compressor `oneshot` GPTQ and AWQ W4A16 (run in
 created by this script, exchanging the checkpoint through files), our W4 RTN and W4 LWC; KV cache: transformers'
 `QuantizedCache` (quanto and HQQ backends, default residual length 128 and residual 0), a KIVI-style cache
 (`wkvq_core.kivi_cache`, KV4 and KV2), our KV4 WKVQuant with FP weights, W4KV4 RTN, W4KV4/KV3/KV2 WKVQuant;
-combined: GPTQ W4 + QuantizedCache or KIVI KV4, and our W4 LWC + KIVI KV4.
+combined: GPTQ W4 + QuantizedCache or KIVI KV4 (default residuals, and residuals small enough that the total decode
+memory is at most WKVQuant W4KV4's), and our W4 LWC + KIVI KV4.
 
 Metric: the peers' quantized KV caches (`QuantizedCache`, `KIVICache`) are scored by token-by-token decoding
 through the cache (`decode_perplexity`). WKVQuant rows are scored by the parallel POQ pass, which
@@ -94,6 +95,7 @@ ROWS = [
     Row("qc-hqq-r0", "QuantizedCache HQQ KV4, R 0", "kv", "fp", "qc:hqq:0"),
     Row("kivi4", "KIVI-style KV4 (G 32, R 128)", "kv", "fp", "kivi:4"),
     Row("kivi2", "KIVI-style KV2 (G 32, R 128)", "kv", "fp", "kivi:2"),
+    Row("kivi4-r32", "KIVI-style KV4 (G 32, R 32)", "kv", "fp", "kivi:4:32"),
     Row("kv4-wkvq", "KV4 WKVQuant (FP weights)", "kv", "kv4-wkvq", "wkvq:4"),
     Row("w4kv4-rtn", "W4KV4 RTN (ours)", "w+kv", "w4kv4-rtn", "wkvq:4"),
     Row("w4kv4-wkvq", "**W4KV4 WKVQuant**", "w+kv", "w4kv4-wkvq", "wkvq:4"),
@@ -101,13 +103,16 @@ ROWS = [
     Row("w4kv2-wkvq", "W4KV2 WKVQuant", "w+kv", "w4kv2-wkvq", "wkvq:2"),
     Row("gptq+qc-quanto", "GPTQ W4 + QuantizedCache quanto KV4, R 128", "combined", "gptq", "qc:quanto:128"),
     Row("gptq+qc-quanto-r0", "GPTQ W4 + QuantizedCache quanto KV4, R 0", "combined", "gptq", "qc:quanto:0"),
+    Row("gptq+qc-quanto-r16", "GPTQ W4 + QuantizedCache quanto KV4, R 16", "combined", "gptq", "qc:quanto:16"),
     Row("gptq+qc-hqq-r0", "GPTQ W4 + QuantizedCache HQQ KV4, R 0", "combined", "gptq", "qc:hqq:0"),
-    Row("gptq+kivi4", "GPTQ W4 + KIVI-style KV4", "combined", "gptq", "kivi:4"),
+    Row("gptq+qc-hqq-r16", "GPTQ W4 + QuantizedCache HQQ KV4, R 16", "combined", "gptq", "qc:hqq:16"),
+    Row("gptq+kivi4", "GPTQ W4 + KIVI-style KV4, R 128", "combined", "gptq", "kivi:4"),
+    Row("gptq+kivi4-r32", "GPTQ W4 + KIVI-style KV4, R 32", "combined", "gptq", "kivi:4:32"),
     Row("lwc+kivi4", "W4 LWC (ours) + KIVI-style KV4", "combined", "w4-lwc", "kivi:4"),
 ]
 ALIASES = {  # --rows shorthands
     "qc": [r.key for r in ROWS if r.key.startswith("qc-")],
-    "kivi": ["kivi4", "kivi2"],
+    "kivi": ["kivi4", "kivi2", "kivi4-r32"],
     "llmcompressor": [r.key for r in ROWS if r.weights in ("gptq", "gptq-asym", "awq")],
     "ours": [r.key for r in ROWS if r.weights.startswith(("w4", "kv4"))],
 }
@@ -395,11 +400,12 @@ def cache_factory(row: Row, model, config) -> tuple[Callable | None, str, list[s
         bits = int(rest[0])
         return (lambda: WKVQuantCache(config, kv_bits=bits)), "WKVQuantCache (packed)", []
     if kind == "kivi":
-        bits = int(rest[0])
-        return (lambda: KIVICache(config, bits=bits)), "KIVICache", [
+        bits, residual = int(rest[0]), int(rest[1]) if len(rest) > 1 else KIVI_RESIDUAL
+        return (lambda: KIVICache(config, bits=bits, residual_length=residual)), "KIVICache", [
             f"KIVI-{bits}: K per channel over groups of {KIVI_GROUP} tokens, V per token over groups of "
             f"{min(KIVI_GROUP, config.head_dim)} channels (head_dim < {KIVI_GROUP}), fp16 scale and min, "
-            f"full-precision residual R {KIVI_RESIDUAL} (K: up to R-1 tokens, V: the last R)"]
+            f"full-precision residual R {residual}{' (KIVI default)' if residual == KIVI_RESIDUAL else ''} "
+            "(K: up to R-1 tokens, V: the last R)"]
     backend, residual = rest[0], int(rest[1])
     kwargs, notes = qc_settings(backend, config, residual)
     return (lambda: QuantizedCache(backend, config, **kwargs)), f"QuantizedCache ({backend})", notes
@@ -542,21 +548,23 @@ def reading(results: list[Result], seqlen: int) -> list[str]:
             mo, mp, unit = ours.decode_memory(seqlen) / KB, peer.decode_memory(seqlen) / KB, f"kB at {seqlen}"
         ppl_word = "better" if ours.ppl < peer.ppl else "worse"
         mem_word = "less" if mo < mp else ("equal" if mo == mp else "more")
-        verdict = ("WKVQuant wins" if ours.ppl <= peer.ppl and mo <= mp else
-                   "WKVQuant loses" if ours.ppl > peer.ppl and mo >= mp else "trade-off")
+        verdict = ("ours wins" if ours.ppl <= peer.ppl and mo <= mp else
+                   "ours loses" if ours.ppl > peer.ppl and mo >= mp else "trade-off")
         return (f"- {verdict}: {ours.row.name.strip('*')} ppl {ours.ppl:.3f} at {mo:.1f} {unit} vs "
                 f"{peer.row.name} ppl {peer.ppl:.3f} at {mp:.1f} {unit} ({ppl_word} ppl by "
                 f"{abs(ours.ppl - peer.ppl):.3f}, {mem_word} memory{'' if mo == mp else f' by {abs(mo - mp):.1f}'})")
 
-    pairs = [("w4kv4-wkvq", p, "total") for p in ("gptq+qc-quanto", "gptq+qc-quanto-r0", "gptq+qc-hqq-r0",
-                                                  "gptq+kivi4", "lwc+kivi4")]
-    pairs += [("kv4-wkvq", p, "kv") for p in ("qc-quanto", "qc-quanto-r0", "qc-hqq", "qc-hqq-r0", "kivi4")]
-    pairs += [("w4kv2-wkvq", "kivi2", "total"), ("w4-lwc", "gptq", "total"), ("w4-lwc", "gptq-asym", "total"),
-              ("w4-lwc", "awq", "total")]
+    pairs = [("w4kv4-wkvq", p, "total") for p in ("gptq+qc-quanto", "gptq+qc-quanto-r16", "gptq+qc-quanto-r0",
+                                                  "gptq+qc-hqq-r16", "gptq+qc-hqq-r0", "gptq+kivi4",
+                                                  "gptq+kivi4-r32", "lwc+kivi4")]
+    pairs += [("kv4-wkvq", p, "kv") for p in ("qc-quanto", "qc-quanto-r0", "qc-hqq", "qc-hqq-r0", "kivi4",
+                                              "kivi4-r32")]
+    pairs += [("w4-lwc", p, "total") for p in ("gptq", "gptq-asym", "awq")]
     return [line for line in (cmp(*p) for p in pairs) if line]
 
 
 def plot(results: list[Result], seqlen: int, path: Path, title: str) -> None:
+    """ppl vs decode memory: all rows (log ppl) and a zoom on the 4-bit-weight rows; points numbered, names listed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -564,25 +572,41 @@ def plot(results: list[Result], seqlen: int, path: Path, title: str) -> None:
 
     colors = {"reference": "black", "weights": "tab:blue", "kv": "tab:orange", "w+kv": "tab:green",
               "combined": "tab:purple"}
-    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=120)
-    for r in results:
-        if r.ppl is None:
-            continue
+    rows = [r for r in results if r.ppl is not None]
+    fig = plt.figure(figsize=(15, 6.8), dpi=110)
+    grid = fig.add_gridspec(1, 3, width_ratios=[1.0, 1.0, 0.72], wspace=0.2)
+    ax_all, ax_zoom, ax_text = fig.add_subplot(grid[0]), fig.add_subplot(grid[1]), fig.add_subplot(grid[2])
+    w4 = [r for r in rows if r.weights and r.weights.bits_per_param < 8]
+    w4_ppl = [r.ppl for r in w4 if r.ppl < 1.2 * min(x.ppl for x in w4)] if w4 else []
+    lines = []
+    for i, r in enumerate(rows, 1):
+        x = r.decode_memory(seqlen) / KB
         ours = r.row.weights.startswith(("w4", "kv4")) and "kivi" not in r.row.cache
-        x, label = r.decode_memory(seqlen) / KB, r.row.name.strip("*").replace(" (llm-compressor)", "")
         marker = "*" if "wkvq" in r.row.key else "o" if ours else "D" if r.row.key == "fp" else "s"
-        ax.scatter(x, r.ppl, s=90 if marker == "*" else 40, c=colors[r.row.group], marker=marker, zorder=3)
-        ax.annotate(label, (x, r.ppl), textcoords="offset points", xytext=(5, 3), fontsize=6.5)
+        style = dict(s=130 if marker == "*" else 45, c=colors[r.row.group], marker=marker, zorder=3)
+        ax_all.scatter(x, r.ppl, **style)
+        ax_all.annotate(str(i), (x, r.ppl), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if r in w4 and r.ppl in w4_ppl:
+            ax_zoom.scatter(x, r.ppl, **style)
+            ax_zoom.annotate(str(i), (x, r.ppl), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        lines.append(f"{i:>2}  {r.row.name.strip('*')}: {r.ppl:.3f}, {x:.1f} kB")
     for group, color in colors.items():
-        ax.scatter([], [], c=color, label=group)
-    ax.set_xlabel(f"decode memory at {seqlen} tokens, batch 1: weights + KV cache (kB, fp16 accounting)")
-    ax.set_ylabel("perplexity (decode-exact)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(title="row group (★ WKVQuant, ■ peer tool, ● our baseline, ◆ FP)", fontsize=8, title_fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
+        ax_all.scatter([], [], c=color, label=group)
+    ax_all.legend(title="★ WKVQuant  ■ peer tool  ● our baseline  ◆ FP", fontsize=7, title_fontsize=7,
+                  loc="upper right")
+    ax_all.set_yscale("log")
+    ax_all.set_title("all rows", fontsize=9)
+    ax_zoom.set_title("zoom: 4-bit-weight rows within 20 % of the best of them", fontsize=9)
+    for ax in (ax_all, ax_zoom):
+        ax.set_xlabel(f"decode memory (kB): weights + KV at {seqlen} tokens, batch 1", fontsize=8)
+        ax.set_ylabel("perplexity (decode-exact)", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    ax_text.axis("off")
+    ax_text.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=6.6, family="monospace",
+                 transform=ax_text.transAxes)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -711,7 +735,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     fp_row = next((r for r in results if r.row.key == "fp"), None)
     body = [
         settings, "", table(results, seqlen), "", "Row notes:", "", *notes_block(results), "",
-        "Where WKVQuant wins and loses (generated from the rows above):", "", *reading(results, seqlen),
+        "Where WKVQuant (and our W4 LWC weights) win and lose (generated from the rows above):", "",
+        *reading(results, seqlen),
     ]
     if args.plot and fp_row is not None and fp_row.ppl is not None:
         plot(results, seqlen, Path(args.plot),

@@ -58,6 +58,8 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     workers: Annotated[int, typer.Option(help="in-process workers when WKVQ_DISPATCHER=local")] = 1,
+    processes: Annotated[int, typer.Option(min=1, help="API server processes (uvicorn workers) sharing the port; "
+                                                       "more than 1 only with WKVQ_DISPATCHER=celery")] = 1,
     migrate_db: Annotated[bool, typer.Option("--migrate/--no-migrate", help="upgrade the schema first")] = True,
 ) -> None:
     """Run the API (and, in the embedded local mode, in-process workers and the reaper)."""
@@ -71,6 +73,10 @@ def serve(
     from .runner import JobRunner
 
     settings = _settings()
+    if processes > 1 and settings.DISPATCHER == DispatcherKind.LOCAL:
+        out.print("error: --processes above 1 needs WKVQ_DISPATCHER=celery: in the embedded mode a submission wakes "
+                  "the in-process workers of the process that took it")
+        raise typer.Exit(2)
     configure_logging(settings.LOG_FORMAT)
     if migrate_db:
         upgrade(settings.DATABASE_URL)
@@ -83,9 +89,21 @@ def serve(
             PresenceThread(ctx, runner, settings.GPU_CLASSES, settings.DEVICE, stop).start()
             LocalWorker(runner, settings.GPU_CLASSES, stop, ctx.dispatcher.wakeup).start()
     try:
-        uvicorn.run(create_app(ctx), host=host, port=port, log_level="info", log_config=None)  # our handler
+        if processes > 1:  # each process builds its own app (api_app); this one supervises them and reaps
+            uvicorn.run("worker.cli:api_app", factory=True, workers=processes, host=host, port=port,
+                        log_level="info", log_config=None)
+        else:
+            uvicorn.run(create_app(ctx), host=host, port=port, log_level="info", log_config=None)  # our handler
     finally:
         stop.set()
+
+
+def api_app():
+    """The app of one `serve --processes N` API process: its own logging, database pool and broker connection."""
+    from api.main import create_app
+
+    configure_logging(Settings().LOG_FORMAT)
+    return create_app()  # owns its context: closed when the process stops
 
 
 @app.command()

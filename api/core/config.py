@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WKVQ_", env_file=".env", env_ignore_empty=True, extra="ignore")
 
     DATABASE_URL: str = "sqlite:///wkvq-data/wkvq.db"
+    # Postgres connections a process keeps open once it has needed them, and how many more it may open for a while
+    # (closed when given back). Pool + overflow = 40 = the API's thread pool, so a request thread never waits for a
+    # connection; a pool smaller than the usual concurrency opens and closes a connection (a Postgres backend) per
+    # request under load.
+    DB_POOL_SIZE: int = Field(20, ge=1)
+    DB_MAX_OVERFLOW: int = Field(20, ge=0)
     STORAGE_URL: str = "file://wkvq-data/store"
     STORAGE_OPTIONS: dict[str, Any] = Field(default_factory=dict)
     DISPATCHER: DispatcherKind = DispatcherKind.LOCAL

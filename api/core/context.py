@@ -20,15 +20,25 @@ class ServiceContext:
     sessions: sessionmaker
     store: ArtifactStore
     dispatcher: JobDispatcher = field(repr=False)
+    read_sessions: sessionmaker = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.read_sessions = make_sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
 
     @classmethod
     def from_settings(cls, settings: Settings, dispatcher: JobDispatcher | None = None) -> ServiceContext:
-        engine = make_engine(settings.DATABASE_URL)
+        engine = make_engine(settings.DATABASE_URL, settings.DB_POOL_SIZE, settings.DB_MAX_OVERFLOW)
         return cls(settings, engine, make_sessionmaker(engine), ArtifactStore(settings.STORAGE_URL, settings.STORAGE_OPTIONS),
                    dispatcher or make_dispatcher(settings))
 
     def session(self) -> Session:
         return self.sessions()
+
+    def read_session(self) -> Session:
+        """A session for reads only, its connections in autocommit mode. At Postgres' READ COMMITTED every
+        statement takes its own snapshot anyway, so a transaction gives a read nothing; it costs a BEGIN and a
+        ROLLBACK round trip per connection checkout."""
+        return self.read_sessions()
 
     def close(self) -> None:
         self.engine.dispose()

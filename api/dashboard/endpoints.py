@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
 from ..core.errors import Conflict, NotFound, Unauthorized
-from ..deps import ContextDep, SessionDep
+from ..deps import ContextDep, SessionDep, released
 from ..jobs.download import ranged_download
 from ..jobs.service import job_service
 from ..models import JobStatus, Team
@@ -90,7 +90,7 @@ def jobs_page(request: Request, session: SessionDep, team: DashboardTeam, status
     status = status if status in STATUSES else None  # an unknown filter shows every job
     jobs, count = job_service.list(session, team=team, status=status, gpu_class=None, limit=size,
                                    offset=(page - 1) * size)
-    rows = [job_row(job_service.read(session, job)) for job in jobs]
+    rows = [job_row(job) for job in jobs]
     return render(request, "jobs.html", {
         "rows": rows, "count": count, "status": status, "statuses": STATUSES,
         "page": page, "size": size, "pages": max(1, -(-count // size)), "first": (page - 1) * size + 1,
@@ -147,7 +147,8 @@ def _refused(request: Request, session: Session, team: Team, job_id: str, exc: C
 @router.get("/dashboard/jobs/{job_id}/artifacts/{name}")
 def download_artifact(ctx: ContextDep, session: SessionDep, team: DashboardTeam, job_id: str, name: str,
                       range: Annotated[str | None, Header()] = None) -> Response:
-    return ranged_download(ctx.store, job_service.artifact(session, team=team, job_id=job_id, name=name), range)
+    artifact = released(session, job_service.artifact(session, team=team, job_id=job_id, name=name))
+    return ranged_download(ctx.store, artifact, range)
 
 
 # ------------------------------------------------------------------------------------------------ queue

@@ -16,7 +16,7 @@ from fastapi.templating import Jinja2Templates
 
 from ..core.db import utcnow
 from ..core.errors import NotFound, Unauthorized
-from ..deps import SessionDep
+from ..deps import SessionDep, released
 from ..models import Team
 from ..teams.service import team_service
 
@@ -94,7 +94,7 @@ def signed_in_team(request: Request, session: SessionDep) -> Team:
     except Unauthorized:
         raise SignInRequired() from None
     request.state.team = team  # for the page header
-    return team
+    return released(session, team)
 
 
 DashboardTeam = Annotated[Team, Depends(signed_in_team)]

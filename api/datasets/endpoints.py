@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, UploadFile, status
 
-from ..deps import ContextDep, CurrentTeam, SessionDep
+from ..deps import ContextDep, CurrentTeam, SessionDep, released
 from .schemas import DatasetRead
 from .service import dataset_service
 
@@ -13,10 +13,10 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 def upload_dataset(ctx: ContextDep, session: SessionDep, team: CurrentTeam, file: UploadFile) -> DatasetRead:
     """Upload a UTF-8 calibration text (multipart field `file`)."""
     data = file.file.read(ctx.settings.MAX_UPLOAD_BYTES + 1)
-    return DatasetRead.model_validate(
-        dataset_service.create(session, ctx.store, ctx.settings, team=team, filename=file.filename, data=data))
+    return released(session, DatasetRead.model_validate(
+        dataset_service.create(session, ctx.store, ctx.settings, team=team, filename=file.filename, data=data)))
 
 
 @router.get("", response_model=list[DatasetRead])
 def list_datasets(session: SessionDep, team: CurrentTeam) -> list[DatasetRead]:
-    return [DatasetRead.model_validate(d) for d in dataset_service.list(session, team=team)]
+    return released(session, [DatasetRead.model_validate(d) for d in dataset_service.list(session, team=team)])

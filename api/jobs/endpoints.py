@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from ..deps import ContextDep, CurrentTeam, SessionDep
+from ..deps import ContextDep, CurrentTeam, SessionDep, released
 from ..models import Job, JobStatus
 from .download import ranged_download
 from .schemas import ArtifactRead, JobCreate, JobEventRead, JobList, JobRead
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 def owned_job(session: SessionDep, team: CurrentTeam, job_id: str) -> Job:
     """The team's job, looked up before a streaming response starts (a 404 cannot be sent once it has)."""
-    return job_service.get(session, team=team, job_id=job_id)
+    return released(session, job_service.get(session, team=team, job_id=job_id))  # not held for the whole stream
 
 
 @router.post("", response_model=JobRead, status_code=status.HTTP_201_CREATED,
@@ -28,7 +28,7 @@ def submit_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, body: Jo
     job, created = job_service.submit(ctx, session, team=team, body=body, idempotency_key=idempotency_key)
     if not created:
         response.status_code = status.HTTP_200_OK
-    return job_service.read(session, job)
+    return released(session, job_service.read(session, job))
 
 
 @router.get("", response_model=JobList)
@@ -38,22 +38,22 @@ def list_jobs(session: SessionDep, team: CurrentTeam, status: JobStatus | None =
               offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0) -> JobList:
     jobs, count = job_service.list(session, team=team, status=status.value if status else None, gpu_class=gpu_class,
                                    limit=limit, offset=offset)
-    return JobList(data=[job_service.read(session, job) for job in jobs], count=count)
+    return released(session, JobList(data=jobs, count=count))
 
 
 @router.get("/{job_id}", response_model=JobRead)
 def get_job(session: SessionDep, team: CurrentTeam, job_id: str) -> JobRead:
-    return job_service.read(session, job_service.get(session, team=team, job_id=job_id))
+    return released(session, job_service.get_read(session, team=team, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
 def cancel_job(session: SessionDep, team: CurrentTeam, job_id: str) -> JobRead:
-    return job_service.read(session, job_service.cancel(session, team=team, job_id=job_id))
+    return released(session, job_service.read(session, job_service.cancel(session, team=team, job_id=job_id)))
 
 
 @router.post("/{job_id}/retry", response_model=JobRead)
 def retry_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: str) -> JobRead:
-    return job_service.read(session, job_service.retry(ctx, session, team=team, job_id=job_id))
+    return released(session, job_service.read(session, job_service.retry(ctx, session, team=team, job_id=job_id)))
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
@@ -81,14 +81,15 @@ async def job_events(ctx: ContextDep, job: Annotated[Job, Depends(owned_job)],
 
 @router.get("/{job_id}/metrics")
 def job_metrics(session: SessionDep, team: CurrentTeam, job_id: str) -> dict:
-    return job_service.metrics(session, team=team, job_id=job_id)
+    return released(session, job_service.metrics(session, team=team, job_id=job_id))
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactRead])
 def job_artifacts(request: Request, session: SessionDep, team: CurrentTeam, job_id: str) -> list[ArtifactRead]:
-    return [ArtifactRead(name=a.name, size=a.size, sha256=a.sha256, media_type=a.media_type,
-                         download_url=str(request.url_for("download_artifact", job_id=job_id, name=a.name)))
-            for a in job_service.artifacts(session, team=team, job_id=job_id)]
+    return released(session, [
+        ArtifactRead(name=a.name, size=a.size, sha256=a.sha256, media_type=a.media_type,
+                     download_url=str(request.url_for("download_artifact", job_id=job_id, name=a.name)))
+        for a in job_service.artifacts(session, team=team, job_id=job_id)])
 
 
 @router.get("/{job_id}/artifacts/{name}", response_class=Response,
@@ -96,5 +97,5 @@ def job_artifacts(request: Request, session: SessionDep, team: CurrentTeam, job_
                        416: {"description": "range not satisfiable"}})
 def download_artifact(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: str, name: str,
                       range: Annotated[str | None, Header()] = None) -> Response:
-    artifact = job_service.artifact(session, team=team, job_id=job_id, name=name)
-    return ranged_download(ctx.store, artifact, range)
+    artifact = released(session, job_service.artifact(session, team=team, job_id=job_id, name=name))
+    return ranged_download(ctx.store, artifact, range)  # streamed from the store: no database connection held

@@ -6,9 +6,10 @@ import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from ..core.context import ServiceContext
 from ..core.db import utcnow
@@ -34,6 +35,27 @@ def _transition(session: Session, job_id: str, from_statuses: tuple[JobStatus, .
 
 def add_event(session: Session, job_id: str, kind: str, message: str | None = None, **fields) -> None:
     session.add(JobEvent(job_id=job_id, kind=kind, message=message, **fields))
+
+
+def _progress_columns(job_id: ColumnElement) -> tuple[ColumnElement, ColumnElement, ColumnElement]:
+    """What a status read derives from the job's events, as three scalar subqueries on `job_id` (`Job.id` to
+    correlate them with a query over jobs, or a bound parameter): the mean block time (for the ETA), the last loss,
+    the epoch reached in the current block (the latest `epoch_end`'s epoch, 0 right after a `block_start`, NULL
+    before any). One statement reads a whole page of jobs with their progress."""
+    block_seconds = (select(func.avg(JobEvent.seconds))
+                     .where(JobEvent.job_id == job_id, JobEvent.kind == "block_end").scalar_subquery())
+    last_loss = (select(JobEvent.loss).where(JobEvent.job_id == job_id, JobEvent.loss.is_not(None))
+                 .order_by(JobEvent.id.desc()).limit(1).scalar_subquery())
+    epoch = (select(case((JobEvent.kind == "epoch_end", JobEvent.epoch), else_=0))
+             .where(JobEvent.job_id == job_id, or_(JobEvent.kind == "block_start", JobEvent.kind == "epoch_end"))
+             .order_by(JobEvent.id.desc()).limit(1).scalar_subquery())
+    return block_seconds, last_loss, epoch
+
+
+# The hot reads, built once: building a statement and computing its cache key cost more CPU than executing it.
+_PROGRESS = select(*_progress_columns(bindparam("job_id", type_=Job.id.type)))
+_JOB_WITH_PROGRESS = (select(Job, *_progress_columns(Job.id))
+                      .where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id")))
 
 
 class JobService:
@@ -97,16 +119,27 @@ class JobService:
             raise NotFound(f"job {job_id} not found")
         return job
 
+    def get_read(self, session: Session, *, team: Team, job_id: str) -> JobRead:
+        """`read(get(...))` in one query."""
+        row = session.execute(_JOB_WITH_PROGRESS, {"job_id": job_id, "team_id": team.id}).first()
+        if row is None:
+            raise NotFound(f"job {job_id} not found")
+        return self._read(row[0], *row[1:])
+
     def list(self, session: Session, *, team: Team, status: str | None, gpu_class: str | None, limit: int,
-             offset: int) -> tuple[list[Job], int]:
+             offset: int) -> tuple[list[JobRead], int]:
+        """A page of the team's jobs, newest first, as read models (jobs and their progress in one query), and the
+        number of jobs matching the filters."""
         where = [Job.team_id == team.id]
         if status is not None:
             where.append(Job.status == status)
         if gpu_class is not None:
             where.append(Job.gpu_class == gpu_class)
         count = session.scalar(select(func.count()).select_from(Job).where(*where))
-        jobs = session.scalars(select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
-        return list(jobs), count
+        rows = session.execute(select(Job, *_progress_columns(Job.id)).where(*where)
+                               .order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
+        now = utcnow()
+        return [self._read(row[0], *row[1:], now=now) for row in rows], count
 
     def cancel(self, session: Session, *, team: Team, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one at its next block boundary (it keeps its checkpoints)."""
@@ -157,17 +190,12 @@ class JobService:
         raise NotFound(f"job {job_id} has no artifact {name!r}")
 
     def read(self, session: Session, job: Job, now: datetime | None = None) -> JobRead:
+        block_seconds, last_loss, epoch = session.execute(_PROGRESS, {"job_id": job.id}).one()
+        return self._read(job, block_seconds, last_loss, epoch, now=now)
+
+    def _read(self, job: Job, block_seconds: float | None, last_loss: float | None, epoch: int | None,
+              now: datetime | None = None) -> JobRead:
         now = now or utcnow()
-        block_seconds = session.scalar(
-            select(func.avg(JobEvent.seconds)).where(JobEvent.job_id == job.id, JobEvent.kind == "block_end"))
-        last_loss = session.scalar(
-            select(JobEvent.loss).where(JobEvent.job_id == job.id, JobEvent.loss.is_not(None))
-            .order_by(JobEvent.id.desc()).limit(1))
-        latest = session.execute(
-            select(JobEvent.kind, JobEvent.epoch).where(JobEvent.job_id == job.id,
-                                                        JobEvent.kind.in_(("block_start", "epoch_end")))
-            .order_by(JobEvent.id.desc()).limit(1)).first()
-        epoch = None if latest is None else (latest.epoch if latest.kind == "epoch_end" else 0)
         total = job.total_blocks
         eta = None
         if job.status == JobStatus.RUNNING.value and total and block_seconds is not None:

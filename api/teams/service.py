@@ -7,7 +7,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -16,6 +16,9 @@ from ..core.errors import Conflict, NotFound, Unauthorized
 from ..models import ApiKey, Team
 
 KEY_PREFIX = "wkvq"
+# run on every request: built once (building and cache-keying a statement costs more CPU than running it)
+_KEY_AND_TEAM = (select(ApiKey, Team).join(Team, Team.id == ApiKey.team_id)
+                 .where(ApiKey.prefix == bindparam("prefix")))
 
 
 def _hash(key: str) -> str:
@@ -70,12 +73,12 @@ class TeamService:
         parts = (key or "").split("_", 2)
         if len(parts) != 3 or parts[0] != KEY_PREFIX:
             raise Unauthorized("missing or malformed API key (expected 'Authorization: Bearer wkvq_...')")
-        row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
-        if row is None or not hmac.compare_digest(row.key_hash, _hash(key)):
+        found = session.execute(_KEY_AND_TEAM, {"prefix": parts[1]}).first()
+        if found is None or not hmac.compare_digest(found.ApiKey.key_hash, _hash(key)):
             raise Unauthorized("invalid API key")
-        if row.revoked_at is not None:
+        if found.ApiKey.revoked_at is not None:
             raise Unauthorized("API key revoked")
-        return session.get(Team, row.team_id)
+        return found.Team
 
 
 team_service = TeamService()
