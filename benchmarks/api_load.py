@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.service.processes import (  # noqa: E402
-    Process, RedisServer, free_port, service_env, start_server, start_worker)
+    RedisServer, service_env, start_server, start_worker)
 
 PG_ADMIN_URL = os.environ.get("WKVQ_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 CALIB_TEXT = ROOT / "wkvq_core" / "assets" / "tinystories" / "calib.txt"
@@ -173,7 +173,7 @@ def prepare_database(url: str, n_jobs: int, seed: int = 0) -> tuple[str, list[st
         session.execute(insert(JobEvent), events)
         session.commit()
     # what autovacuum does to a table that grew: without statistics Postgres plans "last event of this job" as a
-    # backward scan of the whole events table (5 ms instead of 0.05 ms per job on this data)
+    # backward scan of the events' primary key (0.2 ms instead of 0.006 ms per job on this data)
     with ctx.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("ANALYZE")
     ctx.close()
