@@ -18,8 +18,8 @@ def with_db_retry(fn: Callable[[], T], *, deadline_seconds: float, what: str) ->
     while True:
         try:
             return fn()
-        except (OperationalError, DBAPIError) as exc:
-            if not getattr(exc, "connection_invalidated", False) and not isinstance(exc, OperationalError):
+        except DBAPIError as exc:
+            if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
                 raise
             if time.monotonic() + delay > deadline:
                 raise
