@@ -64,8 +64,16 @@ def released(session: Session, result: T) -> T:
     return result
 
 
-def get_team(session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Team:
-    return released(session, team_service.authenticate(session, credentials.credentials if credentials else None))
+async def get_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str | None:
+    """The bearer token as sent, not yet checked (`team_service.authenticate` or a query that checks it)."""
+    return credentials.credentials if credentials else None
+
+
+ApiKeyDep = Annotated[str | None, Depends(get_api_key)]
+
+
+def get_team(session: SessionDep, key: ApiKeyDep) -> Team:
+    return released(session, team_service.authenticate(session, key))
 
 
 CurrentTeam = Annotated[Team, Depends(get_team)]

@@ -16,7 +16,9 @@ on its own keep-alive HTTP/1.1 connection, sending its next request as soon as t
 `--poll-interval` s, as `wkvq_client.wait` does; latency is then counted from the scheduled send time, so a
 stalled server cannot hide its queue). Each row runs `--warmup` s unrecorded, then `--duration` s recorded; a
 request counts when it starts and ends inside the recorded window; what is still in flight at the end is
-cancelled, and the next row waits until /healthz answers quickly again.
+cancelled, and the next row waits until /healthz answers quickly again. The closed-loop rows run in `--rounds`
+rounds (healthz, status, list; again): the status/healthz throughput ratio is taken within a round, and the checks
+use the median round, so that a burst of other users' work on the shared machine moves one round, not the verdict.
 
 The connections are plain asyncio streams, not httpx: one `httpx.AsyncClient` with 100 connections costs about
 7 ms of client CPU per request here (httpcore's pool rescans every connection for every waiting request), so on
@@ -410,20 +412,21 @@ def read_scenarios(args: argparse.Namespace, workdir: Path) -> dict:
                 log(f"reads, `wkvq serve --processes {processes}`")
                 extra = ["--processes", str(processes)] if processes != 1 else []  # (older serves lack the flag)
                 server, base = start_server(env, workdir, "--no-migrate", *extra)
-                run = results["runs"][processes] = {"closed": {}, "paced": {}}
+                run = results["runs"][processes] = {"closed": [], "paced": []}  # per mode, rounds of rows
                 try:
                     ticks = os.sysconf("SC_CLK_TCK")
-                    for mode, interval in (("closed", None), ("paced", args.poll_interval)):
-                        if mode == "paced" and not interval:
-                            continue
-                        for target in ("healthz", "status", "list"):
-                            settle(base)
-                            serve_pids, pg_pids = _group(server.popen.pid), _postgres()
-                            cpu0 = _cpu_ticks(serve_pids), _cpu_ticks(pg_pids)
-                            r = run[mode][target] = run_load(base, key, ids_file, target, args, interval)
-                            cpu1 = _cpu_ticks(serve_pids), _cpu_ticks(pg_pids)
-                            r["server_cpu_ms"] = 1000 * (cpu1[0] - cpu0[0]) / ticks / max(r["completed"], 1)
-                            r["postgres_cpu_ms"] = 1000 * (cpu1[1] - cpu0[1]) / ticks / max(r["completed"], 1)
+                    for mode, interval, rounds in (("closed", None, args.rounds), ("paced", args.poll_interval, 1)):
+                        for _ in range(rounds if interval or mode == "closed" else 0):
+                            rows = {}
+                            for target in ("healthz", "status", "list"):
+                                settle(base)
+                                serve_pids, pg_pids = _group(server.popen.pid), _postgres()
+                                cpu0 = _cpu_ticks(serve_pids), _cpu_ticks(pg_pids)
+                                r = rows[target] = run_load(base, key, ids_file, target, args, interval)
+                                cpu1 = _cpu_ticks(serve_pids), _cpu_ticks(pg_pids)
+                                r["server_cpu_ms"] = 1000 * (cpu1[0] - cpu0[0]) / ticks / max(r["completed"], 1)
+                                r["postgres_cpu_ms"] = 1000 * (cpu1[1] - cpu0[1]) / ticks / max(r["completed"], 1)
+                            run[mode].append(rows)
                 finally:
                     server.stop()
         finally:
@@ -589,29 +592,32 @@ def report(args: argparse.Namespace, reads: dict | None, starts: dict, started: 
                 "| serve CPU ms/req | Postgres CPU ms/req |",
             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for processes, run in reads["runs"].items():
-            for mode, rows in run.items():
-                for target, r in rows.items():
-                    load = "closed" if mode == "closed" else f"paced {args.poll_interval:g} s"
+            for mode, rounds in run.items():
+                for k, (target, r) in ((k, row) for k, rows in enumerate(rounds, 1) for row in rows.items()):
+                    load = f"closed, round {k}" if mode == "closed" else f"paced {args.poll_interval:g} s"
                     lines.append(
                         f"| {processes} | {load} | {ENDPOINTS[target]} | {fmt(r['throughput'])} | {fmt(r['p50_ms'])} | "
                         f"{fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['max_ms'])} | {sum(r['errors'].values())} | "
                         f"{fmt(r['server_cpu_ms'], 2)} | {fmt(r['postgres_cpu_ms'], 2)} |")
         lines.append("")
         for processes, run in reads["runs"].items():
-            closed, paced = run["closed"], run["paced"]
             where = f"{processes} API process{'es' if processes > 1 else ''}"
-            if paced:
+            for paced in run["paced"]:
                 p99 = paced["status"]["p99_ms"]
                 checks.append(f"{'PASS' if p99 < TARGET_STATUS_P99_MS else 'FAIL'}: status p99 {p99:.1f} ms < "
                               f"{TARGET_STATUS_P99_MS:.0f} ms with {args.clients} clients polling every "
                               f"{args.poll_interval:g} s ({where})")
-            p99 = closed["status"]["p99_ms"]
+            closed = run["closed"]
+            p99s = [rows["status"]["p99_ms"] for rows in closed]
+            p99 = statistics.median(p99s)
             checks.append(f"{'PASS' if p99 < TARGET_STATUS_P99_MS else 'FAIL'}: status p99 {p99:.1f} ms < "
-                          f"{TARGET_STATUS_P99_MS:.0f} ms with {args.clients} clients in a closed loop ({where})")
-            ratio = closed["status"]["throughput"] / closed["healthz"]["throughput"]
-            checks.append(f"{'PASS' if ratio >= TARGET_THROUGHPUT_RATIO else 'FAIL'}: status throughput "
-                          f"{closed['status']['throughput']:.1f} req/s = {ratio:.2f} × `/healthz`'s "
-                          f"{closed['healthz']['throughput']:.1f} req/s, ≥ {TARGET_THROUGHPUT_RATIO:g}× ({where})")
+                          f"{TARGET_STATUS_P99_MS:.0f} ms with {args.clients} clients in a closed loop (median of "
+                          f"{len(p99s)} rounds: {', '.join(f'{x:.1f}' for x in p99s)}; {where})")
+            ratios = [rows["status"]["throughput"] / rows["healthz"]["throughput"] for rows in closed]
+            ratio = statistics.median(ratios)
+            checks.append(f"{'PASS' if ratio >= TARGET_THROUGHPUT_RATIO else 'FAIL'}: status throughput = "
+                          f"{ratio:.2f} × `/healthz`'s in the same round, ≥ {TARGET_THROUGHPUT_RATIO:g}× (median "
+                          f"of {len(ratios)} rounds: {', '.join(f'{x:.2f}' for x in ratios)}; {where})")
     if starts:
         lines += [
             f"- submit -> start: the job's `started_at` minus the time POST /v1/jobs returned (negative: the worker "
@@ -643,6 +649,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--duration", type=float, default=20.0, help="recorded seconds per load row")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="closed-loop rounds (healthz, status, list each); checks use the median round")
     parser.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each load row")
     parser.add_argument("--poll-interval", type=float, default=1.0,
                         help="paced rows: seconds between a client's requests (0: no paced rows)")

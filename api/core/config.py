@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     # request under load.
     DB_POOL_SIZE: int = Field(20, ge=1)
     DB_MAX_OVERFLOW: int = Field(20, ge=0)
+    # Threads of an API process that run job status and list reads (what clients poll) at once. A read is one or two
+    # short queries; a few threads keep the database busy, dozens only contend for the GIL (benchmarks/RESULTS.md).
+    READ_THREADS: int = Field(2, ge=1)
     STORAGE_URL: str = "file://wkvq-data/store"
     STORAGE_OPTIONS: dict[str, Any] = Field(default_factory=dict)
     DISPATCHER: DispatcherKind = DispatcherKind.LOCAL

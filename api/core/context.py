@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from anyio import CapacityLimiter
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,10 +21,14 @@ class ServiceContext:
     sessions: sessionmaker
     store: ArtifactStore
     dispatcher: JobDispatcher = field(repr=False)
+    read_engine: Engine = field(init=False, repr=False)
     read_sessions: sessionmaker = field(init=False, repr=False)
+    read_limiter: CapacityLimiter = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.read_sessions = make_sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
+        self.read_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")  # the same pool
+        self.read_sessions = make_sessionmaker(self.read_engine)
+        self.read_limiter = CapacityLimiter(self.settings.READ_THREADS)
 
     @classmethod
     def from_settings(cls, settings: Settings, dispatcher: JobDispatcher | None = None) -> ServiceContext:
@@ -35,9 +40,9 @@ class ServiceContext:
         return self.sessions()
 
     def read_session(self) -> Session:
-        """A session for reads only, its connections in autocommit mode. At Postgres' READ COMMITTED every
-        statement takes its own snapshot anyway, so a transaction gives a read nothing; it costs a BEGIN and a
-        ROLLBACK round trip per connection checkout."""
+        """A session for reads only, on `read_engine` (autocommit). At Postgres' READ COMMITTED every statement takes
+        its own snapshot anyway, so a transaction gives a read nothing; it costs a BEGIN and a ROLLBACK round trip
+        per connection checkout."""
         return self.read_sessions()
 
     def close(self) -> None:

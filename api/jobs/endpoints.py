@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Annotated, AsyncIterator
+
+import anyio
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from ..deps import ContextDep, CurrentTeam, SessionDep, released
+from ..deps import ApiKeyDep, ContextDep, CurrentTeam, SessionDep, released
 from ..models import Job, JobStatus
 from .download import ranged_download
 from .schemas import ArtifactRead, JobCreate, JobEventRead, JobList, JobRead
+from ..teams.service import team_service
 from .service import job_service
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -32,18 +36,26 @@ def submit_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, body: Jo
 
 
 @router.get("", response_model=JobList)
-def list_jobs(session: SessionDep, team: CurrentTeam, status: JobStatus | None = None,
-              gpu_class: Annotated[str | None, Query(max_length=64)] = None,
-              limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0) -> JobList:
-    jobs, count = job_service.list(session, team=team, status=status.value if status else None, gpu_class=gpu_class,
-                                   limit=limit, offset=offset)
-    return released(session, JobList(data=jobs, count=count))
+async def list_jobs(ctx: ContextDep, key: ApiKeyDep, status: JobStatus | None = None,
+                    gpu_class: Annotated[str | None, Query(max_length=64)] = None,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0) -> JobList:
+    """Polled by dashboards: authentication and the page in one thread-pool hop."""
+    def read() -> JobList:
+        with ctx.read_session() as session:
+            team = team_service.authenticate(session, key)
+            jobs, count = job_service.list(session, team=team, status=status.value if status else None,
+                                           gpu_class=gpu_class, limit=limit, offset=offset)
+        return JobList(data=jobs, count=count)
+
+    return await anyio.to_thread.run_sync(read, limiter=ctx.read_limiter)
 
 
 @router.get("/{job_id}", response_model=JobRead)
-def get_job(session: SessionDep, team: CurrentTeam, job_id: str) -> JobRead:
-    return released(session, job_service.get_read(session, team=team, job_id=job_id))
+async def get_job(ctx: ContextDep, key: ApiKeyDep, job_id: str) -> JobRead:
+    """What clients poll: authentication and the read are one query, in one thread-pool hop."""
+    read = functools.partial(job_service.status, ctx.read_engine, key=key, job_id=job_id)
+    return await anyio.to_thread.run_sync(read, limiter=ctx.read_limiter)
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)

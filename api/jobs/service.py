@@ -6,7 +6,8 @@ import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import bindparam, case, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, case, func, or_, select, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -14,8 +15,9 @@ from sqlalchemy.sql.elements import ColumnElement
 from ..core.context import ServiceContext
 from ..core.db import utcnow
 from ..core.errors import Conflict, InvalidField, NotFound
-from ..models import Artifact, Job, JobEvent, JobMetrics, JobStatus, Team
+from ..models import ApiKey, Artifact, Job, JobEvent, JobMetrics, JobStatus, Team
 from ..datasets.service import dataset_service
+from ..teams.service import check_key, key_prefix
 from .model_source import check_dims, model_config
 from .schemas import JobCreate, JobRead, UploadedData
 
@@ -54,8 +56,18 @@ def _progress_columns(job_id: ColumnElement) -> tuple[ColumnElement, ColumnEleme
 
 # The hot reads, built once: building a statement and computing its cache key cost more CPU than executing it.
 _PROGRESS = select(*_progress_columns(bindparam("job_id", type_=Job.id.type)))
-_JOB_WITH_PROGRESS = (select(Job, *_progress_columns(Job.id))
-                      .where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id")))
+# A status read, the request clients poll, in one round trip: the API key by its prefix, and the job if it belongs
+# to the key's team (NULL columns otherwise), with its progress. Core rows, not ORM entities.
+_READ_COLUMNS = (Job.id, Job.status, Job.spec, Job.gpu_class, Job.priority, Job.attempts, Job.max_attempts,
+                 Job.cancel_requested, Job.lease_owner, Job.current_block, Job.total_blocks, Job.error, Job.heartbeat_at,
+                 Job.created_at, Job.started_at, Job.finished_at, Job.updated_at)  # what `_read` uses
+_KEY_AND_JOB_WITH_PROGRESS = (
+    select(ApiKey.key_hash, ApiKey.revoked_at, *_READ_COLUMNS,
+           *(column.label(name) for column, name in zip(_progress_columns(Job.id),
+                                                          ("block_seconds", "last_loss", "epoch"))))
+    .select_from(ApiKey)
+    .outerjoin(Job, and_(Job.team_id == ApiKey.team_id, Job.id == bindparam("job_id")))
+    .where(ApiKey.prefix == bindparam("prefix")))
 
 
 class JobService:
@@ -119,27 +131,30 @@ class JobService:
             raise NotFound(f"job {job_id} not found")
         return job
 
-    def get_read(self, session: Session, *, team: Team, job_id: str) -> JobRead:
-        """`read(get(...))` in one query."""
-        row = session.execute(_JOB_WITH_PROGRESS, {"job_id": job_id, "team_id": team.id}).first()
-        if row is None:
+    def status(self, engine: Engine, *, key: str | None, job_id: str) -> JobRead:
+        """`read(get(...))` for the team of `key` (checked as `team_service.authenticate` does), in one query."""
+        with engine.connect() as connection:
+            row = connection.execute(_KEY_AND_JOB_WITH_PROGRESS, {"prefix": key_prefix(key), "job_id": job_id}).first()
+        check_key(key, row)
+        if row.id is None:
             raise NotFound(f"job {job_id} not found")
-        return self._read(row[0], *row[1:])
+        return self._read(row, row.block_seconds, row.last_loss, row.epoch)
 
     def list(self, session: Session, *, team: Team, status: str | None, gpu_class: str | None, limit: int,
              offset: int) -> tuple[list[JobRead], int]:
-        """A page of the team's jobs, newest first, as read models (jobs and their progress in one query), and the
-        number of jobs matching the filters."""
+        """A page of the team's jobs, newest first, as read models (jobs and their progress in one query, as rows:
+        ORM entities would cost more CPU than the rest of the request), and the number of jobs matching the
+        filters."""
         where = [Job.team_id == team.id]
         if status is not None:
             where.append(Job.status == status)
         if gpu_class is not None:
             where.append(Job.gpu_class == gpu_class)
         count = session.scalar(select(func.count()).select_from(Job).where(*where))
-        rows = session.execute(select(Job, *_progress_columns(Job.id)).where(*where)
+        rows = session.execute(select(*_READ_COLUMNS, *_progress_columns(Job.id)).where(*where)
                                .order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
         now = utcnow()
-        return [self._read(row[0], *row[1:], now=now) for row in rows], count
+        return [self._read(row, *row[-3:], now=now) for row in rows], count
 
     def cancel(self, session: Session, *, team: Team, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one at its next block boundary (it keeps its checkpoints)."""
@@ -193,7 +208,7 @@ class JobService:
         block_seconds, last_loss, epoch = session.execute(_PROGRESS, {"job_id": job.id}).one()
         return self._read(job, block_seconds, last_loss, epoch, now=now)
 
-    def _read(self, job: Job, block_seconds: float | None, last_loss: float | None, epoch: int | None,
+    def _read(self, job: Job | Row, block_seconds: float | None, last_loss: float | None, epoch: int | None,
               now: datetime | None = None) -> JobRead:
         now = now or utcnow()
         total = job.total_blocks

@@ -7,7 +7,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Row, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,6 +23,23 @@ _KEY_AND_TEAM = (select(ApiKey, Team).join(Team, Team.id == ApiKey.team_id)
 
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_prefix(key: str | None) -> str:
+    """The prefix by which a key is looked up; 401 for a malformed key."""
+    parts = (key or "").split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        raise Unauthorized("missing or malformed API key (expected 'Authorization: Bearer wkvq_...')")
+    return parts[1]
+
+
+def check_key(key: str, found: ApiKey | Row | None) -> None:
+    """401 unless `found` (the row looked up by the key's prefix, with `key_hash` and `revoked_at`) is this key and
+    is not revoked. The hash comparison is constant-time."""
+    if found is None or not hmac.compare_digest(found.key_hash, _hash(key)):
+        raise Unauthorized("invalid API key")
+    if found.revoked_at is not None:
+        raise Unauthorized("API key revoked")
 
 
 @dataclass(frozen=True)
@@ -69,15 +86,9 @@ class TeamService:
         return list(session.execute(select(ApiKey, Team).join(Team).order_by(Team.name, ApiKey.created_at)).tuples())
 
     def authenticate(self, session: Session, key: str | None) -> Team:
-        """The team of a valid, unrevoked key; 401 otherwise. The hash comparison is constant-time."""
-        parts = (key or "").split("_", 2)
-        if len(parts) != 3 or parts[0] != KEY_PREFIX:
-            raise Unauthorized("missing or malformed API key (expected 'Authorization: Bearer wkvq_...')")
-        found = session.execute(_KEY_AND_TEAM, {"prefix": parts[1]}).first()
-        if found is None or not hmac.compare_digest(found.ApiKey.key_hash, _hash(key)):
-            raise Unauthorized("invalid API key")
-        if found.ApiKey.revoked_at is not None:
-            raise Unauthorized("API key revoked")
+        """The team of a valid, unrevoked key; 401 otherwise."""
+        found = session.execute(_KEY_AND_TEAM, {"prefix": key_prefix(key)}).first()
+        check_key(key, found.ApiKey if found else None)
         return found.Team
 
 

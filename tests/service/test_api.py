@@ -135,6 +135,13 @@ def team_b(team_headers) -> Headers:
 # ------------------------------------------------------------------------------------------------------------ auth
 
 
+@pytest.fixture(params=["list", "status"])
+def read_path(request, client, team_a) -> str:
+    """The two reads clients poll; each checks the key in its own way (status: in the query that reads the job),
+    so each gets every auth case. The status path names a real job of team a."""
+    return "/v1/jobs" if request.param == "list" else f"/v1/jobs/{create_job(client, team_a)['id']}"
+
+
 class TestAuth:
     @pytest.mark.parametrize("authorization, message", [
         (None, "missing or malformed"),
@@ -143,24 +150,24 @@ class TestAuth:
         ("Basic d2t2cTpzZWNyZXQ=", "missing or malformed"),
         ("Bearer wkvq_000000000000_unknownsecret", "invalid API key"),
     ])
-    def test_rejected(self, client, team_a, authorization, message):
+    def test_rejected(self, client, read_path, authorization, message):
         headers = {} if authorization is None else {"Authorization": authorization}
-        response = client.get("/v1/jobs", headers=headers)
+        response = client.get(read_path, headers=headers)
         assert response.status_code == 401
         assert message in response.json()["detail"]
         assert response.headers["www-authenticate"] == "Bearer"
 
-    def test_known_prefix_with_wrong_secret(self, client, team_a):
+    def test_known_prefix_with_wrong_secret(self, client, team_a, read_path):
         prefix = key_of(team_a).split("_")[1]
-        response = client.get("/v1/jobs", headers={"Authorization": f"Bearer wkvq_{prefix}_wrong"})
+        response = client.get(read_path, headers={"Authorization": f"Bearer wkvq_{prefix}_wrong"})
         assert response.status_code == 401
         assert response.json()["detail"] == "invalid API key"
 
-    def test_revoked(self, client, service, team_a):
-        assert client.get("/v1/jobs", headers=team_a).status_code == 200
+    def test_revoked(self, client, service, team_a, read_path):
+        assert client.get(read_path, headers=team_a).status_code == 200
         with service.session() as session:
             team_service.revoke_key(session, prefix=key_of(team_a).split("_")[1])
-        response = client.get("/v1/jobs", headers=team_a)
+        response = client.get(read_path, headers=team_a)
         assert response.status_code == 401
         assert "revoked" in response.json()["detail"]
 
