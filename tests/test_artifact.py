@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from wkvq_core.artifact import MANIFEST, WEIGHTS, load_quantized, save_artifact, sha256_file
+from wkvq_core.checkpoint import decode_safetensors, encode_safetensors, save_safetensors_atomic
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.data import calibration_samples, eval_windows
 from wkvq_core.errors import ArtifactError
@@ -188,6 +189,20 @@ def test_broken_artifacts_are_refused_with_the_file_named(calibrated, tmp_path, 
     _, out = calibrated
     with pytest.raises(ArtifactError, match=message):
         load_quantized(corrupted_copy(out, tmp_path, edit))
+
+
+def test_checkpoint_bytes_are_the_file_bytes_and_decode_back(tmp_path):
+    tensors = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(), "q": torch.tensor([1, 2], dtype=torch.uint8)}
+    meta = {"block": "3", "loss": "0.25"}
+    save_safetensors_atomic(tmp_path / "c.safetensors", tensors, meta)
+    data = encode_safetensors(tensors, meta)
+    assert data == (tmp_path / "c.safetensors").read_bytes()
+    decoded, decoded_meta = decode_safetensors(data)
+    assert decoded_meta == meta and decoded.keys() == tensors.keys()
+    assert all(torch.equal(decoded[k], tensors[k]) for k in tensors)
+    for garbage in (b"", b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}", data[:-3]):
+        with pytest.raises(ArtifactError, match="unreadable safetensors"):
+            decode_safetensors(garbage)
 
 
 def test_artifact_write_is_atomic(calibrated, tokenizer, tmp_path, monkeypatch):

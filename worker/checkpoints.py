@@ -8,17 +8,14 @@ under that lease's fence, so a worker that lost its lease cannot replace the new
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Callable
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 from sqlalchemy.orm import sessionmaker
 
 from api.core.storage import ArtifactStore
 from api.models import BlockCheckpoint
-from wkvq_core.checkpoint import META_KEY
+from wkvq_core.checkpoint import decode_safetensors, encode_safetensors
 
 from .lease import Lease, LeaseLost, fence
 
@@ -33,9 +30,7 @@ class StorageCheckpoints:
         return f"jobs/{self.job_id}/checkpoints/block-{index:04d}-{self.lease.token}.safetensors"
 
     def save(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-        data = save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()},
-                                      metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-        stored = self.store.put_bytes(data, self.key(index))
+        stored = self.store.put_bytes(encode_safetensors(tensors, meta), self.key(index))
 
         replaced: list[str] = []
 
@@ -74,8 +69,5 @@ class StorageCheckpoints:
         if hashlib.sha256(data).hexdigest() != row.sha256:
             self.on_corrupt(index, f"checkpoint of block {index} does not match its sha256; recomputing")
             return None
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])  # safetensors: u64 header length, then a JSON header
-        meta = json.loads((header.get("__metadata__") or {}).get(META_KEY, "{}"))
-        return load_safetensors_bytes(data), meta
+        return decode_safetensors(data)
 
