@@ -12,9 +12,9 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from ..deps import ApiKeyDep, ContextDep, CurrentTeam, SessionDep, released
 from ..models import Job, JobStatus
+from ..teams.service import team_service
 from .download import ranged_download
 from .schemas import ArtifactRead, JobCreate, JobEventRead, JobList, JobRead
-from ..teams.service import team_service
 from .service import job_service
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

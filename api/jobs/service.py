@@ -56,15 +56,16 @@ def _progress_columns(job_id: ColumnElement) -> tuple[ColumnElement, ColumnEleme
 
 # The hot reads, built once: building a statement and computing its cache key cost more CPU than executing it.
 _PROGRESS = select(*_progress_columns(bindparam("job_id", type_=Job.id.type)))
-# A status read, the request clients poll, in one round trip: the API key by its prefix, and the job if it belongs
-# to the key's team (NULL columns otherwise), with its progress. Core rows, not ORM entities.
+# What `_read_row` reads: the job columns `_read` uses and the job's progress, named. Core rows, not ORM entities.
 _READ_COLUMNS = (Job.id, Job.status, Job.spec, Job.gpu_class, Job.priority, Job.attempts, Job.max_attempts,
                  Job.cancel_requested, Job.lease_owner, Job.current_block, Job.total_blocks, Job.error, Job.heartbeat_at,
-                 Job.created_at, Job.started_at, Job.finished_at, Job.updated_at)  # what `_read` uses
+                 Job.created_at, Job.started_at, Job.finished_at, Job.updated_at,
+                 *(column.label(name) for column, name in zip(_progress_columns(Job.id),
+                                                                ("block_seconds", "last_loss", "epoch"))))
+# A status read, the request clients poll, in one round trip: the API key by its prefix, and the job if it belongs
+# to the key's team (NULL columns otherwise), with its progress.
 _KEY_AND_JOB_WITH_PROGRESS = (
-    select(ApiKey.key_hash, ApiKey.revoked_at, *_READ_COLUMNS,
-           *(column.label(name) for column, name in zip(_progress_columns(Job.id),
-                                                          ("block_seconds", "last_loss", "epoch"))))
+    select(ApiKey.key_hash, ApiKey.revoked_at, *_READ_COLUMNS)
     .select_from(ApiKey)
     .outerjoin(Job, and_(Job.team_id == ApiKey.team_id, Job.id == bindparam("job_id")))
     .where(ApiKey.prefix == bindparam("prefix")))
@@ -138,7 +139,7 @@ class JobService:
         check_key(key, row)
         if row.id is None:
             raise NotFound(f"job {job_id} not found")
-        return self._read(row, row.block_seconds, row.last_loss, row.epoch)
+        return self._read_row(row)
 
     def list(self, session: Session, *, team: Team, status: str | None, gpu_class: str | None, limit: int,
              offset: int) -> tuple[list[JobRead], int]:
@@ -151,10 +152,10 @@ class JobService:
         if gpu_class is not None:
             where.append(Job.gpu_class == gpu_class)
         count = session.scalar(select(func.count()).select_from(Job).where(*where))
-        rows = session.execute(select(*_READ_COLUMNS, *_progress_columns(Job.id)).where(*where)
+        rows = session.execute(select(*_READ_COLUMNS).where(*where)
                                .order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
         now = utcnow()
-        return [self._read(row, *row[-3:], now=now) for row in rows], count
+        return [self._read_row(row, now) for row in rows], count
 
     def cancel(self, session: Session, *, team: Team, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one at its next block boundary (it keeps its checkpoints)."""
@@ -207,6 +208,10 @@ class JobService:
     def read(self, session: Session, job: Job, now: datetime | None = None) -> JobRead:
         block_seconds, last_loss, epoch = session.execute(_PROGRESS, {"job_id": job.id}).one()
         return self._read(job, block_seconds, last_loss, epoch, now=now)
+
+    def _read_row(self, row: Row, now: datetime | None = None) -> JobRead:
+        """`_read` of a row of `_READ_COLUMNS`."""
+        return self._read(row, row.block_seconds, row.last_loss, row.epoch, now=now)
 
     def _read(self, job: Job | Row, block_seconds: float | None, last_loss: float | None, epoch: int | None,
               now: datetime | None = None) -> JobRead:
