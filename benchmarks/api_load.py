@@ -55,7 +55,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from provenance import ROOT, code_version
+
 sys.path.insert(0, str(ROOT))
 
 from tests.service.processes import (  # noqa: E402
@@ -71,6 +72,7 @@ TINY_JOB = {
 }
 # shipped defaults, not the tests' fast settings (service_env sets those)
 DEFAULT_TIMING = ("WKVQ_LEASE_SECONDS", "WKVQ_HEARTBEAT_SECONDS", "WKVQ_REAPER_SECONDS", "WKVQ_POLL_SECONDS")
+MEASURED_CODE = ("api", "worker", "benchmarks/api_load.py")  # what a run's code version covers
 TARGET_STATUS_P99_MS = 50.0
 TARGET_THROUGHPUT_RATIO = 0.5
 TARGET_START_S = {"local": 1.0, "celery": 2.0}
@@ -531,17 +533,6 @@ def wait_for_quiet(max_load: float, max_wait: float) -> None:
         time.sleep(30)
 
 
-def code_version() -> str:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD")
-    diff = subprocess.run(["git", "diff", "HEAD", "--", "api", "worker", "benchmarks/api_load.py"], cwd=ROOT,
-                          capture_output=True).stdout
-    return head + (f" + uncommitted api/ worker/ changes (diff sha256 {hashlib.sha256(diff).hexdigest()[:10]})"
-                   if diff else "")
-
-
 def versions() -> str:
     def version(name: str) -> str:
         try:
@@ -567,7 +558,7 @@ def report(args: argparse.Namespace, reads: dict | None, starts: dict, started: 
            loads: tuple) -> str:
     lines = [f"## API load run {started:%Y-%m-%d %H:%M} UTC", "",
              f"- command: `{shlex.join(['python', 'benchmarks/api_load.py', *sys.argv[1:]])}`",
-             f"- date (UTC): {started:%Y-%m-%d %H:%M}; total runtime {runtime / 60:.1f} min; code {code_version()}",
+             f"- date (UTC): {started:%Y-%m-%d %H:%M}; total runtime {runtime / 60:.1f} min; code {code_version(*MEASURED_CODE)}",
              f"- {versions()}",
              f"- machine: {os.cpu_count()} CPU cores shared with other users' jobs; load average (1 min) "
              f"{loads[0]:.2f} before the run, {loads[1]:.2f} after it"

@@ -42,12 +42,13 @@ from wkvq_core.packing import pack_bits
 from wkvq_core.pipeline import quantize_model_
 from wkvq_core.primitives import quantize_weight
 
+from provenance import ROOT, shown
+
 try:
     from wkvq_core.kv_cache import WKVQuantCache
 except ImportError:  # being written; the KV cross-check and the throughput part are then reported as not run
     WKVQuantCache = None
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ROOT / "wkvq_core" / "assets" / "stories260k"
 PROMPT_TEXT = ROOT / "wkvq_core" / "assets" / "tinystories" / "eval.txt"
 W_BITS, W_GROUP, KV_BITS = 4, 128, 4
@@ -263,11 +264,6 @@ def throughput(args) -> str:
 
 
 # ---------------------------------------------------------------- main
-
-def shown(path: str | Path) -> str:
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -59,9 +59,9 @@ from wkvq_core.packing import pack_bits
 from wkvq_core.pipeline import quantize_model_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import FIXTURES, SHIPPED_MODEL, code_version, reset_peak_rss, shown
+from provenance import ROOT, code_version, shown
+from quality import FIXTURES, SHIPPED_MODEL, add_calibration_args, reset_peak_rss
 
-ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "wkvq_core" / "assets"
 WORKER = Path(__file__).resolve().parent / "peers_llmcompressor.py"
 PEER_VENV = Path(__file__).resolve().parent / ".venvs" / "llmcompressor"
@@ -634,12 +634,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", dest="model_dir", help="model directory (default: the largest shipped/fixture "
                         "model; --quick: the shipped stories260k)")
-    parser.add_argument("--calib", default=str(ASSETS / "tinystories" / "calib.txt"))
-    parser.add_argument("--eval", default=str(ASSETS / "tinystories" / "eval.txt"))
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    add_calibration_args(parser)
     parser.add_argument("--windows", type=int, help="evaluate the first N eval windows (default: all; --quick: 2)")
     parser.add_argument("--check-windows", type=int, default=4, help="windows decoded to check the parallel pass")
     parser.add_argument("--rows", help="comma-separated row keys, groups or aliases (qc, kivi, llmcompressor, ours)")
@@ -697,7 +692,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
-    started, code = datetime.datetime.now(datetime.timezone.utc), code_version()
+    started, code = datetime.datetime.now(datetime.timezone.utc), code_version("wkvq_core")
     results, ctx = run(args)
     minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
     cfg, seqlen = ctx["config"], args.seqlen

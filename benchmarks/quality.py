@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import hashlib
 import platform
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +30,8 @@ from wkvq_core.evaluate import EvalMode, kv_bytes_per_token, perplexity
 from wkvq_core.model import attentions, load_model
 from wkvq_core.pipeline import quantize_model_
 
-ROOT = Path(__file__).resolve().parents[1]
+from provenance import ROOT, code_version, shown
+
 ASSETS = ROOT / "wkvq_core" / "assets"
 SHIPPED_MODEL = ASSETS / "stories260k"
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -172,34 +171,20 @@ def benchmark_model(source: str, args: argparse.Namespace, calib: CalibConfig) -
     ])
 
 
-def code_version() -> str:
-    """Commit of the checkout, plus a digest of any uncommitted changes to wkvq_core/."""
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True, text=True).stdout
-
-    try:
-        commit, diff = git("rev-parse", "--short", "HEAD").strip(), git("diff", "HEAD", "--", "wkvq_core")
-    except OSError:
-        return "unknown"
-    changes = f" + uncommitted wkvq_core changes (diff sha256 {hashlib.sha256(diff.encode()).hexdigest()[:10]})"
-    return (commit or "unknown") + (changes if diff else "")
-
-
-def shown(path: str) -> str:
-    """A path relative to the repository root when it lies inside it."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", help="model directory (repeatable); default: shipped + fixtures")
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """Texts, calibration size and seed; peers.py takes the same, so that its rows are comparable to these."""
     parser.add_argument("--calib", default=str(ASSETS / "tinystories" / "calib.txt"))
     parser.add_argument("--eval", default=str(ASSETS / "tinystories" / "eval.txt"))
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", help="model directory (repeatable); default: shipped + fixtures")
+    add_calibration_args(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1 is fastest)")
     parser.add_argument("--quick", action="store_true", help="smoke test: nsamples 16, epochs 1")
@@ -217,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     calib = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, seed=args.seed)
-    started, code = datetime.datetime.now(datetime.timezone.utc), code_version()
+    started, code = datetime.datetime.now(datetime.timezone.utc), code_version("wkvq_core")
     per_row_rss = args.device == "cpu" and reset_peak_rss()
     sections = []
     for source in args.model:

@@ -1,0 +1,31 @@
+"""Where a benchmark's figures came from: the code version and repository-relative paths. No heavy imports, so
+that every benchmark script (and `api_load.py`'s load generator) can use it."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_version(*paths: str) -> str:
+    """Commit of the checkout, plus a digest of any uncommitted changes under `paths` (what the benchmark runs)."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True, text=True).stdout
+
+    try:
+        commit, diff = git("rev-parse", "--short", "HEAD").strip() or "unknown", git("diff", "HEAD", "--", *paths)
+    except OSError:
+        return "unknown"
+    if not diff:
+        return commit
+    return (f"{commit} + uncommitted changes to {', '.join(paths)} "
+            f"(diff sha256 {hashlib.sha256(diff.encode()).hexdigest()[:10]})")
+
+
+def shown(path: str | Path) -> str:
+    """A path relative to the repository root when it lies inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
