@@ -15,10 +15,12 @@ WORKDIR /app
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 
-# then the project (its torch==2.13.0 requirement is already met, so the layer above stays); .dockerignore keeps
-# the virtualenv, tests, .git and .env out
+# then every other dependency from the lock (exact versions, sha256 checked; torch, installed above, is not in it),
+# in a layer that changes only with the lock; then the project itself, resolving nothing
+COPY requirements/service.txt requirements/service.txt
+RUN pip install --require-hashes -r requirements/service.txt
 COPY . .
-RUN pip install .
+RUN pip install --no-deps --no-build-isolation .
 
 # an unprivileged user owning the mount points, so fresh named volumes are writable by it
 RUN useradd --create-home --uid 1000 wkvq \

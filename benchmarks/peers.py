@@ -49,6 +49,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, QuantizedCache
 from transformers.cache_utils import DynamicLayer, QuantizedLayer
 
+from wkvq_core.cache_keyword import with_cache
 from wkvq_core.config import FP_BITS, CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.data import calibration_samples, eval_windows, load_text, tokenize
 from wkvq_core.evaluate import EvalMode, _mode_flags, decode_perplexity, perplexity
@@ -441,7 +442,7 @@ def decode_eval(model, windows: torch.Tensor, mode: EvalMode, make_cache: Callab
     cache, held = make_cache(), []
     with torch.no_grad(), quant_state(model, **_mode_flags(mode)):
         for t in range(windows.shape[1]):
-            model(windows[-1:, t : t + 1], past_key_values=cache, use_cache=True)
+            model(windows[-1:, t : t + 1], **with_cache(cache), use_cache=True)
             held.append(cache_bytes(cache))
     return ppl, max(held) / windows.shape[1], held[-1] / windows.shape[1]
 

@@ -5,14 +5,15 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from wkvq_core.artifact import MANIFEST, WEIGHTS, load_quantized, save_artifact, sha256_file
+from wkvq_core.cache_keyword import with_cache
 from wkvq_core.checkpoint import decode_safetensors, encode_safetensors, save_safetensors_atomic
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.data import calibration_samples, eval_windows
 from wkvq_core.errors import ArtifactError
-from wkvq_core.evaluate import EvalMode, kv_bytes_per_token, perplexity
+from wkvq_core.evaluate import EvalMode, greedy_without_cache, kv_bytes_per_token, perplexity
 from wkvq_core.kv_cache import WKVQuantCache
 from wkvq_core.model import quant_state
 from wkvq_core.packed_linear import PackedLinear
@@ -60,14 +61,17 @@ def test_packed_weights_equal_the_simulated_ones(calibrated):
             assert torch.equal(getattr(layer.mlp, name).dequantized_weight(), sim_lin.fake_quant(sim_lin.weight))
 
 
-def test_greedy_generation_matches_the_simulation(calibrated, tokenizer):
+def test_greedy_generation_matches_the_cache_free_simulation(calibrated, tokenizer):
+    """The loaded artifact decoding through its packed cache gives the tokens of the calibration-time simulation
+    decoded without any cache (a full parallel POQ pass per step)."""
     sim, out = calibrated
     loaded = load_quantized(out)
     prompt = tokenizer("Once upon a time, Lily", return_tensors="pt")
     with quant_state(sim, weights=True, kv=True):
-        expected = sim.generate(**prompt, max_new_tokens=64, do_sample=False, past_key_values=DynamicCache(config=sim.config))
+        expected, _ = greedy_without_cache(sim, prompt["input_ids"], 64)
         sim_logits = sim(expected, use_cache=False).logits
-    got = loaded.generate(**prompt, max_new_tokens=64, do_sample=False, past_key_values=WKVQuantCache(loaded.config))
+    got = loaded.generate(**prompt, max_new_tokens=64, do_sample=False, eos_token_id=None,
+                          **with_cache(WKVQuantCache(loaded.config)))
     assert got.shape[1] == prompt["input_ids"].shape[1] + 64
     assert torch.equal(got, expected)
     assert (loaded(expected, use_cache=False).logits - sim_logits).abs().max() < 1e-4
@@ -89,7 +93,7 @@ def test_cache_size_matches_the_format_formula(calibrated, tokenizer):
     loaded = load_quantized(out)
     cache = WKVQuantCache(loaded.config)
     ids = torch.randint(3, 500, (2, 100))
-    loaded(ids, past_key_values=cache, use_cache=True)
+    loaded(ids, **with_cache(cache), use_cache=True)
     per_token = cache.nbytes() / ids.numel()
     formula = kv_bytes_per_token(loaded.config, KVQuantConfig(bits=4))
     assert abs(per_token - formula) / formula < 0.03
@@ -104,15 +108,15 @@ def test_sampling_and_padded_batches(calibrated, tokenizer):
     tokenizer.pad_token = tokenizer.eos_token
     prompts = ["Tom had a big red ball.", "One day"]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    greedy = loaded.generate(**batch, max_new_tokens=16, do_sample=False, past_key_values=WKVQuantCache(loaded.config),
+    greedy = loaded.generate(**batch, max_new_tokens=16, do_sample=False, **with_cache(WKVQuantCache(loaded.config)),
                              pad_token_id=tokenizer.pad_token_id)
     for row, prompt in zip(greedy, prompts):
         single = tokenizer(prompt, return_tensors="pt")
-        alone = loaded.generate(**single, max_new_tokens=16, do_sample=False, past_key_values=WKVQuantCache(loaded.config))
+        alone = loaded.generate(**single, max_new_tokens=16, do_sample=False, **with_cache(WKVQuantCache(loaded.config)))
         assert row[-16:].tolist() == alone[0, -16:].tolist()
     torch.manual_seed(0)
     sampled = loaded.generate(**batch, max_new_tokens=16, do_sample=True, top_p=0.9, pad_token_id=tokenizer.pad_token_id,
-                              past_key_values=WKVQuantCache(loaded.config))
+                              **with_cache(WKVQuantCache(loaded.config)))
     assert sampled.shape == greedy.shape
 
 
@@ -132,7 +136,7 @@ def test_gqa_group128_model_roundtrip_and_storage_at_the_format_limit(tmp_path, 
         expected = model(ids, use_cache=False).logits
     assert (loaded(ids, use_cache=False).logits - expected).abs().max() < 1e-2
     cache = WKVQuantCache(loaded.config)
-    stepwise = torch.cat([loaded(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(24)], 1)
+    stepwise = torch.cat([loaded(ids[:, t : t + 1], **with_cache(cache), use_cache=True).logits for t in range(24)], 1)
     assert (stepwise - loaded(ids, use_cache=False).logits).abs().max() < 5e-4  # POQ: parallel == packed decode
     linears = [m for m in loaded.modules() if isinstance(m, PackedLinear)]
     params = sum(m.in_features * m.out_features for m in linears)
@@ -229,7 +233,7 @@ def test_cli_generate_streams_the_greedy_continuation(calibrated, tokenizer):
     assert result.exit_code == 0, result.output
     loaded = load_quantized(out)
     ids = tokenizer("Once upon a time", return_tensors="pt")
-    expected = loaded.generate(**ids, max_new_tokens=20, do_sample=False, past_key_values=WKVQuantCache(loaded.config))
+    expected = loaded.generate(**ids, max_new_tokens=20, do_sample=False, **with_cache(WKVQuantCache(loaded.config)))
     assert tokenizer.decode(expected[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() in result.stdout
 
 

@@ -249,6 +249,7 @@ QUANTIZE_CASES = MODEL_CASES + [
     ("eval-shorter-than-one-sample", {"--eval": "{short_txt}"}, ["evaluation text has", f"seqlen={SEQLEN}"]),
     ("eval-missing", {"--eval": "{missing_txt}"}, ["{missing_txt}", "no such file or directory"]),
     ("seqlen-0", {"--seqlen": "0"}, ["seqlen", "got 0"]),
+    ("seqlen-beyond-context", {"--seqlen": "1024"}, ["seqlen 1024 exceeds the model's max_position_embeddings 512"]),
     ("nsamples-0", {"--nsamples": "0"}, ["nsamples", "got 0"]),
     ("checkpoint-dir-is-a-file", {"--checkpoint-dir": "{a_file}"}, ["--checkpoint-dir", "not a directory"]),
     ("fp-dtype-int8", {"--fp-dtype": "int8"}, ["fp_dtype", "float16, bfloat16, float32", "int8"]),
@@ -264,6 +265,7 @@ EVAL_CASES = MODEL_CASES + [
     ("mode-bogus", {"--mode": "bogus"}, ["--mode", "fp, w, wkv or all", "bogus"]),
     ("seqlen-0", {"--seqlen": "0"}, ["seqlen", "got 0"]),
     ("seqlen-1", {"--seqlen": "1"}, ["seqlen", "at least 2", "got 1"]),
+    ("seqlen-beyond-context", {"--seqlen": "513"}, ["seqlen 513 exceeds the model's max_position_embeddings 512"]),
 ]
 
 
@@ -348,6 +350,46 @@ def test_eval_chmod_000_data_file(tmp_path, eval_head):
     assert_clean_failure(result, str(data), "cannot read")
 
 
+def test_eval_artifact_seqlen_beyond_context(quantized, eval_head):
+    result = invoke("eval", "--model", quantized["out"], "--data", eval_head, "--seqlen", "600", "--device", "cpu")
+    assert_clean_failure(result, "seqlen 600 exceeds the model's max_position_embeddings 512")
+
+
+def test_seqlen_beyond_context_is_the_api_message(bad, runs):
+    """`wkvq quantize` and POST /v1/jobs refuse a too-long seqlen with the same words."""
+    from types import SimpleNamespace
+
+    from api.core.errors import InvalidField
+    from api.jobs.model_source import check_dims
+
+    spec = SimpleNamespace(w_bits=4, kv_bits=4, group_size=-1, kv_group_size=None, seqlen=1024)
+    with pytest.raises(InvalidField) as refused:
+        check_dims(json.loads((TINY_MODEL / "config.json").read_text()), spec)
+    result = invoke("quantize", *_options(_quantize_defaults(runs), {"--seqlen": "1024"}, bad))
+    assert assert_clean_failure(result) == f"error: {refused.value.message}"
+    assert refused.value.loc == ["body", "config", "seqlen"]
+
+
+def test_default_seqlen_is_the_context_of_a_shorter_model(tmp_path, eval_head):
+    """Without --seqlen, a model with a context under 2048 (the shipped one: 512) uses its whole context."""
+    out = tmp_path / "q"
+    result = invoke("quantize", "--model", TINY_MODEL, "--calib", CALIB_TEXT, "--out", out, "--group-size", "-1",
+                    "--nsamples", "1", "--epochs", "0", "--device", "cpu", "--json")
+    assert result.exit_code == 0, (result.output, result.exception)
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["wkvquant_config"]["calib"]["seqlen"] == 512
+    result = invoke("eval", "--model", TINY_MODEL, "--data", eval_head, "--mode", "fp", "--json")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.loads(result.stdout)["seqlen"] == 512
+
+
+def test_generate_on_a_plain_model_directory(bad):
+    result = invoke("generate", "--model", TINY_MODEL, "--prompt", "hi", "--device", "cpu")
+    assert_clean_failure(result, str(TINY_MODEL), "not a WKVQuant artifact", "wkvq quantize")
+    result = invoke("generate", "--model", bad["missing_dir"], "--prompt", "hi", "--device", "cpu")
+    assert_clean_failure(result, str(bad["missing_dir"]), "no such directory")
+
+
 def test_eval_corrupt_artifact(quantized, eval_head, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(quantized["out"], broken)
@@ -378,6 +420,16 @@ def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     }
     return subprocess.run([sys.executable, "-m", "wkvq_core.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def test_subprocess_generate_prints_text_without_special_tokens_or_warnings(quantized, tmp_path):
+    prompt = "Once upon a time"
+    proc = _run_module("generate", "--model", quantized["out"], "--prompt", prompt, "--max-new-tokens", "12",
+                       "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "<s>" not in proc.stdout and "</s>" not in proc.stdout
+    assert proc.stdout.startswith(prompt) and len(proc.stdout.strip()) > len(prompt), proc.stdout
+    assert proc.stderr.strip() == "", proc.stderr  # no FutureWarning (cache keyword) or any other warning
 
 
 def test_python_dash_m_help(tmp_path):

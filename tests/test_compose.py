@@ -139,8 +139,10 @@ def test_dockerfile_entrypoint_and_cmd_are_a_wkvq_command():
     check_wkvq_command(["wkvq", *dockerfile_json("CMD")])
     dockerfile = (REPO / "Dockerfile").read_text()
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
-    torch_at, project_at = dockerfile.index("torch==2.13.0"), dockerfile.index("pip install .")
-    assert torch_at < project_at, "torch is installed before the project"
+    torch_at = dockerfile.index("torch==2.13.0")
+    lock_at = dockerfile.index("pip install --require-hashes -r requirements/service.txt")
+    project_at = dockerfile.index("pip install --no-deps --no-build-isolation .")
+    assert torch_at < lock_at < project_at, "torch, then the locked dependencies, then the project alone"
 
 
 def test_image_gets_every_package():

@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicLayer, LlamaConfig
 from transformers.cache_utils import Cache
 
+from wkvq_core.cache_keyword import with_cache
 from wkvq_core.data import eval_windows
 from wkvq_core.kivi_cache import KIVICache, kivi_bytes
 
@@ -81,8 +82,8 @@ def test_decode_logits_equal_the_reference_simulation(tiny_model, eval_ids):
     with torch.no_grad():
         for t in range(window.numel()):
             ids = window[None, t : t + 1]
-            got = tiny_model(ids, past_key_values=kivi, use_cache=True).logits
-            want = tiny_model(ids, past_key_values=ref, use_cache=True).logits
+            got = tiny_model(ids, **with_cache(kivi), use_cache=True).logits
+            want = tiny_model(ids, **with_cache(ref), use_cache=True).logits
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert kivi.get_seq_length() == window.numel()
     fp = tiny_model(window[None], use_cache=False).logits[0, -1]

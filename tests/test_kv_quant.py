@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+from wkvq_core.cache_keyword import with_cache
 from wkvq_core.calibrate import calibrate_
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.data import calibration_samples, eval_windows
@@ -88,7 +89,7 @@ def test_smoothing_is_exact_on_the_shipped_model(tiny_model, eval_ids):
 def incremental_logits(model, ids):
     """Token-by-token decoding through a transformers cache holding the quantized K/V."""
     cache = DynamicCache(config=model.config)
-    steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    steps = [model(ids[:, t : t + 1], **with_cache(cache), use_cache=True).logits for t in range(ids.shape[1])]
     return torch.cat(steps, 1)
 
 

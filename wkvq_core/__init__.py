@@ -38,6 +38,7 @@ _EXPORTS = {
     "run_quantize_job": ".pipeline",
     "save_artifact": ".artifact",
     "tokenize": ".data",
+    "with_cache": ".cache_keyword",
 }
 
 
@@ -79,4 +80,5 @@ __all__ = [
     "run_quantize_job",
     "save_artifact",
     "tokenize",
+    "with_cache",
 ]

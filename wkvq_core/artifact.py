@@ -9,7 +9,7 @@
     metrics.json            the evaluation table of the run (optional)
     manifest.json           sha256 and size of every other file
 
-Load it with `load_quantized(DIR)`; generate with `past_key_values=WKVQuantCache(model.config)`.
+Load it with `load_quantized(DIR)`; generate with `**with_cache(WKVQuantCache(model.config))`.
 """
 
 from __future__ import annotations
@@ -131,7 +131,11 @@ def verify_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         files = manifest["files"]
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        if not directory.is_dir():
+            raise ArtifactError(f"{directory}: no such directory") from exc
+        if not is_artifact(directory):
+            raise ArtifactError(f"{directory} is not a WKVQuant artifact (run wkvq quantize first)") from exc
         raise ArtifactError(f"{directory / MANIFEST}: missing") from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{directory / MANIFEST}: not a valid manifest") from exc

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import CalibConfig, CRRLoss, EvalMode, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from .config import CalibConfig, CRRLoss, EvalMode, KVQuantConfig, WeightQuantConfig, WKVQuantConfig, resolve_seqlen
 from .errors import WKVQError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="WKVQuant: W4 + KV4 post-training quantization.")
@@ -24,6 +24,7 @@ WBits = Annotated[int, typer.Option("--w-bits", help="Weight bits (2-8, 16 = off
 KVBits = Annotated[int, typer.Option("--kv-bits", help="KV-cache bits (2-8, 16 = off).")]
 GroupSize = Annotated[int, typer.Option("--group-size", help="Weight group size along the input dim; -1 = per row.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+SEQLEN_DEFAULT = "default: 2048, or the model's max_position_embeddings if smaller"
 
 
 def _quiet_transformers() -> None:
@@ -128,7 +129,7 @@ def quantize(
     loss: Annotated[CRRLoss, typer.Option(help="mae (WKVQuant) or mse (OmniQuant with k=1).")] = CRRLoss.MAE,
     epochs: int = 5,
     nsamples: int = 128,
-    seqlen: int = 2048,
+    seqlen: Annotated[Optional[int], typer.Option(help=f"Tokens per calibration sample ({SEQLEN_DEFAULT}).")] = None,
     batch_size: int = 1,
     seed: int = 0,
     lwc: Annotated[bool, typer.Option(help="Learnable weight clipping.")] = True,
@@ -144,6 +145,7 @@ def quantize(
     """Calibrate a model and write a quantized artifact directory."""
     _quiet_transformers()
     from .checkpoint import DirectoryCheckpoints
+    from .model import model_config
     from .pipeline import QuantizeJob, run_quantize_job
     from .progress import CalibrationCallbacks
 
@@ -152,6 +154,7 @@ def quantize(
     if checkpoint_dir is not None:
         _check_dir_option("--checkpoint-dir", checkpoint_dir)
     try:
+        seqlen = resolve_seqlen(seqlen, model_config(model, revision))  # before calibrating
         config = _build_config(**locals())
         job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device,
                           revision=revision, fp_dtype=fp_dtype)
@@ -177,7 +180,7 @@ def quantize(
 def evaluate(
     model: Annotated[str, typer.Option("--model", help="A `wkvq quantize` output, or a model directory (RTN).")],
     data: Annotated[str, typer.Option("--data", help="Evaluation text (same SPEC forms as --calib).")],
-    seqlen: Annotated[int, typer.Option(help="Window length (non-overlapping windows).")] = 2048,
+    seqlen: Annotated[Optional[int], typer.Option(help=f"Window length ({SEQLEN_DEFAULT}).")] = None,
     mode: Annotated[str, typer.Option(help="fp, w, wkv or all.")] = "all",
     w_bits: WBits = 4,
     kv_bits: KVBits = 4,
@@ -189,7 +192,7 @@ def evaluate(
     _quiet_transformers()
     from .artifact import is_artifact
     from .data import eval_windows, load_text, tokenize
-    from .model import load_model, prepare_model_
+    from .model import load_model, model_config, prepare_model_
     from .pipeline import evaluate_modes, resolve_device
 
     _check_device(device)
@@ -200,6 +203,7 @@ def evaluate(
                 modes = [EvalMode(mode)]
             except ValueError:
                 _fail(f"--mode must be fp, w, wkv or all; got {mode!r}")
+        seqlen = resolve_seqlen(seqlen, model_config(model))
         if is_artifact(model):
             if EvalMode.FP in modes and mode != "all":
                 _fail(f"{model}: a quantized artifact holds no full-precision weights; evaluate the original model")
@@ -238,6 +242,7 @@ def generate(
     import torch
     from transformers import TextStreamer
 
+    from .cache_keyword import with_cache
     from .kv_cache import WKVQuantCache
     from .pipeline import resolve_device
 
@@ -250,7 +255,7 @@ def generate(
     inputs = tokenizer(prompt, return_tensors="pt").to(net.device)
     net.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
-        past_key_values=WKVQuantCache(net.config), streamer=TextStreamer(tokenizer),
+        **with_cache(WKVQuantCache(net.config)), streamer=TextStreamer(tokenizer, skip_special_tokens=True),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
 

@@ -11,6 +11,7 @@ from .errors import ConfigError
 
 FP_BITS = 16
 QUANT_BITS = range(2, 9)
+DEFAULT_SEQLEN = 2048
 
 
 class EvalMode(str, Enum):
@@ -31,6 +32,26 @@ class CRRLoss(str, Enum):
 def _check_bits(name: str, bits: int) -> None:
     if bits != FP_BITS and bits not in QUANT_BITS:
         raise ConfigError(f"{name} must be between 2 and 8, or 16 for full precision; got {bits}")
+
+
+def model_context(model_config: dict[str, Any]) -> int | None:
+    """The model's context length (config.json's max_position_embeddings), when it states one."""
+    max_len = model_config.get("max_position_embeddings")
+    return max_len if isinstance(max_len, int) and max_len > 0 else None
+
+
+def check_seqlen(seqlen: int, model_config: dict[str, Any]) -> None:
+    max_len = model_context(model_config)
+    if max_len is not None and seqlen > max_len:
+        raise ConfigError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {max_len}")
+
+
+def resolve_seqlen(seqlen: int | None, model_config: dict[str, Any]) -> int:
+    """`seqlen` checked against the model's context; None: DEFAULT_SEQLEN, or the context when it is shorter."""
+    if seqlen is None:
+        return min(DEFAULT_SEQLEN, model_context(model_config) or DEFAULT_SEQLEN)
+    check_seqlen(seqlen, model_config)
+    return seqlen
 
 
 @dataclass
@@ -92,7 +113,7 @@ class CalibConfig:
     """Block-by-block calibration (OmniQuant order) with the cross-block reconstruction loss over `crr_k` blocks."""
 
     nsamples: int = 128
-    seqlen: int = 2048
+    seqlen: int = DEFAULT_SEQLEN
     epochs: int = 5
     batch_size: int = 1
     crr_k: int = 5

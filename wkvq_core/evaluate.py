@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 from transformers import Cache, DynamicCache
 
+from .cache_keyword import with_cache
 from .config import FP_BITS, EvalMode, KVQuantConfig
 from .model import quant_state
 
@@ -69,10 +70,25 @@ def decode_perplexity(
         for window in windows.to(device):
             cache = make_cache() if make_cache is not None else DynamicCache(config=model.config)
             for t in range(window.numel() - 1):
-                logits = model(window[None, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float()
+                logits = model(window[None, t : t + 1], **with_cache(cache), use_cache=True).logits[0, -1].float()
                 nll_sum += F.cross_entropy(logits[None], window[t + 1 : t + 2], reduction="sum").item()
                 tokens += 1
     return _summarise(nll_sum, tokens)
+
+
+@torch.no_grad()
+def greedy_without_cache(model, ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache-free greedy decoding, the reference that decoding through any cache must reproduce: at each step a
+    full forward (`use_cache=False`: the parallel POQ pass of a prepared model) over the whole sequence so far.
+
+    ids (B, T) with no padding. Returns the sequences (B, T + max_new_tokens) and each step's last-position logits
+    (B, max_new_tokens, vocab) in fp32. Pass the model in the quantization state to check (`quant_state`).
+    """
+    steps = []
+    for _ in range(max_new_tokens):
+        steps.append(model(ids, use_cache=False).logits[:, -1].float())
+        ids = torch.cat([ids, steps[-1].argmax(-1, keepdim=True)], dim=1)
+    return ids, torch.stack(steps, dim=1)
 
 
 def kv_bytes_per_token(model_config, kv: KVQuantConfig) -> float:

@@ -68,6 +68,7 @@ class KIVILayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype  # DynamicLayer set it up to transformers 5.23, no longer from 5.24
         b, h, _, d = key_states.shape
         self.head_dim = d
         self.v_group = min(self.group_size, d)
@@ -167,7 +168,7 @@ class KIVILayer(DynamicLayer):
 
 
 class KIVICache(Cache):
-    """KIVI-style quantized cache: `model(ids, past_key_values=KIVICache(model.config), use_cache=True)`.
+    """KIVI-style quantized cache: `model(ids, **with_cache(KIVICache(model.config)), use_cache=True)`.
 
     bits: code width (KIVI-4: 4, KIVI-2: 2); group_size: KIVI's G (tokens per key group, channels per value
     group); residual_length: KIVI's R, a multiple of G.

@@ -50,7 +50,7 @@ class PackedKVLayer(DynamicLayer):
 
 
 class WKVQuantCache(Cache):
-    """Packed KV cache for a WKVQuant model: `model.generate(ids, past_key_values=WKVQuantCache(model.config))`.
+    """Packed KV cache for a WKVQuant model: `model.generate(ids, **with_cache(WKVQuantCache(model.config)))`.
 
     Bits and group size come from `config.quantization_config` (a loaded artifact) unless given.
     """

@@ -156,9 +156,11 @@ class WKVAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        cache=None,
         past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values  # transformers 5.24 passes `cache=`, 5.23 the old name
         bsz, t_new, _ = hidden_states.shape
         shape = (bsz, t_new, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -170,12 +172,12 @@ class WKVAttention(nn.Module):
             query = query * self.k_scale.repeat_interleave(self.n_rep, dim=0)[:, None]
         if self.observer is not None:
             self.observer.observe(key, value)
-        if getattr(past_key_values, "stores_packed", False):  # the cache quantizes and packs
-            key_stored, value_stored = past_key_values.update(key, value, self.layer_idx)
+        if getattr(cache, "stores_packed", False):  # the cache quantizes and packs
+            key_stored, value_stored = cache.update(key, value, self.layer_idx)
         else:
             key_stored, value_stored = self._quant(key), self._quant(value)
-            if past_key_values is not None:
-                key_stored, value_stored = past_key_values.update(key_stored, value_stored, self.layer_idx)
+            if cache is not None:
+                key_stored, value_stored = cache.update(key_stored, value_stored, self.layer_idx)
         out = poq_attention(
             query, key_stored, value_stored, key, value, attention_mask, self.scaling, self.n_rep,
             poq=self.poq and self.kv_quant,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import FP_BITS, WKVQuantConfig
 from .errors import ModelError
@@ -33,23 +33,50 @@ def check_architecture(config_dict: dict, where: str) -> None:
         )
 
 
+def _local_config(source: str | os.PathLike) -> dict:
+    """The config.json of a local model directory, checked to be a supported architecture."""
+    config_file = Path(source) / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{source}: not a model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{config_file}: invalid JSON ({exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{config_file}: not UTF-8 text (invalid byte at offset {exc.start})") from exc
+    except OSError as exc:
+        raise ModelError(f"{config_file}: cannot read ({exc.strerror})") from exc
+    check_architecture(config, str(source))
+    return config
+
+
+def _unreachable_hub(source: str | os.PathLike) -> ModelError:
+    return ModelError(
+        f"{source}: not a local directory and could not be fetched from the Hugging Face hub "
+        "(offline or unknown id); download it first and pass the directory"
+    )
+
+
+def model_config(source: str | os.PathLike, revision: str | None = None) -> dict:
+    """The config of a local model directory or a hub model (a quantized artifact's too), without its weights."""
+    if Path(source).exists():
+        return _local_config(source)
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise ModelError(f"{source}: no such model directory")
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision).to_dict()
+    except OSError as exc:
+        raise _unreachable_hub(source) from exc
+    except ValueError as exc:
+        raise ModelError(f"{source}: cannot load the model config ({' '.join(str(exc).split())})") from exc
+    check_architecture(config, str(source))
+    return config
+
+
 def load_model(source: str | os.PathLike, revision: str | None = None, dtype=torch.float32):
     """Model and tokenizer from a local directory, or a hub id (fails with a clear message when offline)."""
+    model_config(source, revision)  # a bad directory or an unreachable hub fails here, with a clear message
     path = Path(source)
-    if path.exists():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise ModelError(f"{source}: not a model directory (no config.json)")
-        try:
-            check_architecture(json.loads(config_file.read_text(encoding="utf-8")), str(source))
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{config_file}: invalid JSON ({exc.msg})") from exc
-        except UnicodeDecodeError as exc:
-            raise ModelError(f"{config_file}: not UTF-8 text (invalid byte at offset {exc.start})") from exc
-        except OSError as exc:
-            raise ModelError(f"{config_file}: cannot read ({exc.strerror})") from exc
-    elif str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise ModelError(f"{source}: no such model directory")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, revision=revision, dtype=dtype, attn_implementation="eager"
@@ -59,10 +86,7 @@ def load_model(source: str | os.PathLike, revision: str | None = None, dtype=tor
         if path.exists() or not isinstance(exc, OSError):
             reason = " ".join(str(exc).split()) or type(exc).__name__  # one line
             raise ModelError(f"{source}: cannot load model files ({reason})") from exc
-        raise ModelError(
-            f"{source}: not a local directory and could not be fetched from the Hugging Face hub "
-            "(offline or unknown id); download it first and pass the directory"
-        ) from exc
+        raise _unreachable_hub(source) from exc
     check_architecture(model.config.to_dict(), str(source))
     # Weights come memory-mapped from safetensors at offsets that depend on the file's header length; CPU kernels
     # round differently on unaligned data, so a saved artifact would not reproduce its own metrics. Own copies fix it.

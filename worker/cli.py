@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import OperationalError
 
 from api.core.config import DispatcherKind, LogFormat, Settings
 from api.core.context import ServiceContext
@@ -29,15 +32,20 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="WKVQuant: W4 + KV4 post-training quantization, as a library CLI and a calibration service.")
 app.add_typer(core_app)
 app.add_typer(client_app)  # submit, status, watch, download, jobs, cancel, retry, datasets, upload
-admin = typer.Typer(no_args_is_help=True, help="Teams and API keys (talks to WKVQ_DATABASE_URL directly).")
+admin = typer.Typer(no_args_is_help=True, help="Teams and API keys, in the service database: the one `wkvq serve` "
+                                                 "uses with the same --data-dir / WKVQ_* settings.")
 app.add_typer(admin, name="admin")
 app.command("demo")(run_demo)
 out = Console(highlight=False)
+log = logging.getLogger(__name__)
+DataDir = Annotated[Optional[Path], typer.Option(
+    "--data-dir", help="service state (wkvq.db, store/) where WKVQ_DATABASE_URL / WKVQ_STORAGE_URL are not set "
+                       "(default: $WKVQ_DATA_DIR, else ./wkvq-data)")]
 
 
-def _settings() -> Settings:
+def _settings(data_dir: Path | None = None) -> Settings:
     try:
-        return Settings()
+        return Settings() if data_dir is None else Settings(DATA_DIR=data_dir)  # the option wins over the environment
     except ValueError as exc:
         out.print(f"error: invalid settings: {exc}")
         raise typer.Exit(2) from None
@@ -47,10 +55,27 @@ def _worker_id(label: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{label}"
 
 
+def _print_database(settings: Settings) -> None:
+    print(f"database: {settings.database_display}", file=sys.stderr)
+
+
+def _upgrade(settings: Settings) -> None:
+    """Bring the schema up to date; an unreachable or unusable database ends with one error line."""
+    try:
+        upgrade(settings.DATABASE_URL)
+    except (OperationalError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        out.print(f"error: cannot open the database {settings.database_display}: {reason}", markup=False,
+                  soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
-def migrate() -> None:
+def migrate(data_dir: DataDir = None) -> None:
     """Bring the database schema to the latest revision."""
-    upgrade(_settings().DATABASE_URL)
+    settings = _settings(data_dir)
+    _print_database(settings)
+    _upgrade(settings)
 
 
 @app.command()
@@ -61,6 +86,7 @@ def serve(
     processes: Annotated[int, typer.Option(min=1, help="API server processes (uvicorn workers) sharing the port; "
                                                        "more than 1 only with WKVQ_DISPATCHER=celery")] = 1,
     migrate_db: Annotated[bool, typer.Option("--migrate/--no-migrate", help="upgrade the schema first")] = True,
+    data_dir: DataDir = None,
 ) -> None:
     """Run the API (and, in the embedded local mode, in-process workers and the reaper)."""
     import uvicorn
@@ -72,14 +98,15 @@ def serve(
     from .reaper import ReaperThread
     from .runner import JobRunner
 
-    settings = _settings()
+    settings = _settings(data_dir)
     if processes > 1 and settings.DISPATCHER == DispatcherKind.LOCAL:
         out.print("error: --processes above 1 needs WKVQ_DISPATCHER=celery: in the embedded mode a submission wakes "
                   "the in-process workers of the process that took it")
         raise typer.Exit(2)
     configure_logging(settings.LOG_FORMAT)
+    log.info("database: %s; artifact store: %s", settings.database_display, settings.STORAGE_URL)
     if migrate_db:
-        upgrade(settings.DATABASE_URL)
+        _upgrade(settings)
     ctx = ServiceContext.from_settings(settings)
     stop = threading.Event()
     ReaperThread(ctx, stop).start()
@@ -90,6 +117,7 @@ def serve(
             LocalWorker(runner, settings.GPU_CLASSES, stop, ctx.dispatcher.wakeup).start()
     try:
         if processes > 1:  # each process builds its own app (api_app); this one supervises them and reaps
+            os.environ["WKVQ_DATA_DIR"] = str(settings.DATA_DIR)  # the same state as this process's settings
             uvicorn.run("worker.cli:api_app", factory=True, workers=processes, host=host, port=port,
                         log_level="info", log_config=None)
         else:
@@ -110,9 +138,10 @@ def api_app():
 def worker(
     queue: Annotated[list[str], typer.Option(help="GPU class(es) to take jobs from; default: the first configured")] = [],
     gpus: Annotated[Optional[str], typer.Option(help="GPU ids, e.g. 0 or 0,1 (one worker process per GPU)")] = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Run a GPU worker: Celery (WKVQ_DISPATCHER=celery) or database polling (local)."""
-    settings = _settings()
+    settings = _settings(data_dir)
     queues = queue or settings.GPU_CLASSES[:1]
     unknown = sorted(set(queues) - set(settings.GPU_CLASSES))
     if unknown:
@@ -120,14 +149,14 @@ def worker(
         raise typer.Exit(2)
     devices = [d.strip() for d in gpus.split(",")] if gpus else []
     if len(devices) > 1:
-        raise typer.Exit(_one_process_per_gpu(queues, devices))
+        raise typer.Exit(_one_process_per_gpu(queues, devices, settings.DATA_DIR))
     if devices:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
     _run_worker(settings, queues, devices[0] if devices else "cpu")
 
 
-def _one_process_per_gpu(queues: list[str], devices: list[str]) -> int:
-    args = [arg for q in queues for arg in ("--queue", q)]
+def _one_process_per_gpu(queues: list[str], devices: list[str], data_dir: Path) -> int:
+    args = [arg for q in queues for arg in ("--queue", q)] + ["--data-dir", str(data_dir)]
     children = [subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", *args, "--gpus", d]) for d in devices]
 
     def forward(signum, _frame) -> None:
@@ -148,6 +177,7 @@ def _run_worker(settings: Settings, queues: list[str], device: str) -> None:
 
     worker_id = _worker_id(f"{'+'.join(queues)}:gpu{device}")
     configure_logging(settings.LOG_FORMAT, worker_id=worker_id)
+    log.info("database: %s; artifact store: %s", settings.database_display, settings.STORAGE_URL)
     ctx = ServiceContext.from_settings(settings)
     runner = JobRunner(ctx, worker_id)
     stop = threading.Event()
@@ -166,30 +196,31 @@ def _run_worker(settings: Settings, queues: list[str], device: str) -> None:
 
 
 @admin.command("create-team")
-def create_team(name: str) -> None:
+def create_team(name: str, data_dir: DataDir = None) -> None:
     """Create a team."""
-    _admin(lambda ctx, s: team_service.create_team(s, name=name))
+    _admin(lambda ctx, s: team_service.create_team(s, name=name), data_dir)
     out.print(f"team {name} created")
 
 
 @admin.command("create-key")
-def create_key(team: str, name: Annotated[str, typer.Option(help="a label for the key")] = "") -> None:
+def create_key(team: str, name: Annotated[str, typer.Option(help="a label for the key")] = "",
+               data_dir: DataDir = None) -> None:
     """Issue an API key for TEAM; the key is printed once and only its hash is stored."""
-    issued = _admin(lambda ctx, s: team_service.create_key(s, team_name=team, name=name))
+    issued = _admin(lambda ctx, s: team_service.create_key(s, team_name=team, name=name), data_dir)
     print(issued.key)
 
 
 @admin.command("revoke-key")
-def revoke_key(prefix: str) -> None:
+def revoke_key(prefix: str, data_dir: DataDir = None) -> None:
     """Revoke the key with this visible PREFIX (the part after `wkvq_`)."""
-    _admin(lambda ctx, s: team_service.revoke_key(s, prefix=prefix))
+    _admin(lambda ctx, s: team_service.revoke_key(s, prefix=prefix), data_dir)
     out.print(f"key {prefix} revoked")
 
 
 @admin.command("list-keys")
-def list_keys() -> None:
+def list_keys(data_dir: DataDir = None) -> None:
     """Teams and their keys (prefix, label, revoked)."""
-    rows = _admin(lambda ctx, s: team_service.list_keys(s))
+    rows = _admin(lambda ctx, s: team_service.list_keys(s), data_dir)
     table = Table("team", "prefix", "name", "created", "revoked")
     for key, team in rows:
         table.add_row(team.name, key.prefix, key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
@@ -197,9 +228,10 @@ def list_keys() -> None:
     out.print(table)
 
 
-def _admin(action):
-    settings = _settings()
-    upgrade(settings.DATABASE_URL)
+def _admin(action, data_dir: Path | None):
+    settings = _settings(data_dir)
+    _print_database(settings)  # on stderr: stdout is the result (create-key's key)
+    _upgrade(settings)
     ctx = ServiceContext.from_settings(settings)
     try:
         with ctx.session() as session:

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "wkvq_core" / "assets"
 
@@ -23,9 +25,13 @@ class LogFormat(str, Enum):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="WKVQ_", env_file=".env", env_ignore_empty=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WKVQ_", env_file=".env", env_ignore_empty=True, extra="ignore",
+                                      hide_input_in_errors=True)  # errors must not show a password
 
-    DATABASE_URL: str = "sqlite:///wkvq-data/wkvq.db"
+    # Where the service keeps its state unless DATABASE_URL / STORAGE_URL say otherwise (relative: to the working
+    # directory of the process that reads the settings).
+    DATA_DIR: Path = Path("wkvq-data")
+    DATABASE_URL: str  # default: sqlite:///DATA_DIR/wkvq.db
     # Postgres connections a process keeps open once it has needed them, and how many more it may open for a while
     # (closed when given back). Pool + overflow = 40 = the API's thread pool, so a request thread never waits for a
     # connection; a pool smaller than the usual concurrency opens and closes a connection (a Postgres backend) per
@@ -35,7 +41,7 @@ class Settings(BaseSettings):
     # Threads of an API process that run job status and list reads (what clients poll) at once. A read is one or two
     # short queries; a few threads keep the database busy, dozens only contend for the GIL (benchmarks/RESULTS.md).
     READ_THREADS: int = Field(2, ge=1)
-    STORAGE_URL: str = "file://wkvq-data/store"
+    STORAGE_URL: str  # default: file://DATA_DIR/store
     STORAGE_OPTIONS: dict[str, Any] = Field(default_factory=dict)
     DISPATCHER: DispatcherKind = DispatcherKind.LOCAL
     BROKER_URL: str = "redis://127.0.0.1:6379/0"
@@ -52,12 +58,23 @@ class Settings(BaseSettings):
     DEVICE: str = "auto"
     LOG_FORMAT: LogFormat = LogFormat.TEXT
 
+    @model_validator(mode="before")
+    @classmethod
+    def _state_under_data_dir(cls, values: dict[str, Any]) -> dict[str, Any]:
+        data_dir = Path(values.get("DATA_DIR") or cls.model_fields["DATA_DIR"].default).expanduser().resolve()
+        defaults = {"DATABASE_URL": f"sqlite:///{data_dir / 'wkvq.db'}", "STORAGE_URL": f"file://{data_dir / 'store'}"}
+        return defaults | values | {"DATA_DIR": data_dir}
+
     @field_validator("DATABASE_URL")
     @classmethod
     def _psycopg3(cls, url: str) -> str:
         for prefix in ("postgres://", "postgresql://"):
             if url.startswith(prefix):
-                return "postgresql+psycopg://" + url.removeprefix(prefix)
+                url = "postgresql+psycopg://" + url.removeprefix(prefix)
+        try:
+            make_url(url)
+        except (ArgumentError, ValueError):
+            raise ValueError("not a database URL (sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB)") from None
         return url
 
     @field_validator("STORAGE_URL")
@@ -78,3 +95,8 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.DATABASE_URL.startswith("sqlite")
+
+    @property
+    def database_display(self) -> str:
+        """DATABASE_URL with its password masked, for logs and messages."""
+        return make_url(self.DATABASE_URL).render_as_string(hide_password=True)

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from wkvq_core.config import check_seqlen
+from wkvq_core.errors import ConfigError
+
 from ..core.config import Settings
 from ..core.errors import InvalidField
 from .schemas import HubModel, LocalModel
@@ -80,7 +83,7 @@ def check_dims(config: dict[str, Any], quant) -> None:
     if quant.kv_bits != 16 and quant.kv_group_size is not None and head_dim % quant.kv_group_size:
         raise InvalidField(("body", "config", "kv_group_size"),
                            f"kv_group_size {quant.kv_group_size} does not divide head_dim {head_dim}")
-    max_len = config.get("max_position_embeddings")
-    if isinstance(max_len, int) and quant.seqlen > max_len:
-        raise InvalidField(("body", "config", "seqlen"), f"seqlen {quant.seqlen} exceeds the model's "
-                                                        f"max_position_embeddings {max_len}")
+    try:
+        check_seqlen(quant.seqlen, config)  # the same check and message as `wkvq quantize` / `wkvq eval`
+    except ConfigError as exc:
+        raise InvalidField(("body", "config", "seqlen"), str(exc)) from None
