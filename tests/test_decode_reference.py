@@ -35,6 +35,7 @@ from wkvq_core.kivi_cache import KIVICache, kivi_bytes
 from wkvq_core.kv_cache import WKVQuantCache
 from wkvq_core.model import prepare_model_, quant_state
 
+from test_kivi_cache import fake_quant_group
 from test_kv_quant import randomize_smoothing_
 
 KV_BITS = 4
@@ -80,20 +81,12 @@ def model_and_windows(request, tiny_model, calib_ids, eval_ids):
 
 # --------------------------------------------------------------------------- KIVI's schedule without a cache
 
-def kivi_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """KIVI's asymmetric quantization of each group along the last dim, dequantized (fp16 scale and minimum)."""
-    x = x.float()
-    mn = x.amin(-1, keepdim=True).half().float()
-    scale = ((x.amax(-1, keepdim=True) - mn) / (2**bits - 1)).clamp(min=1e-6).half().float()
-    return ((x - mn) / scale).round().clamp(0, 2**bits - 1) * scale + mn
-
-
 def kivi_keys(keys: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Keys quantized per channel over aligned groups of `group` tokens (a last incomplete group kept as is)."""
     b, h, t, d = keys.shape
     full = t // group * group
     grouped = keys[:, :, :full].reshape(b, h, full // group, group, d).transpose(-1, -2)
-    quantized = kivi_fake_quant(grouped, bits).transpose(-1, -2).reshape(b, h, full, d)
+    quantized = fake_quant_group(grouped, bits).transpose(-1, -2).reshape(b, h, full, d)
     return torch.cat([quantized.to(keys.dtype), keys[:, :, full:]], dim=2)
 
 
@@ -101,7 +94,7 @@ def kivi_values(values: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Values quantized per token over groups of min(group, head_dim) channels."""
     b, h, t, d = values.shape
     v_group = min(group, d)
-    return kivi_fake_quant(values.reshape(b, h, t, d // v_group, v_group), bits).reshape(b, h, t, d).to(values.dtype)
+    return fake_quant_group(values.reshape(b, h, t, d // v_group, v_group), bits).reshape(b, h, t, d).to(values.dtype)
 
 
 @contextmanager

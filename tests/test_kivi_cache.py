@@ -12,9 +12,11 @@ from wkvq_core.kivi_cache import KIVICache, kivi_bytes
 
 
 def fake_quant_group(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """One group of values, quantized and dequantized as KIVI does (fp16 scale and minimum)."""
-    mn = x.min().half().float()
-    scale = ((x.max() - mn) / (2**bits - 1)).clamp(min=1e-6).half().float()
+    """Groups along the last dim (one group for a 1-D x), quantized and dequantized as KIVI does (fp16 scale and
+    minimum), in fp32."""
+    x = x.float()
+    mn = x.amin(-1, keepdim=True).half().float()
+    scale = ((x.amax(-1, keepdim=True) - mn) / (2**bits - 1)).clamp(min=1e-6).half().float()
     return ((x - mn) / scale).round().clamp(0, 2**bits - 1) * scale + mn
 
 

@@ -17,4 +17,3 @@ def with_cache(cache) -> dict:
     """Keyword arguments that hand `cache` to a model's `forward` or `generate` in the installed transformers:
     `model(ids, **with_cache(cache), use_cache=True)`."""
     return {CACHE_KEYWORD: cache}
-
