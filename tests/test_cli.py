@@ -155,6 +155,7 @@ def test_quantize_writes_artifact_and_prints_metrics(quantized):
     ppl = printed["eval"]["ppl"]
     assert set(ppl) == {"fp", "w", "wkv"}
     assert all(math.isfinite(v) and v > 1 for v in ppl.values()), ppl
+    assert set(printed["eval"]["baselines"]["rtn"]) == {"w", "wkv"}  # values: tests/test_pipeline.py
     assert printed["eval"]["tokens"] > 0
     assert run["resumed_blocks"] == 0 and run["seconds"] > 0
     assert len(printed["calibration"]["block_losses"]) == N_BLOCKS
@@ -210,6 +211,11 @@ def test_quantize_human_output(tmp_path, eval_head):
     assert result.exit_code == 0, (result.output, result.exception)
     assert f"wrote {out} in" in result.stdout
     assert "wkv" in result.stdout and "bytes/token" in result.stdout
+    assert "RTN ppl" in result.stdout and "Δ vs RTN" in result.stdout
+    evaluation = json.loads((out / "metrics.json").read_text())["eval"]
+    rtn, ppl = evaluation["baselines"]["rtn"]["wkv"], evaluation["ppl"]["wkv"]
+    [row] = [line for line in result.stdout.splitlines() if line.startswith("│ wkv ")]
+    assert [cell.strip() for cell in row.split("│")[2:-1]] == [f"{ppl:.4f}", f"{rtn:.4f}", f"{ppl - rtn:+.4f}"]
     assert (out / "manifest.json").is_file()
 
 
@@ -217,6 +223,7 @@ def test_eval_table_output(quantized, eval_head):
     result = invoke("eval", "--model", quantized["out"], "--data", eval_head, "--seqlen", SEQLEN, "--mode", "wkv")
     assert result.exit_code == 0, (result.output, result.exception)
     assert "wkv" in result.stdout and "bytes/token" in result.stdout
+    assert "RTN" not in result.stdout  # baselines come with a quantize run only
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import CRRLoss, WKVQuantConfig
 from .errors import CalibrationCancelled, ConfigError, WKVQError
@@ -219,13 +221,65 @@ def _calibrate_block(
     x_fp: torch.Tensor,
     callbacks: CalibrationCallbacks,
 ) -> float:
-    calib = config.calib
     block = blocks.layers[index]
     clip, smooth = calibration_parameters(block)
     if smooth:
         _init_smoothing(block, blocks, x_q, config.kv.smooth_alpha)
     if not clip + smooth:
         return float("nan")
+    if smooth and config.kv.smooth_param == "relative":
+        with relative_smoothing(attentions(block)) as smooth:
+            return _train_block(config, blocks, index, stop, x_q, x_fp, callbacks, clip, smooth)
+    return _train_block(config, blocks, index, stop, x_q, x_fp, callbacks, clip, smooth)
+
+
+class _LogScale(nn.Module):
+    def forward(self, log_scale: torch.Tensor) -> torch.Tensor:
+        return log_scale.exp()
+
+    def right_inverse(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.log()
+
+
+class _RelativeShift(nn.Module):
+    """shift = centre + unit * u: Adam's step on u moves the shift by a fixed fraction of the channel's range."""
+
+    def __init__(self, centre: torch.Tensor, unit: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("centre", centre.detach().clone())
+        self.register_buffer("unit", unit.detach().clone())
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.centre + self.unit * u
+
+    def right_inverse(self, shift: torch.Tensor) -> torch.Tensor:
+        return (shift - self.centre) / self.unit
+
+
+@contextmanager
+def relative_smoothing(atts: list[nn.Module]):
+    """Train log(scale) and shift in units of the initial scale (the channel's smoothed half-range) instead of
+    scale and shift; yields the parameters to train and leaves plain (trained) k/v scale and shift on exit."""
+    names = ("k_scale", "k_shift", "v_scale", "v_shift")
+    try:
+        for attn in atts:
+            for kind in "kv":
+                scale = getattr(attn, f"{kind}_scale").detach()
+                parametrize.register_parametrization(attn, f"{kind}_scale", _LogScale())
+                parametrize.register_parametrization(
+                    attn, f"{kind}_shift", _RelativeShift(getattr(attn, f"{kind}_shift"), scale)
+                )
+        yield [attn.parametrizations[name].original for attn in atts for name in names]
+    finally:
+        for attn in atts:
+            for name in names:
+                if parametrize.is_parametrized(attn, name):
+                    parametrize.remove_parametrizations(attn, name, leave_parametrized=True)
+                getattr(attn, name).requires_grad_(False)
+
+
+def _train_block(config, blocks, index, stop, x_q, x_fp, callbacks, clip, smooth) -> float:
+    calib = config.calib
     groups = [g for g in ({"params": clip, "lr": config.weight.lr}, {"params": smooth, "lr": config.kv.lr}) if g["params"]]
     params = clip + smooth
     for p in params:

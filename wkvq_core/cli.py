@@ -106,11 +106,19 @@ class _RichEvents:
 
 
 def print_eval_table(result: dict) -> None:
+    """Perplexity per mode; with a job's RTN baselines (`baselines.rtn`), also those and the difference to them."""
+    rtn = (result.get("baselines") or {}).get("rtn")
     table = Table(caption=f"{result['tokens']} tokens")
     table.add_column("mode")
     table.add_column("ppl", justify="right")
+    if rtn is not None:
+        table.add_column("RTN ppl", justify="right")
+        table.add_column("Δ vs RTN", justify="right")
     for mode, ppl in result["ppl"].items():
-        table.add_row(mode, f"{ppl:.4f}")
+        row = [mode, f"{ppl:.4f}"]
+        if rtn is not None:
+            row += [f"{rtn[mode]:.4f}", f"{ppl - rtn[mode]:+.4f}"] if mode in rtn else ["-", "-"]
+        table.add_row(*row)
     out.print(table)
     out.print(f"KV cache: {result['kv_bytes_per_token']:.1f} bytes/token (fp16: {result['kv_bytes_per_token_fp16']:.1f})")
 

@@ -12,6 +12,7 @@ from .errors import ConfigError
 FP_BITS = 16
 QUANT_BITS = range(2, 9)
 DEFAULT_SEQLEN = 2048
+SMOOTH_PARAMS = ("direct", "relative")
 
 
 class EvalMode(str, Enum):
@@ -87,6 +88,16 @@ class KVQuantConfig:
     head in groups of `group_size` channels (None: the whole head_dim).
     poq: past-only quantization, the current token attends to its own K/V in full precision.
     smooth_alpha: initial scale = half-range ** smooth_alpha per channel, normalised to geometric mean 1.
+
+    Beyond the paper (all off in the `paper` preset):
+    smooth_param: "direct" trains scale and shift themselves (the paper); "relative" trains log(scale) and the
+        shift in units of the channel's initial scale, so an Adam step moves every channel by the same relative
+        amount (use with a larger lr, e.g. 1e-2: at 5e-4 neither form moves far in one block's few steps).
+    k_pre_rope: smooth and quantize K before RoPE (KVQuant); RoPE is applied to the dequantized keys.
+    rotate: an orthonormal Hadamard rotation of the head dim after smoothing (K with q, V undone after attention).
+    sink_tokens: the first tokens of every sequence stay in full precision in the cache (attention sinks).
+    fp_prefill: a forward of several new tokens through a cache (generate's prefill) attends to all of them in full
+        precision; they are stored quantized. Teacher-forced perplexity (one pass, no cache) is unaffected.
     """
 
     bits: int = 4
@@ -95,6 +106,11 @@ class KVQuantConfig:
     smooth_alpha: float = 0.75
     lr: float = 5e-4
     poq: bool = True
+    smooth_param: str = "direct"
+    k_pre_rope: bool = False
+    rotate: bool = False
+    sink_tokens: int = 0
+    fp_prefill: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("kv_bits", self.bits)
@@ -102,6 +118,10 @@ class KVQuantConfig:
             raise ConfigError(f"kv_group_size must be positive; got {self.group_size}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"smooth_alpha must be in [0, 1]; got {self.smooth_alpha}")
+        if self.smooth_param not in SMOOTH_PARAMS:
+            raise ConfigError(f"smooth_param must be one of {', '.join(SMOOTH_PARAMS)}; got {self.smooth_param!r}")
+        if self.sink_tokens < 0:
+            raise ConfigError(f"sink_tokens must be >= 0; got {self.sink_tokens}")
 
     @property
     def enabled(self) -> bool:

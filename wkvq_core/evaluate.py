@@ -17,7 +17,7 @@ from transformers import Cache, DynamicCache
 
 from .cache_keyword import with_cache
 from .config import FP_BITS, EvalMode, KVQuantConfig
-from .model import quant_state
+from .model import frozen_weights, quant_state
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def perplexity(model, windows: torch.Tensor, mode: EvalMode = EvalMode.WKV, devi
     """Teacher-forced perplexity over (n, seqlen) windows; each window predicts its tokens 1..seqlen-1."""
     nll_sum, tokens = 0.0, 0
     model.to(device)
-    with quant_state(model, **_mode_flags(mode)):
+    with quant_state(model, **_mode_flags(mode)), frozen_weights(model):
         for s in range(0, windows.shape[0], batch_size):
             ids = windows[s : s + batch_size].to(device)
             logits = model(ids, use_cache=False).logits[:, :-1].float()
@@ -66,7 +66,7 @@ def decode_perplexity(
     """
     nll_sum, tokens = 0.0, 0
     model.to(device)
-    with quant_state(model, **_mode_flags(mode)):
+    with quant_state(model, **_mode_flags(mode)), frozen_weights(model):
         for window in windows.to(device):
             cache = make_cache() if make_cache is not None else DynamicCache(config=model.config)
             for t in range(window.numel() - 1):

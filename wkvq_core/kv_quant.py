@@ -10,17 +10,22 @@ POQ in a parallel pass over T new tokens after `past` cached ones (prefill, teac
     score(i, j <  i) = q_i . dequant(K~_j)      score(i, i) = q_i . K~_i   (full precision)
     out_i = sum_{j<i} P_ij dequant(V~_j) + P_ii V~_i
 which equals token-by-token decoding with a quantized cache.
+
+Options beyond the paper (`KVQuantConfig`): K smoothed and quantized before RoPE, RoPE applied to the dequantized
+keys (`k_pre_rope`); a Hadamard rotation H of the head dim after smoothing, q rotated with K and the attention
+output rotated back (`rotate`: exact in full precision, H orthonormal); the first `sink_tokens` of a sequence kept
+in full precision; full-precision attention among the tokens of one prefill (`fp_prefill`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
 
 from .config import FP_BITS, KVQuantConfig, WeightQuantConfig
 from .errors import ConfigError
-from .primitives import fake_quant_per_token
+from .primitives import fake_quant_per_token, hadamard
 from .weight_clip import QuantLinear
 
 
@@ -84,10 +89,12 @@ class ChannelRange:
 class WKVAttention(nn.Module):
     """Drop-in replacement for a LLaMA/Mistral attention module: fake-quantized projections, 2D KV smoothing,
     per-token KV quantization and POQ. Works with and without a transformers `Cache` (which then stores the
-    quantized K~/V~). Switches: `kv_quant`, `poq`, `smoothing`, and `weight_quant` on each projection."""
+    quantized K~/V~). Switches: `kv_quant`, `poq`, `smoothing`, and `weight_quant` on each projection.
+    rotary: the model's rotary embedding, needed with `k_pre_rope` to rotate cached keys."""
 
     def __init__(
-        self, attn: nn.Module, weight_cfg: WeightQuantConfig, kv_cfg: KVQuantConfig, act_bits: int = FP_BITS
+        self, attn: nn.Module, weight_cfg: WeightQuantConfig, kv_cfg: KVQuantConfig, act_bits: int = FP_BITS,
+        rotary: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.config, self.layer_idx = attn.config, attn.layer_idx
@@ -97,6 +104,10 @@ class WKVAttention(nn.Module):
         group = kv_cfg.group_size or self.head_dim
         if self.head_dim % group:
             raise ConfigError(f"kv_group_size {kv_cfg.group_size} does not divide head_dim {self.head_dim}")
+        if kv_cfg.rotate and self.head_dim & (self.head_dim - 1):
+            raise ConfigError(f"kv rotate needs a power-of-two head_dim; this model has {self.head_dim}")
+        if kv_cfg.k_pre_rope and rotary is None:
+            raise ConfigError("k_pre_rope needs the model's rotary embedding")
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, QuantLinear(getattr(attn, name), weight_cfg, act_bits))
         shape = (self.n_kv_heads, self.head_dim)
@@ -108,6 +119,9 @@ class WKVAttention(nn.Module):
         self.kv_bits, self.kv_group = kv_cfg.bits, kv_cfg.group_size
         self.smoothing = self.smoothing_configured = kv_cfg.smoothing
         self.poq = kv_cfg.poq
+        self.k_pre_rope, self.sink_tokens, self.fp_prefill = kv_cfg.k_pre_rope, kv_cfg.sink_tokens, kv_cfg.fp_prefill
+        self.register_buffer("rotation", hadamard(self.head_dim, dtype) if kv_cfg.rotate else None, persistent=False)
+        self._rotary = [rotary]  # a list: a reference, not a submodule of this layer
         self.v_folded = False  # True when v_proj / o_proj already hold the V smoothing (a loaded artifact)
         self.kv_quant = kv_cfg.enabled
         self.observer: ChannelRange | None = None
@@ -148,8 +162,37 @@ class WKVAttention(nn.Module):
         proj = getattr(self, name)
         return proj.linear(x, *self.projection(name)) if self._folds_v(name) else proj(x)
 
-    def _quant(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_per_token(x, self.kv_bits, self.kv_group) if self.kv_quant else x
+    def _quant(self, x: torch.Tensor, past: int) -> torch.Tensor:
+        """Fake-quantized x (B, H_kv, T, D) of the tokens at positions past.., the first `sink_tokens` kept."""
+        if not self.kv_quant:
+            return x
+        keep = min(max(self.sink_tokens - past, 0), x.shape[-2])
+        quantized = fake_quant_per_token(x[..., keep:, :], self.kv_bits, self.kv_group)
+        return torch.cat([x[..., :keep, :], quantized], dim=-2) if keep else quantized
+
+    def _rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        if self.rotation is None:
+            return x
+        rotation = self.rotation.to(x)
+        return x @ (rotation.T if inverse else rotation)
+
+    def _stored_positions(self, position_ids: torch.Tensor | None, past: int, total: int, ref: torch.Tensor):
+        """cos / sin of the positions of all `total` stored tokens, the new ones ending at `position_ids`."""
+        if position_ids is None:
+            position_ids = torch.arange(past, past + ref.shape[-2], device=ref.device)[None]
+        first = position_ids[:, :1] - past
+        return self._rotary[0](ref, first + torch.arange(total, device=ref.device)[None])
+
+    def _keys_for_attention(self, stored: torch.Tensor, position_embeddings, position_ids, past: int):
+        """Keys as the attention uses them, from the stored (dequantized) K~: with `k_pre_rope`, unrotated,
+        unsmoothed and then RoPE-rotated at their positions; otherwise K~ itself (scores use q * s_k)."""
+        if not self.k_pre_rope:
+            return stored
+        key = self._rotate(stored, inverse=True)
+        if self.smoothing:
+            key = key * self.k_scale[:, None] + self.k_shift[:, None]
+        cos, sin = position_embeddings if past == 0 else self._stored_positions(position_ids, past, key.shape[-2], key)
+        return key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
 
     def forward(
         self,
@@ -158,6 +201,7 @@ class WKVAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache=None,
         past_key_values=None,
+        position_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cache = cache if cache is not None else past_key_values  # transformers 5.24 passes `cache=`, 5.23 the old name
@@ -166,20 +210,35 @@ class WKVAttention(nn.Module):
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self._project("v_proj", hidden_states).view(shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        roped_query, roped_key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        query, key = (roped_query, key) if self.k_pre_rope else (roped_query, roped_key)
         if self.smoothing:
             key = (key - self.k_shift[:, None]) / self.k_scale[:, None]
-            query = query * self.k_scale.repeat_interleave(self.n_rep, dim=0)[:, None]
+            if not self.k_pre_rope:
+                query = query * self.k_scale.repeat_interleave(self.n_rep, dim=0)[:, None]
         if self.observer is not None:
             self.observer.observe(key, value)
+        key, value = self._rotate(key), self._rotate(value)
+        if not self.k_pre_rope:
+            query = self._rotate(query)
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if getattr(cache, "stores_packed", False):  # the cache quantizes and packs
+            if self.sink_tokens:
+                raise ConfigError("sink_tokens are not supported by the packed WKVQuantCache yet; use a DynamicCache")
             key_stored, value_stored = cache.update(key, value, self.layer_idx)
         else:
-            key_stored, value_stored = self._quant(key), self._quant(value)
+            key_stored, value_stored = self._quant(key, past), self._quant(value, past)
             if cache is not None:
                 key_stored, value_stored = cache.update(key_stored, value_stored, self.layer_idx)
+        key_stored = self._keys_for_attention(key_stored, position_embeddings, position_ids, past)
+        key_new = roped_key if self.k_pre_rope else key
+        poq = self.poq and self.kv_quant
+        if self.fp_prefill and cache is not None and t_new > 1:  # the prefill's tokens see each other unquantized
+            key_stored = torch.cat([key_stored[..., :past, :], key_new], dim=-2)
+            value_stored = torch.cat([value_stored[..., :past, :], value], dim=-2)
+            poq = False
         out = poq_attention(
-            query, key_stored, value_stored, key, value, attention_mask, self.scaling, self.n_rep,
-            poq=self.poq and self.kv_quant,
+            query, key_stored, value_stored, key_new, value, attention_mask, self.scaling, self.n_rep, poq=poq,
         )
+        out = self._rotate(out, inverse=True)
         return self._project("o_proj", out.reshape(bsz, t_new, -1)), None

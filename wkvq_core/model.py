@@ -108,7 +108,7 @@ def prepare_model_(model: PreTrainedModel, config: WKVQuantConfig) -> PreTrained
     kv_cfg = type(config.kv)(**{**config.kv.__dict__, "smoothing": smoothing})
     model.set_attn_implementation("eager")  # masks arrive as additive (B, 1, T, S) tensors
     for layer in decoder_layers(model):
-        layer.self_attn = WKVAttention(layer.self_attn, config.weight, kv_cfg, config.act_bits)
+        layer.self_attn = WKVAttention(layer.self_attn, config.weight, kv_cfg, config.act_bits, model.model.rotary_emb)
         for name in MLP_PROJECTIONS:
             setattr(layer.mlp, name, QuantLinear(getattr(layer.mlp, name), config.weight, config.act_bits))
     model.requires_grad_(False)
@@ -128,6 +128,21 @@ def calibration_parameters(block: nn.Module) -> tuple[list[nn.Parameter], list[n
     clip = [p for lin in quant_linears(block) if lin.clip is not None for p in lin.clip.parameters()]
     smooth = [p for attn in attentions(block) if attn.smoothing_configured for p in attn.smoothing_parameters()]
     return clip, smooth
+
+
+@contextmanager
+def frozen_weights(module: nn.Module):
+    """Fake-quantize every QuantLinear's own weight once for a run of inference-only forwards (evaluation), in
+    the quantization state set on entry, instead of on every forward."""
+    lins = quant_linears(module)
+    try:
+        with torch.no_grad():
+            for lin in lins:
+                lin.frozen_weight = lin.fake_quant(lin.weight).detach()
+        yield module
+    finally:
+        for lin in lins:
+            lin.frozen_weight = None
 
 
 @contextmanager

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from .artifact import save_artifact
 from .calibrate import CalibrationReport, calibrate_
-from .config import WKVQuantConfig
+from .config import FP_BITS, WKVQuantConfig
 from .data import calibration_samples, eval_windows, load_text, tokenize
-from .errors import ConfigError
+from .errors import CalibrationCancelled, ConfigError
 from .evaluate import EvalMode, kv_bytes_per_token, perplexity
 from .model import load_model, prepare_model_
 from .progress import CalibrationCallbacks
@@ -56,6 +57,26 @@ def evaluate_modes(model, config: WKVQuantConfig, windows: torch.Tensor, modes, 
     return result
 
 
+def rtn_baselines(
+    model, config: WKVQuantConfig, windows: torch.Tensor, device="cpu", callbacks: CalibrationCallbacks | None = None
+) -> dict[str, float]:
+    """Perplexity (mode -> ppl) of round-to-nearest quantization at `config`'s bits and group sizes: a copy of the
+    full-precision `model` prepared without learned clipping or smoothing and not calibrated. Mode `w` when weights
+    or activations are quantized, `wkv` when the KV cache is. Raises CalibrationCancelled when `callbacks` asks."""
+    quantized = {EvalMode.W: config.weight.enabled or config.act_bits != FP_BITS, EvalMode.WKV: config.kv.enabled}
+    modes = [mode for mode, on in quantized.items() if on]
+    if not modes:
+        return {}
+    rtn = replace(config, weight=replace(config.weight, lwc=False), kv=replace(config.kv, smoothing=False))
+    rtn_model = prepare_model_(copy.deepcopy(model), rtn)
+    baselines = {}
+    for mode in modes:
+        if callbacks is not None and callbacks.cancelled():
+            raise CalibrationCancelled(f"cancelled while measuring the RTN baselines, before mode {mode.value}")
+        baselines[mode.value] = perplexity(rtn_model, windows, mode, device=device).ppl
+    return baselines
+
+
 @dataclass
 class QuantizeJob:
     model: str
@@ -74,18 +95,24 @@ class QuantizeJob:
 
 def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = None) -> dict[str, Any]:
     """Run a job end to end. The artifact's metrics.json holds what the same job always reproduces (losses,
-    perplexities); the returned metrics add this run's `run` section (seconds, peak memory, resumed blocks)."""
+    perplexities); the returned metrics add this run's `run` section (seconds, peak memory, resumed blocks).
+
+    With an eval text, `metrics["eval"]` is `evaluate_modes`' table plus `baselines.rtn` (`rtn_baselines`, measured
+    on the full-precision model before calibrating): `{"ppl": {"fp", "w", "wkv"}, "baselines": {"rtn": {"w",
+    "wkv"}}, "tokens", ...}`, so that `ppl[mode]` against `baselines.rtn[mode]` shows what calibration bought."""
     device = resolve_device(job.device)
     model, tokenizer = load_model(job.model, revision=job.revision)
     calib = job.config.calib
     samples = calibration_samples(tokenize(tokenizer, load_text(job.calib)), calib.nsamples, calib.seqlen, calib.seed)
     windows = eval_windows(tokenize(tokenizer, load_text(job.eval)), calib.seqlen) if job.eval else None
+    baselines = rtn_baselines(model, job.config, windows, device, callbacks) if windows is not None else None
     report = quantize_model_(model, job.config, samples, device=device, callbacks=callbacks)
     metrics: dict[str, Any] = {
         "calibration": {"block_losses": [None if math.isnan(x) else x for x in report.block_losses], "device": device},
     }
     if windows is not None:
         metrics["eval"] = evaluate_modes(model, job.config, windows, list(EvalMode), device=device)
+        metrics["eval"]["baselines"] = {"rtn": baselines}
     model.to("cpu")
     save_artifact(job.out, model, tokenizer, job.config, metrics, fp_dtype=getattr(torch, job.fp_dtype))
     run = {"seconds": report.seconds, "peak_memory_bytes": report.peak_memory_bytes,

@@ -26,6 +26,7 @@ __all__ = [
     "fake_quant_per_token",
     "quantize_per_token",
     "dequantize_per_token",
+    "hadamard",
 ]
 
 
@@ -132,3 +133,13 @@ def quantize_per_token(x: torch.Tensor, bits: int, group_size: int | None = None
 def dequantize_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32):
     grouped = codes.to(dtype).reshape(*scale.shape, -1)
     return ((grouped - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).reshape(codes.shape)
+
+
+def hadamard(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of size n (a power of two): H @ H.T = I, H symmetric."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two size; got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(dtype=dtype, device=device)

@@ -49,6 +49,7 @@ class QuantLinear(nn.Module):
         )
         self.weight_quant = config.enabled
         self.act_quant = act_bits != FP_BITS
+        self.frozen_weight: torch.Tensor | None = None  # fake_quant(weight) held during evaluation (frozen_weights)
 
     def _clip_factors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.clip.factors() if self.clip is not None else (None, None)
@@ -63,11 +64,16 @@ class QuantLinear(nn.Module):
         return quantize_weight(weight, self.bits, self.group_size, *self._clip_factors())
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._quantized_linear(x, self.fake_quant(weight), bias)
+
+    def _quantized_linear(self, x: torch.Tensor, quantized_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.act_quant:
             x = fake_quant_per_token(x, self.act_bits)
-        return F.linear(x, self.fake_quant(weight), bias)
+        return F.linear(x, quantized_weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen_weight is not None:
+            return self._quantized_linear(x, self.frozen_weight, self.bias)
         return self.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

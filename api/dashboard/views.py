@@ -59,8 +59,11 @@ def metric_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     evaluation, run = metrics.get("eval") or {}, metrics.get("run") or {}
     ppl = evaluation.get("ppl") or {}
     reference = ppl.get("fp")
+    rtn = (evaluation.get("baselines") or {}).get("rtn")  # None for jobs from before the baselines
+    baseline = rtn or {}
     rows = [{"mode": mode, "label": label, "ppl": ppl[mode],
-             "delta": None if reference is None or mode == "fp" else ppl[mode] - reference}
+             "delta": None if reference is None or mode == "fp" else ppl[mode] - reference,
+             "rtn": baseline.get(mode), "rtn_delta": ppl[mode] - baseline[mode] if mode in baseline else None}
             for mode, label in PPL_MODES.items() if mode in ppl]
     facts = []
     kv, kv16 = evaluation.get("kv_bytes_per_token"), evaluation.get("kv_bytes_per_token_fp16")
@@ -78,7 +81,7 @@ def metric_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
         facts.append(("Device", metrics["calibration"]["device"]))
     if (metrics.get("artifact") or {}).get("size") is not None:
         facts.append(("Artifact size", filesize(metrics["artifact"]["size"])))
-    return {"ppl": rows, "facts": facts}
+    return {"ppl": rows, "rtn": rtn is not None, "facts": facts}
 
 
 def job_detail(session: Session, *, team: Team, job_id: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ FORM = {"model": "stories260k", "preset": "W4KV4", "group_size": "-1", "nsamples
         "builtin_name": "tinystories"}
 METRICS = {"calibration": {"block_losses": [0.01, 0.02], "device": "cpu"},
            "eval": {"tokens": 4096, "ppl": {"fp": 10.5, "w": 11.25, "wkv": 12.0}, "kv_bytes_per_token": 40.0,
-                    "kv_bytes_per_token_fp16": 160.0},
+                    "kv_bytes_per_token_fp16": 160.0, "baselines": {"rtn": {"w": 11.5, "wkv": 15.25}}},
            "run": {"seconds": 12.5, "peak_memory_bytes": 3 * 2**20, "resumed_blocks": 0}}
 
 
@@ -238,6 +238,7 @@ def test_a_finished_job_shows_metrics_and_downloads_by_cookie(web, sign_in, serv
     html = web.get(f"/dashboard/jobs/{job_id}").text
     assert 'data-status="succeeded"' in html and "hx-trigger" not in html.split('id="job-live"')[1][:300]
     assert html.count('class="ppl-row"') == 3 and "12.000" in html and "+1.500" in html
+    assert "Δ vs RTN" in html and "15.250" in html and "-3.250" in html and "-0.250" in html  # RTN baselines
     assert "4.0× smaller" in html and "3.0 MiB" in html and sha256 in html
     link = f"/dashboard/jobs/{job_id}/artifacts/model.tar"
     assert f'href="{link}"' in html and "Cancel job" not in html and "Retry" not in html
@@ -246,6 +247,13 @@ def test_a_finished_job_shows_metrics_and_downloads_by_cookie(web, sign_in, serv
     assert download.headers["x-content-sha256"] == sha256 and "attachment" in download.headers["content-disposition"]
     part = web.get(link, headers={"Range": "bytes=10-19"})
     assert part.status_code == 206 and part.content == data[10:20]
+
+    with service.session() as session:  # a job from before the RTN baselines
+        evaluation = {key: value for key, value in METRICS["eval"].items() if key != "baselines"}
+        session.get(JobMetrics, job_id).metrics = METRICS | {"eval": evaluation}
+        session.commit()
+    html = web.get(f"/dashboard/jobs/{job_id}").text
+    assert html.count('class="ppl-row"') == 3 and "12.000" in html and "RTN" not in html
 
 
 def test_cancel_and_retry_buttons(web, sign_in):

@@ -490,7 +490,7 @@ def test_cancel_of_a_claimed_job_ends_cancelled_and_retry_succeeds(client, servi
     assert job["finished_at"] is not None
     evs = events(service, job_id)
     assert kinds(evs)[-1] == "cancelled" and "failed" not in kinds(evs)
-    assert blocks_of(evs, "block_start") == []  # stopped at the first block boundary
+    assert blocks_of(evs, "block_start") == []  # stopped before calibrating, while measuring the RTN baselines
     assert count(service, Artifact, Artifact.job_id == job_id) == 0
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=headers).status_code == 409
     checkpoints = count(service, BlockCheckpoint, BlockCheckpoint.job_id == job_id)
@@ -499,7 +499,9 @@ def test_cancel_of_a_claimed_job_ends_cancelled_and_retry_succeeds(client, servi
     assert job_row(service, job_id).cancel_requested is False
     JobRunner(service, "w2").run(job_id)
     assert_succeeded(client, headers, job_id)
-    assert client.get(f"/v1/jobs/{job_id}/metrics", headers=headers).json()["run"]["resumed_blocks"] == checkpoints
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics", headers=headers).json()
+    assert metrics["run"]["resumed_blocks"] == checkpoints
+    assert set(metrics["eval"]["baselines"]["rtn"]) == {"w", "wkv"}
     assert published_sha(client, headers, service, job_id)
 
 
