@@ -50,18 +50,18 @@ from transformers import AutoModelForCausalLM, DynamicCache, QuantizedCache
 from transformers.cache_utils import DynamicLayer, QuantizedLayer
 
 from wkvq_core.cache_keyword import with_cache
-from wkvq_core.config import FP_BITS, CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.config import FP_BITS, CalibConfig, WeightQuantConfig, WKVQuantConfig, kv_config
 from wkvq_core.data import calibration_samples, eval_windows, load_text, tokenize
 from wkvq_core.evaluate import EvalMode, _mode_flags, decode_perplexity, perplexity
 from wkvq_core.kivi_cache import KIVI_GROUP, KIVI_RESIDUAL, KIVICache, KIVILayer
 from wkvq_core.kv_cache import PackedKVLayer, WKVQuantCache
-from wkvq_core.model import load_model, quant_linears, quant_state
+from wkvq_core.model import attentions, load_model, quant_linears, quant_state
 from wkvq_core.packing import pack_bits
 from wkvq_core.pipeline import quantize_model_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import ROOT, code_version, shown
-from quality import FIXTURES, SHIPPED_MODEL, add_calibration_args, reset_peak_rss
+from quality import FIXTURES, SHIPPED_MODEL, reset_peak_rss, resolve_model
 
 ASSETS = ROOT / "wkvq_core" / "assets"
 WORKER = Path(__file__).resolve().parent / "peers_llmcompressor.py"
@@ -100,6 +100,8 @@ ROWS = [
     Row("kv4-wkvq", "KV4 WKVQuant (FP weights)", "kv", "kv4-wkvq", "wkvq:4"),
     Row("w4kv4-rtn", "W4KV4 RTN (ours)", "w+kv", "w4kv4-rtn", "wkvq:4"),
     Row("w4kv4-wkvq", "**W4KV4 WKVQuant**", "w+kv", "w4kv4-wkvq", "wkvq:4"),
+    Row("kv4-rec", "KV4 WKVQuant, method recommended (FP weights)", "kv", "kv4-rec", "wkvq:4"),
+    Row("w4kv4-rec", "**W4KV4 WKVQuant, method recommended**", "w+kv", "w4kv4-rec", "wkvq:4"),
     Row("w4kv3-wkvq", "W4KV3 WKVQuant", "w+kv", "w4kv3-wkvq", "wkvq:3"),
     Row("w4kv2-wkvq", "W4KV2 WKVQuant", "w+kv", "w4kv2-wkvq", "wkvq:2"),
     Row("gptq+qc-quanto", "GPTQ W4 + QuantizedCache quanto KV4, R 128", "combined", "gptq", "qc:quanto:128"),
@@ -159,6 +161,8 @@ def cache_bytes(cache) -> int:
             total += layer.nbytes(fp_bytes=FP_BYTES)
         elif isinstance(layer, PackedKVLayer):
             total += layer.keys.nbytes + layer.values.nbytes  # uint8 records: codes + fp16 scales and zeros
+            if layer.sinks.get_seq_length():
+                total += tensor_bytes(layer.sinks.keys) + tensor_bytes(layer.sinks.values)  # unquantized sinks
         elif isinstance(layer, QuantizedLayer):
             total += sum(tensor_bytes(x) for x in (layer._quantized_keys, layer._quantized_values,
                                                    layer.keys, layer.values))
@@ -239,21 +243,24 @@ class Prepared:
     checkpoint_versions: dict | None = None
 
 
-def ours_config(calib: CalibConfig, *, w_bits=4, kv_bits=FP_BITS, lwc=True, smoothing=True, **changes):
-    return WKVQuantConfig(weight=WeightQuantConfig(bits=w_bits, group_size=-1, lwc=lwc),
-                          kv=KVQuantConfig(bits=kv_bits, smoothing=smoothing, poq=True),
+def ours_config(calib: CalibConfig, group_size: int, *, w_bits=4, kv_bits=FP_BITS, lwc=True, smoothing=True,
+                method="paper", **changes):
+    return WKVQuantConfig(weight=WeightQuantConfig(bits=w_bits, group_size=group_size, lwc=lwc),
+                          kv=kv_config(method, bits=kv_bits, smoothing=smoothing, poq=True),
                           calib=replace(calib, **changes))
 
 
-def our_configs(calib: CalibConfig) -> dict[str, WKVQuantConfig]:
+def our_configs(calib: CalibConfig, group_size: int) -> dict[str, WKVQuantConfig]:
     rtn = dict(lwc=False, smoothing=False, epochs=0)
     wkvq = dict(crr_k=5, loss="mae")
     return {
-        "w4-rtn": ours_config(calib, **rtn),
-        "w4-lwc": ours_config(calib, crr_k=1, loss="mse"),
-        "kv4-wkvq": ours_config(calib, w_bits=FP_BITS, kv_bits=4, lwc=False, **wkvq),
-        "w4kv4-rtn": ours_config(calib, kv_bits=4, **rtn),
-        **{f"w4kv{b}-wkvq": ours_config(calib, kv_bits=b, **wkvq) for b in (4, 3, 2)},
+        "w4-rtn": ours_config(calib, group_size, **rtn),
+        "w4-lwc": ours_config(calib, group_size, crr_k=1, loss="mse"),
+        "kv4-wkvq": ours_config(calib, group_size, w_bits=FP_BITS, kv_bits=4, lwc=False, **wkvq),
+        "w4kv4-rtn": ours_config(calib, group_size, kv_bits=4, **rtn),
+        **{f"w4kv{b}-wkvq": ours_config(calib, group_size, kv_bits=b, **wkvq) for b in (4, 3, 2)},
+        "kv4-rec": ours_config(calib, group_size, w_bits=FP_BITS, kv_bits=4, lwc=False, method="recommended", **wkvq),
+        "w4kv4-rec": ours_config(calib, group_size, kv_bits=4, method="recommended", **wkvq),
     }
 
 
@@ -262,7 +269,7 @@ class Preparer:
 
     def __init__(self, args, fp_model, samples: torch.Tensor, workdir: Path) -> None:
         self.args, self.fp_model, self.samples, self.workdir = args, fp_model, samples, workdir
-        self.configs = our_configs(args.calib_config)
+        self.configs = our_configs(args.calib_config, args.group_size)
         self.done: dict[str, Prepared] = {}
         self.peer_python: Path | None = None
         self.peer_error: str | None = None
@@ -333,6 +340,8 @@ class Preparer:
         cmd = [str(python), str(WORKER), "--method", method, "--scheme", scheme, "--model", self.args.model_dir,
                "--samples", str(samples_file), "--out", str(out), "--report", str(report_file),
                "--threads", str(self.args.threads)]
+        if self.args.group_size != -1:
+            cmd += ["--group-size", str(self.args.group_size)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         env.pop("PYTHONPATH", None)
         with log.open("w", encoding="utf-8") as fh:
@@ -398,8 +407,8 @@ def cache_factory(row: Row, model, config) -> tuple[Callable | None, str, list[s
     if kind == "fp16":
         return (lambda: DynamicCache(config=config)), "DynamicCache", []
     if kind == "wkvq":
-        bits = int(rest[0])
-        return (lambda: WKVQuantCache(config, kv_bits=bits)), "WKVQuantCache (packed)", []
+        bits, sinks = int(rest[0]), attentions(model)[0].sink_tokens
+        return (lambda: WKVQuantCache(config, kv_bits=bits, sink_tokens=sinks)), "WKVQuantCache (packed)", []
     if kind == "kivi":
         bits, residual = int(rest[0]), int(rest[1]) if len(rest) > 1 else KIVI_RESIDUAL
         return (lambda: KIVICache(config, bits=bits, residual_length=residual)), "KIVICache", [
@@ -555,11 +564,11 @@ def reading(results: list[Result], seqlen: int) -> list[str]:
                 f"{peer.row.name} ppl {peer.ppl:.3f} at {mp:.1f} {unit} ({ppl_word} ppl by "
                 f"{abs(ours.ppl - peer.ppl):.3f}, {mem_word} memory{'' if mo == mp else f' by {abs(mo - mp):.1f}'})")
 
-    pairs = [("w4kv4-wkvq", p, "total") for p in ("gptq+qc-quanto", "gptq+qc-quanto-r16", "gptq+qc-quanto-r0",
-                                                  "gptq+qc-hqq-r16", "gptq+qc-hqq-r0", "gptq+kivi4",
-                                                  "gptq+kivi4-r32", "lwc+kivi4")]
-    pairs += [("kv4-wkvq", p, "kv") for p in ("qc-quanto", "qc-quanto-r0", "qc-hqq", "qc-hqq-r0", "kivi4",
-                                              "kivi4-r32")]
+    combined = ("gptq+qc-quanto", "gptq+qc-quanto-r16", "gptq+qc-quanto-r0", "gptq+qc-hqq-r16", "gptq+qc-hqq-r0",
+                "gptq+kivi4", "gptq+kivi4-r32", "lwc+kivi4")
+    caches = ("qc-quanto", "qc-quanto-r0", "qc-hqq", "qc-hqq-r0", "kivi4", "kivi4-r32")
+    pairs = [(ours, p, "total") for ours in ("w4kv4-wkvq", "w4kv4-rec") for p in combined]
+    pairs += [(ours, p, "kv") for ours in ("kv4-wkvq", "kv4-rec") for p in caches]
     pairs += [("w4-lwc", p, "total") for p in ("gptq", "gptq-asym", "awq")]
     return [line for line in (cmp(*p) for p in pairs) if line]
 
@@ -633,9 +642,14 @@ def default_model() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", dest="model_dir", help="model directory (default: the largest shipped/fixture "
-                        "model; --quick: the shipped stories260k)")
-    add_calibration_args(parser)
+    parser.add_argument("--model", dest="model_dir", help="stories260k, smollm2-135m or a model directory (default: "
+                        "the largest shipped/fixture model; --quick: the shipped stories260k)")
+    parser.add_argument("--calib", help="calibration text (default: the model's quality.py protocol)")
+    parser.add_argument("--eval", help="evaluation text (default: the model's quality.py protocol)")
+    parser.add_argument("--eval-chars", type=int, help="evaluate on the first N characters of the eval text")
+    for name in ("nsamples", "seqlen", "epochs", "group-size"):
+        parser.add_argument(f"--{name}", type=int, help="default: the model's quality.py protocol")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--windows", type=int, help="evaluate the first N eval windows (default: all; --quick: 2)")
     parser.add_argument("--check-windows", type=int, default=4, help="windows decoded to check the parallel pass")
     parser.add_argument("--rows", help="comma-separated row keys, groups or aliases (qc, kivi, llmcompressor, ours)")
@@ -657,7 +671,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.plot = args.plot or str(ROOT / "benchmarks" / "peers.png")
     if args.no_plot:
         args.plot = None
-    args.model_dir = args.model_dir or default_model()
+    args.model_dir, protocol = resolve_model(args.model_dir or default_model())
+    for name in ("calib", "eval", "eval_chars", "nsamples", "seqlen", "epochs", "group_size"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(protocol, name))
     args.calib_config = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, seed=args.seed)
     return args
 
@@ -670,7 +687,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
     fp_model, tokenizer = load_model(args.model_dir)
     calib = args.calib_config
     samples = calibration_samples(tokenize(tokenizer, load_text(args.calib)), calib.nsamples, calib.seqlen, calib.seed)
-    windows = eval_windows(tokenize(tokenizer, load_text(args.eval)), calib.seqlen)
+    windows = eval_windows(tokenize(tokenizer, load_text(args.eval)[: args.eval_chars]), calib.seqlen)
     windows = windows[: args.windows] if args.windows else windows
     results = []
     with tempfile.TemporaryDirectory(prefix="wkvq-peers-") as tmp:
@@ -714,10 +731,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
         f"hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads × head_dim "
         f"{cfg.head_dim}, intermediate {cfg.intermediate_size}",
         f"- calibration `{shown(args.calib)}`: {args.nsamples} samples × {seqlen} tokens (seed {args.seed}; the same "
-        f"token windows for every calibrating method); evaluation `{shown(args.eval)}`: {ctx['windows']} windows × "
-        f"{seqlen} tokens; our calibrations: epochs {args.epochs}",
-        "- weights: group 128 is impossible on this model (linear inputs 64 and 172; 172 has no divisor between 4 "
-        "and 43): ours use one group per output row (-1), llm-compressor the channel strategy (the same grouping)",
+        f"token windows for every calibrating method); evaluation "
+        f"{'' if args.eval_chars is None else f'the first {args.eval_chars:,} characters of '}`{shown(args.eval)}`: "
+        f"{ctx['windows']} windows × {seqlen} tokens; our calibrations: epochs {args.epochs}",
+        "- weights: " + ("one group per output row (-1) for ours, llm-compressor's channel strategy (the same "
+                         "grouping) where its group 128 is impossible" if args.group_size == -1 else
+                         f"groups of {args.group_size} along the input for every method (ours and llm-compressor's "
+                         "group strategy)"),
         "- ppl: peers' quantized caches by token-by-token decoding through the cache; WKVQuant rows by the parallel "
         "POQ pass (proven equal to decoding in tests/test_kv_quant.py), full-precision caches by the parallel pass; "
         f"both checked in this run by decoding the first {args.check_windows} window(s) through the real cache "

@@ -7,7 +7,7 @@ of shape (nsamples, seqlen)) and writes a compressed-tensors checkpoint plus a J
     python benchmarks/peers_llmcompressor.py --method gptq --model DIR --samples calib.pt --out CKPT --report r.json
 
 The preset scheme (W4A16: symmetric int4, group 128; AWQ: W4A16_ASYM, asymmetric, group 128) is tried first,
-exactly as a user would write it. If llm-compressor rejects it (a linear whose input size is not a multiple of the
+exactly as a user would write it, with `--group-size` replacing its group when given. If llm-compressor rejects it (a linear whose input size is not a multiple of the
 group), the error is recorded and the same scheme is run with one group per output channel ("channel" strategy),
 the closest valid grouping.
 """
@@ -46,12 +46,13 @@ def version(name: str) -> str:
         return "not installed"
 
 
-def recipe(method: str, scheme: str, channelwise: bool):
+def recipe(method: str, scheme: str, channelwise: bool, group_size: int | None = None):
     from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
 
-    if channelwise:
-        weights = preset_name_to_scheme(scheme, ["Linear"]).weights.model_copy(
-            update={"strategy": "channel", "group_size": None})
+    if channelwise or group_size:
+        grouping = {"strategy": "group", "group_size": group_size} if group_size and not channelwise else {
+            "strategy": "channel", "group_size": None}
+        weights = preset_name_to_scheme(scheme, ["Linear"]).weights.model_copy(update=grouping)
         quant = dict(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                      ignore=["lm_head"])
     else:
@@ -76,7 +77,7 @@ def run_oneshot(args, samples: torch.Tensor, channelwise: bool):
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     data = Dataset.from_dict({"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()})
     started = time.perf_counter()
-    oneshot(model=model, dataset=data, recipe=recipe(args.method, args.scheme, channelwise),
+    oneshot(model=model, dataset=data, recipe=recipe(args.method, args.scheme, channelwise, args.group_size),
             num_calibration_samples=samples.shape[0], max_seq_length=samples.shape[1],
             shuffle_calibration_samples=False, pipeline="sequential")
     return model, time.perf_counter() - started
@@ -91,12 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="directory for the compressed checkpoint")
     parser.add_argument("--report", required=True, help="JSON report file")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--group-size", type=int, help="weight group size instead of the preset's 128")
     args = parser.parse_args(argv)
     args.scheme = args.scheme or ("W4A16" if args.method == "gptq" else "W4A16_ASYM")
     torch.set_num_threads(args.threads)
     samples = torch.load(args.samples, weights_only=True)
     report = dict(method=args.method, scheme=args.scheme, preset_error=None, cpu_workaround=None,
-                  strategy="group 128",
+                  strategy=f"group {args.group_size or 128}",
                   versions={n: version(n) for n in ("llmcompressor", "compressed-tensors", "transformers", "torch")},
                   python=platform.python_version(), nsamples=samples.shape[0], seqlen=samples.shape[1])
     channelwise, patched, per_row_rss = False, False, reset_peak_rss()

@@ -215,6 +215,8 @@ def submit(
     lwc: Annotated[bool, typer.Option(help="Learnable weight clipping.")] = True,
     smoothing: Annotated[bool, typer.Option(help="2D KV smoothing.")] = True,
     poq: Annotated[bool, typer.Option(help="Past-only quantization.")] = True,
+    method: Annotated[str, typer.Option(help="paper or recommended (the KV options that won on held-out text).")
+                      ] = "recommended",
     gpu_class: Annotated[Optional[str], typer.Option(help="GPU class (default: the server's first).")] = None,
     priority: Annotated[int, typer.Option(help="-100..100, higher runs first.")] = 0,
     idempotency_key: Annotated[Optional[str], typer.Option(help="Resubmitting with the same key and body returns "
@@ -244,7 +246,7 @@ def submit(
             "calibration": data_spec(calib, "--calib", upload),
             "config": {"w_bits": w_bits, "kv_bits": kv_bits, "group_size": group_size, "kv_group_size": kv_group_size,
                        "crr_k": crr_k, "loss": loss.value, "epochs": epochs, "nsamples": nsamples, "seqlen": seqlen,
-                       "seed": seed, "lwc": lwc, "smoothing": smoothing, "poq": poq},
+                       "seed": seed, "lwc": lwc, "smoothing": smoothing, "poq": poq, "method": method},
             "priority": priority,
         }
         if eval_spec is not None:

@@ -67,6 +67,7 @@ def quantization_config(config: WKVQuantConfig, fp_dtype: torch.dtype) -> dict[s
         "kv_group_size": config.kv.group_size,
         "kv_granularity": "per_token_per_kv_head",
         "poq": config.kv.poq,
+        "kv_sink_tokens": config.kv.sink_tokens if config.kv.enabled else 0,
         "smoothing": config.kv.smoothing and config.kv.enabled,
         "act_bits": config.act_bits,
         "packing": "lsb_first_bitstream_along_input_dim",

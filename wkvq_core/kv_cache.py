@@ -1,7 +1,7 @@
 """`WKVQuantCache`: a transformers 5.x cache that stores K/V packed (WKVQuant 2D quantization, POQ).
 
 Each cached token is one byte record per KV head: the packed codes of K~ (or V~), then the fp16 scales, then the
-fp16 zero points of its groups. Records are concatenated along the sequence dim like a `DynamicLayer`'s tensors,
+fp16 zero points of its groups (the first `sink_tokens` of a sequence are kept unquantized instead). Records are concatenated along the sequence dim like a `DynamicLayer`'s tensors,
 so cropping, batch selection and beam reordering work unchanged. `update` receives the new tokens' smoothed
 K/V in full precision, stores them packed and returns the dequantized past *and* new tokens; the attention then
 uses the new tokens' own K/V in full precision (POQ).
@@ -17,9 +17,13 @@ from .primitives import dequantize_per_token, quantize_per_token
 
 
 class PackedKVLayer(DynamicLayer):
-    def __init__(self, bits: int, group_size: int | None = None) -> None:
+    """Packed records of the quantized tokens; the first `sink_tokens` of a sequence are kept unquantized in an
+    inner `DynamicLayer` (`sinks`) and come first in what `update` returns."""
+
+    def __init__(self, bits: int, group_size: int | None = None, sink_tokens: int = 0) -> None:
         super().__init__()
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.sink_tokens = bits, group_size, sink_tokens
+        self.sinks = DynamicLayer()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -35,6 +39,8 @@ class PackedKVLayer(DynamicLayer):
         return torch.cat([pack_bits(codes, self.bits), scale.view(torch.uint8), zero.view(torch.uint8)], dim=-1)
 
     def _decode(self, records: torch.Tensor) -> torch.Tensor:
+        if records.shape[-2] == 0:  # every token so far is a sink
+            return records.new_empty(*records.shape[:-1], self.head_dim, dtype=self.dtype)
         c, g = self.code_bytes, 2 * self.n_groups
         codes = unpack_bits(records[..., :c], self.bits, self.head_dim)
         scale = records[..., c : c + g].contiguous().view(torch.float16)
@@ -44,27 +50,65 @@ class PackedKVLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, self._encode(key_states)], dim=-2)
-        self.values = torch.cat([self.values, self._encode(value_states)], dim=-2)
-        return self._decode(self.keys), self._decode(self.values)
+        sink = min(max(self.sink_tokens - self.sinks.get_seq_length(), 0), key_states.shape[-2])
+        if sink:
+            self.sinks.update(key_states[..., :sink, :], value_states[..., :sink, :])
+        if sink < key_states.shape[-2]:
+            self.keys = torch.cat([self.keys, self._encode(key_states[..., sink:, :])], dim=-2)
+            self.values = torch.cat([self.values, self._encode(value_states[..., sink:, :])], dim=-2)
+        keys, values = self._decode(self.keys), self._decode(self.values)
+        if self.sinks.get_seq_length():
+            keys, values = torch.cat([self.sinks.keys, keys], dim=-2), torch.cat([self.sinks.values, values], dim=-2)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.sinks.get_seq_length() + super().get_seq_length()
+
+    def reset(self) -> None:
+        super().reset()
+        self.sinks = DynamicLayer()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        packed = super().get_seq_length()
+        super().crop(-min(-tokens_to_remove, packed) if tokens_to_remove < 0 else tokens_to_remove)
+        if tokens_to_remove < -packed:
+            self.sinks.crop(tokens_to_remove + packed)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.sinks.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.sinks.batch_select_indices(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.sinks.reorder_cache(beam_idx)
+
+    def nbytes(self) -> int:
+        layers = [self] + ([self.sinks] if self.sinks.get_seq_length() else [])
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in layers if layer.is_initialized)
 
 
 class WKVQuantCache(Cache):
     """Packed KV cache for a WKVQuant model: `model.generate(ids, **with_cache(WKVQuantCache(model.config)))`.
 
-    Bits and group size come from `config.quantization_config` (a loaded artifact) unless given.
+    Bits, group size and sink tokens come from `config.quantization_config` (a loaded artifact) unless given.
     """
 
     stores_packed = True  # WKVAttention passes full-precision K~/V~ to `update` and lets the cache quantize
 
-    def __init__(self, config, kv_bits: int | None = None, kv_group_size: int | None = None) -> None:
+    def __init__(self, config, kv_bits: int | None = None, kv_group_size: int | None = None,
+                 sink_tokens: int | None = None) -> None:
         quant = getattr(config, "quantization_config", None) or {}
         bits = kv_bits or quant.get("kv_bits")
         if not bits or bits >= 16:
             raise ValueError("WKVQuantCache needs kv_bits between 2 and 8 (from the argument or the model config)")
         group = kv_group_size or quant.get("kv_group_size")
-        super().__init__(layers=[PackedKVLayer(bits, group) for _ in range(config.num_hidden_layers)])
+        sinks = quant.get("kv_sink_tokens", 0) if sink_tokens is None else sink_tokens
+        super().__init__(layers=[PackedKVLayer(bits, group, sinks) for _ in range(config.num_hidden_layers)])
 
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+        return sum(layer.nbytes() for layer in self.layers if layer.is_initialized)

@@ -216,15 +216,16 @@ class WKVAttention(nn.Module):
             key = (key - self.k_shift[:, None]) / self.k_scale[:, None]
             if not self.k_pre_rope:
                 query = query * self.k_scale.repeat_interleave(self.n_rep, dim=0)[:, None]
-        if self.observer is not None:
-            self.observer.observe(key, value)
+        if self.observer is not None:  # sink tokens stay unquantized: their outliers must not set the smoothing
+            self.observer.observe(key[..., self.sink_tokens :, :], value[..., self.sink_tokens :, :])
         key, value = self._rotate(key), self._rotate(value)
         if not self.k_pre_rope:
             query = self._rotate(query)
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if getattr(cache, "stores_packed", False):  # the cache quantizes and packs
-            if self.sink_tokens:
-                raise ConfigError("sink_tokens are not supported by the packed WKVQuantCache yet; use a DynamicCache")
+            if cache.layers[self.layer_idx].sink_tokens != self.sink_tokens:
+                raise ConfigError(f"the cache keeps {cache.layers[self.layer_idx].sink_tokens} sink tokens unquantized, "
+                                  f"the model {self.sink_tokens}: WKVQuantCache(config, sink_tokens={self.sink_tokens})")
             key_stored, value_stored = cache.update(key, value, self.layer_idx)
         else:
             key_stored, value_stored = self._quant(key, past), self._quant(value, past)

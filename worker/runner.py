@@ -25,7 +25,7 @@ from api.datasets.builtin import BUILTIN_TEXTS
 from api.jobs.model_source import local_model_dir
 from api.jobs.service import add_event
 from api.models import Artifact, Dataset, Job, JobMetrics, JobStatus
-from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig, kv_config
 from wkvq_core.errors import CalibrationCancelled, WKVQError
 from wkvq_core.pipeline import QuantizeJob, run_quantize_job
 from wkvq_core.progress import CalibrationCallbacks, CalibrationEvent, EventKind
@@ -45,7 +45,8 @@ def job_config(spec: dict[str, Any]) -> WKVQuantConfig:
     c = spec["config"]
     return WKVQuantConfig(
         weight=WeightQuantConfig(bits=c["w_bits"], group_size=c["group_size"], lwc=c["lwc"]),
-        kv=KVQuantConfig(bits=c["kv_bits"], group_size=c["kv_group_size"], smoothing=c["smoothing"], poq=c["poq"]),
+        kv=kv_config(c.get("method", "paper"), bits=c["kv_bits"], group_size=c["kv_group_size"],  # older jobs: paper
+                     smoothing=c["smoothing"], poq=c["poq"]),
         calib=CalibConfig(nsamples=c["nsamples"], seqlen=c["seqlen"], epochs=c["epochs"], crr_k=c["crr_k"],
                           loss=c["loss"], seed=c["seed"]),
     )

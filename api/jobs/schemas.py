@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from wkvq_core.config import DEFAULT_METHOD
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -66,7 +68,7 @@ def _bits(value: int, name: str) -> int:
 
 
 class QuantConfig(Strict):
-    """WKVQuant bit configuration and calibration budget; the defaults are the paper's."""
+    """WKVQuant bit configuration and calibration budget (the paper's defaults) and the KV method."""
 
     w_bits: int = 4
     kv_bits: int = 4
@@ -81,6 +83,9 @@ class QuantConfig(Strict):
     lwc: bool = True
     smoothing: bool = True
     poq: bool = True
+    method: Literal["paper", "recommended"] = Field(
+        DEFAULT_METHOD, description="paper: arXiv 2402.12065 exactly; recommended: with the KV options that won on "
+                                    "held-out text (README, benchmarks/RESULTS.md)")
 
     @field_validator("w_bits")
     @classmethod

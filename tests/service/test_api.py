@@ -310,6 +310,7 @@ BAD_JOBS = {
     "kv_group_size-3": (job_body({"kv_group_size": 3}), ("config", "kv_group_size"),
                         "kv_group_size 3 does not divide head_dim 8"),
     "seqlen-too-long": (job_body({"seqlen": 1024}), ("config", "seqlen"), "max_position_embeddings 512"),
+    "unknown-method": (job_body({"method": "best"}), ("config", "method"), "'paper' or 'recommended'"),
     "epochs-negative": (job_body({"epochs": -1}), ("config", "epochs"), "greater than or equal to 0"),
     "nsamples-0": (job_body({"nsamples": 0}), ("config", "nsamples"), "greater than or equal to 1"),
     "unknown-gpu-class": (job_body(gpu_class="h100"), ("gpu_class",), "unknown GPU class 'h100'; available: default"),

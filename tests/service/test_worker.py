@@ -24,12 +24,14 @@ from sqlalchemy import func, select, update
 from api.core.context import ServiceContext
 from api.core.db import new_id, utcnow
 from api.core.dispatch import RUN_TASK, CeleryDispatcher, celery_config
+from api.jobs.schemas import QuantConfig
 from api.models import Artifact, BlockCheckpoint, Job, JobEvent, JobStatus
 from tests.conftest import EVAL_TEXT
 from tests.service.conftest import TINY_JOB, service_settings
+from wkvq_core.config import KVQuantConfig, kv_config
 from worker.celery_app import create_celery
 from worker.reaper import reap_expired
-from worker.runner import ARTIFACT_NAME, JobRunner, Lease
+from worker.runner import ARTIFACT_NAME, JobRunner, Lease, job_config
 
 Headers = dict[str, str]
 N_BLOCKS = 5  # stories260k
@@ -548,3 +550,12 @@ def test_celery_dispatcher_routes_to_the_queue_of_the_gpu_class(tmp_path):
         client.delete(*queues, *(f"_kombu.binding.{q}" for q in queues))
         dispatcher.app.close()
         client.close()
+
+
+def test_job_config_applies_the_method_and_older_jobs_stay_on_the_paper():
+    config = QuantConfig().model_dump()
+    assert config["method"] == "recommended"
+    assert job_config({"config": config}).kv == kv_config("recommended", bits=4, group_size=None)
+    assert job_config({"config": config | {"method": "paper"}}).kv == KVQuantConfig()
+    stored_before_methods = {k: v for k, v in config.items() if k != "method"}
+    assert job_config({"config": stored_before_methods}).kv == KVQuantConfig()
