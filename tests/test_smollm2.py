@@ -91,27 +91,36 @@ def test_rtn_w4kv4_on_wikitext(smollm2):
     assert ppl[EvalMode.FP] < ppl[EvalMode.W] < ppl[EvalMode.WKV]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("cache_name", ["DynamicCache", "WKVQuantCache"])
-@torch.no_grad()
-def test_decode_through_the_cache_equals_the_parallel_poq_pass(smollm2, cache_name):
+@pytest.fixture(scope="module")
+def kv4_model(smollm2):
+    """W4KV4 with the smoothing initialised from WikiText-2 (epochs 0), in float64, and its cache-free logits."""
     path, fp_model, windows = smollm2
     config = w4kv4()
     model = prepare_model_(copy.deepcopy(fp_model), config)
     calib_ids = tokenize(load_model(path)[1], load_text(str(WIKITEXT / "wiki.valid.tokens"))[:20_000])
-    calibrate_(model, config, calibration_samples(calib_ids, 2, 64, seed=0))  # epochs 0: smoothing initialised
+    calibrate_(model, config, calibration_samples(calib_ids, 2, 64, seed=0))
     # float64: in fp32, the one-token and whole-window matmuls differ by ~1e-6, enough to move a K/V element that
     # sits on a rounding boundary to the next 4-bit code; on this model that happens within 48 tokens, and when it
     # hits the attention-sink token 0, later logits move by up to ~2 (sink_tokens keeps that token exact)
     model.double()
     ids = windows[:1, :32]
+    with torch.no_grad():
+        with quant_state(model, weights=True, kv=True):
+            parallel = model(ids, use_cache=False).logits  # cache-free: every position reads the quantized past
+        with quant_state(model, weights=True, kv=False):
+            unquantized_past = model(ids, use_cache=False).logits
+    return model, ids, parallel, unquantized_past
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache_name", ["DynamicCache", "WKVQuantCache"])
+@torch.no_grad()
+def test_decode_through_the_cache_equals_the_parallel_poq_pass(kv4_model, cache_name):
+    model, ids, parallel, unquantized_past = kv4_model
     with quant_state(model, weights=True, kv=True):
         cache = DynamicCache(config=model.config) if cache_name == "DynamicCache" else WKVQuantCache(model.config, 4)
         decoded = torch.cat([model(ids[:, t : t + 1], **with_cache(cache), use_cache=True).logits
                              for t in range(ids.shape[1])], dim=1)
-        parallel = model(ids, use_cache=False).logits  # cache-free: every position reads the quantized past
-    with quant_state(model, weights=True, kv=False):
-        unquantized_past = model(ids, use_cache=False).logits
     assert cache.get_seq_length() == ids.shape[1]
     assert (decoded - parallel).abs().max() < 1e-4  # an fp16 scale rounding the other way moves logits ~1e-5
     nll = [F.cross_entropy(x[0, :-1], ids[0, 1:]).item() for x in (decoded, parallel)]
