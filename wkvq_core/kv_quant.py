@@ -9,7 +9,8 @@ so with quantization off the model is unchanged. K~ and V~ are then quantized pe
 POQ in a parallel pass over T new tokens after `past` cached ones (prefill, teacher forcing, calibration):
     score(i, j <  i) = q_i . dequant(K~_j)      score(i, i) = q_i . K~_i   (full precision)
     out_i = sum_{j<i} P_ij dequant(V~_j) + P_ii V~_i
-which equals token-by-token decoding with a quantized cache.
+which equals token-by-token decoding with a quantized cache. `poq_attention_fused` computes it without a (T, S)
+score tensor: SDPA kernels over j < i merged with the own term by log-sum-exp (`WKVAttention.attention_backend`).
 
 Options beyond the paper (`KVQuantConfig`): K smoothed and quantized before RoPE, RoPE applied to the dequantized
 keys (`k_pre_rope`); a Hadamard rotation H of the head dim after smoothing, q rotated with K and the attention
@@ -69,6 +70,134 @@ def poq_attention(
     return out.transpose(1, 2).contiguous()
 
 
+_ATTENTION_BACKENDS = ("eager", "sdpa")
+
+
+def _attention_kernel(query, key, value, causal: bool, scaling: float):
+    """(out, lse, state) of one attention block without a score tensor: query (B, H, T, D), key / value
+    (B, H, S, D); lse (B, H, >=T), at least fp32, in the kernel's layout; state: extra backward arguments."""
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, causal, scale=scaling
+        )
+        return out, lse, ()
+    if query.device.type == "cuda":  # memory-efficient kernel: fp32 and bf16; lse rows padded to a multiple of 32
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, None, True, 0.0, causal, scale=scaling
+        )
+        return out, lse, (seed, offset)
+    raise ConfigError(f"the sdpa attention backend runs on cpu and cuda, not {query.device.type}")
+
+
+def _attention_kernel_backward(grad_out, query, key, value, out, lse, state, causal: bool, scaling: float):
+    """(grad_query, grad_key, grad_value) of `_attention_kernel`; the kernel recomputes P_ij = exp(s_ij - lse_i)
+    and uses D_i = grad_out_i . out_i, so `out` and `lse` may be those of a merged attention."""
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, query, key, value, out, lse, 0.0, causal, scale=scaling
+        )
+    grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        grad_out, query, key, value, None, out, lse, *state, 0.0, (True, True, True, False), causal, scale=scaling
+    )
+    return grads[:3]
+
+
+def _strictly_causal_blocks(past: int, t_new: int) -> list[tuple[slice, slice, bool]]:
+    """(query rows, key columns, causal) blocks covering "new query i sees stored key j < past + i": all queries
+    over the past keys, and queries 1.. over the new keys but the last, causal and square."""
+    blocks = [(slice(0, t_new), slice(0, past), False)] if past else []
+    if t_new > 1:
+        blocks.append((slice(1, t_new), slice(past, past + t_new - 1), True))
+    return blocks
+
+
+class _MergedAttention(torch.autograd.Function):
+    """Softmax attention of query i over the stored keys j < past + i plus its own key (key_own_i, value_own_i):
+    kernel blocks merged with the own term by log-sum-exp, in at least fp32. Backward runs each block's kernel
+    backward with the merged out and lse (as ring attention does): exact, with no gradient through a kernel's lse."""
+
+    @staticmethod
+    def forward(ctx, query, key_stored, value_stored, key_own, value_own, scaling: float):
+        t_new = query.shape[-2]
+        past = key_stored.shape[-2] - t_new
+        acc = torch.promote_types(query.dtype, torch.float32)
+        own_score = (query.to(acc) * key_own.to(acc)).sum(-1) * scaling  # (B, H, T)
+        lse = own_score.clone()
+        blocks = []
+        for rows, cols, causal in _strictly_causal_blocks(past, t_new):
+            block_out, block_lse, state = _attention_kernel(
+                query[..., rows, :].contiguous(), key_stored[..., cols, :].contiguous(),
+                value_stored[..., cols, :].contiguous(), causal, scaling,
+            )
+            blocks.append((rows, cols, causal, block_out, block_lse, state))
+            lse[..., rows] = torch.logaddexp(lse[..., rows], block_lse[..., : rows.stop - rows.start])
+        own_prob = torch.exp(own_score - lse)
+        out = own_prob[..., None] * value_own.to(acc)
+        for rows, _, _, block_out, block_lse, _ in blocks:
+            weight = torch.exp(block_lse[..., : rows.stop - rows.start] - lse[..., rows])
+            out[..., rows, :] += weight[..., None] * block_out.to(acc)
+        out = out.to(query.dtype)
+        ctx.save_for_backward(query, key_stored, value_stored, key_own, value_own, out, lse, own_prob)
+        ctx.blocks = [(rows, cols, causal, block_lse, state) for rows, cols, causal, _, block_lse, state in blocks]
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key_stored, value_stored, key_own, value_own, out, lse, own_prob = ctx.saved_tensors
+        scaling, acc = ctx.scaling, lse.dtype
+        grad_out = grad_out.contiguous()
+        grad_own_score = own_prob * (grad_out.to(acc) * (value_own.to(acc) - out.to(acc))).sum(-1)
+        grad_query = scaling * grad_own_score[..., None] * key_own.to(acc)
+        grad_key_own = scaling * grad_own_score[..., None] * query.to(acc)
+        grad_value_own = own_prob[..., None] * grad_out.to(acc)
+        grad_key = torch.zeros_like(key_stored, dtype=acc)
+        grad_value = torch.zeros_like(value_stored, dtype=acc)
+        for rows, cols, causal, block_lse, state in ctx.blocks:
+            merged_lse = block_lse.clone()  # the kernel's layout, its rows replaced by the merged lse
+            merged_lse[..., : rows.stop - rows.start] = lse[..., rows]
+            grads = _attention_kernel_backward(
+                grad_out[..., rows, :].contiguous(), query[..., rows, :].contiguous(),
+                key_stored[..., cols, :].contiguous(), value_stored[..., cols, :].contiguous(),
+                out[..., rows, :].contiguous(), merged_lse, state, causal, scaling,
+            )
+            grad_query[..., rows, :] += grads[0]
+            grad_key[..., cols, :] += grads[1]
+            grad_value[..., cols, :] += grads[2]
+        return (
+            grad_query.to(query.dtype), grad_key.to(key_stored.dtype), grad_value.to(value_stored.dtype),
+            grad_key_own.to(key_own.dtype), grad_value_own.to(value_own.dtype), None,
+        )
+
+
+def poq_attention_fused(
+    query: torch.Tensor,
+    key_stored: torch.Tensor,
+    value_stored: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    n_rep: int,
+    poq: bool,
+) -> torch.Tensor:
+    """`poq_attention` for attention_mask None (causal) without a (B, H, T, S) score tensor: SDPA kernels
+    (flash on CPU, memory-efficient on CUDA) over the stored keys j < past + i, merged with the own key's term.
+    Under autocast the inputs are cast to the autocast dtype, as the eager matmuls are. Returns (B, T, H, D)."""
+    if attention_mask is not None:
+        raise ValueError("poq_attention_fused supports causal attention only (attention_mask None)")
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    past = key_stored.shape[-2] - query.shape[-2]
+    keys, values = repeat_kv(key_stored.to(dtype), n_rep), repeat_kv(value_stored.to(dtype), n_rep)
+    if poq:
+        key_own, value_own = repeat_kv(key_new.to(dtype), n_rep), repeat_kv(value_new.to(dtype), n_rep)
+    else:
+        key_own, value_own = keys[..., past:, :], values[..., past:, :]
+    out = _MergedAttention.apply(query.to(dtype), keys, values, key_own, value_own, scaling)
+    return out.transpose(1, 2).contiguous()
+
+
 class ChannelRange:
     """Running per-channel min/max of K~/V~ over calibration tokens, per KV head: (n_kv_heads, head_dim)."""
 
@@ -89,7 +218,8 @@ class ChannelRange:
 class WKVAttention(nn.Module):
     """Drop-in replacement for a LLaMA/Mistral attention module: fake-quantized projections, 2D KV smoothing,
     per-token KV quantization and POQ. Works with and without a transformers `Cache` (which then stores the
-    quantized K~/V~). Switches: `kv_quant`, `poq`, `smoothing`, and `weight_quant` on each projection.
+    quantized K~/V~). Switches: `kv_quant`, `poq`, `smoothing`, and `weight_quant` on each projection;
+    `attention_backend` "sdpa" runs `poq_attention_fused` where it applies (no mask, no cache), "eager" never.
     rotary: the model's rotary embedding, needed with `k_pre_rope` to rotate cached keys."""
 
     def __init__(
@@ -124,6 +254,7 @@ class WKVAttention(nn.Module):
         self._rotary = [rotary]  # a list: a reference, not a submodule of this layer
         self.v_folded = False  # True when v_proj / o_proj already hold the V smoothing (a loaded artifact)
         self.kv_quant = kv_cfg.enabled
+        self.attention_backend = "eager"
         self.observer: ChannelRange | None = None
 
     def smoothing_parameters(self) -> list[nn.Parameter]:
@@ -238,8 +369,18 @@ class WKVAttention(nn.Module):
             key_stored = torch.cat([key_stored[..., :past, :], key_new], dim=-2)
             value_stored = torch.cat([value_stored[..., :past, :], value], dim=-2)
             poq = False
-        out = poq_attention(
+        fused = self.attention_backend == "sdpa" and attention_mask is None and cache is None
+        out = (poq_attention_fused if fused else poq_attention)(
             query, key_stored, value_stored, key_new, value, attention_mask, self.scaling, self.n_rep, poq=poq,
         )
         out = self._rotate(out, inverse=True)
         return self._project("o_proj", out.reshape(bsz, t_new, -1)), None
+
+
+def set_attention_backend(module: nn.Module, backend: str) -> None:
+    """Set `attention_backend` ("eager" | "sdpa") on every `WKVAttention` under `module`."""
+    if backend not in _ATTENTION_BACKENDS:
+        raise ConfigError(f"attention backend must be one of {', '.join(_ATTENTION_BACKENDS)}; got {backend!r}")
+    for attn in module.modules():
+        if isinstance(attn, WKVAttention):
+            attn.attention_backend = backend
