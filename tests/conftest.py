@@ -104,3 +104,20 @@ def pg_url():
     """URL of an empty PostgreSQL database private to this test session (dropped at the end)."""
     with fresh_pg_database() as url:
         yield url
+
+
+# the child's own high-water mark: ru_maxrss of a child also counts the pages of the parent it was forked from
+_WKVQ_REPORTING_PEAK = ("import atexit, sys; atexit.register(lambda: print(next(line for line in open("
+                        "'/proc/self/status') if line.startswith('VmHWM')), file=sys.stderr)); "
+                        "from wkvq_core.cli import main; main()")
+
+
+def wkvq_peak_rss(*args: str, **env: str) -> int:
+    """Peak RSS in bytes of `wkvq_core.cli` run with `args` in a subprocess (which must succeed)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WKVQ_REPORTING_PEAK, *args], capture_output=True, text=True,
+                          timeout=900, env=os.environ | {"HF_HUB_OFFLINE": "1"} | env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stderr.strip().splitlines()[-1].split()[1]) * 1024  # "VmHWM:  123456 kB"

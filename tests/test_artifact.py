@@ -216,7 +216,7 @@ def test_artifact_write_is_atomic(calibrated, tokenizer, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact, "save_safetensors_atomic", fail)
+    monkeypatch.setattr(artifact.SafetensorsStream, "finish", fail)
     with pytest.raises(OSError):
         save_artifact(tmp_path / "out", sim, tokenizer, WKVQuantConfig(weight=WeightQuantConfig(group_size=-1)))
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""`run_quantize_job`'s round-to-nearest baselines: measured at the job's own bits on an uncalibrated copy."""
+"""`run_quantize_job`'s round-to-nearest baselines: measured at the job's own bits on uncalibrated copies of its blocks."""
 
 import json
 
@@ -6,11 +6,9 @@ import pytest
 
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.data import eval_windows, load_text, tokenize
-from wkvq_core.errors import CalibrationCancelled
 from wkvq_core.evaluate import EvalMode, perplexity
-from wkvq_core.model import attentions, load_model, prepare_model_
-from wkvq_core.pipeline import QuantizeJob, rtn_baselines, run_quantize_job
-from wkvq_core.progress import CalibrationCallbacks
+from wkvq_core.model import load_model, prepare_model_
+from wkvq_core.pipeline import QuantizeJob, rtn_modes, run_quantize_job
 
 from conftest import CALIB_TEXT, EVAL_TEXT, TINY_MODEL
 
@@ -49,14 +47,10 @@ def test_job_baselines_equal_an_independent_rtn_run(tmp_path, eval_head, windows
 @pytest.mark.parametrize("w_bits, kv_bits, act_bits, modes", [
     (4, 16, 16, ["w"]), (16, 4, 16, ["wkv"]), (16, 16, 8, ["w"]), (16, 16, 16, []),
 ])
-def test_baselines_only_for_the_quantized_parts(tiny_model, windows, w_bits, kv_bits, act_bits, modes):
+def test_baselines_only_for_the_quantized_parts(tmp_path, eval_head, w_bits, kv_bits, act_bits, modes):
     config = WKVQuantConfig(weight=WeightQuantConfig(bits=w_bits, group_size=-1), kv=KVQuantConfig(bits=kv_bits),
-                            act_bits=act_bits)
-    assert list(rtn_baselines(tiny_model, config, windows)) == modes
-    assert attentions(tiny_model) == []  # measured on a copy: the model itself is still unprepared
-
-
-def test_baselines_stop_when_cancelled(tiny_model, windows):
-    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=-1))
-    with pytest.raises(CalibrationCancelled, match="RTN baselines"):
-        rtn_baselines(tiny_model, config, windows, callbacks=CalibrationCallbacks(should_cancel=lambda: True))
+                            calib=CalibConfig(nsamples=2, seqlen=SEQLEN, epochs=0), act_bits=act_bits)
+    job = QuantizeJob(model=str(TINY_MODEL), calib=str(CALIB_TEXT), out=tmp_path / "out", config=config,
+                      eval=str(eval_head), device="cpu")
+    assert [mode.value for mode in rtn_modes(config)] == modes
+    assert list(run_quantize_job(job)["eval"]["baselines"]["rtn"]) == modes

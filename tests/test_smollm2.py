@@ -122,7 +122,9 @@ def test_decode_through_the_cache_equals_the_parallel_poq_pass(kv4_model, cache_
         decoded = torch.cat([model(ids[:, t : t + 1], **with_cache(cache), use_cache=True).logits
                              for t in range(ids.shape[1])], dim=1)
     assert cache.get_seq_length() == ids.shape[1]
-    assert (decoded - parallel).abs().max() < 1e-4  # an fp16 scale rounding the other way moves logits ~1e-5
+    # the packed cache stores fp16 scales: one rounding the other way moves later logits by up to ~2e-4 here;
+    # a 4-bit code flip moves them by > 1e-2
+    assert (decoded - parallel).abs().max() < 1e-3
     nll = [F.cross_entropy(x[0, :-1], ids[0, 1:]).item() for x in (decoded, parallel)]
-    assert abs(math.exp(nll[0]) / math.exp(nll[1]) - 1) < 1e-7
+    assert abs(math.exp(nll[0]) / math.exp(nll[1]) - 1) < 1e-5  # the fp16 scales again: ~1e-6
     assert (decoded - unquantized_past).abs().max() > 1e-1  # the 4-bit past is what was read

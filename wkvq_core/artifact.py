@@ -19,14 +19,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .atomic import atomic_directory
-from .checkpoint import load_safetensors, save_safetensors_atomic
+from .checkpoint import SafetensorsStream, load_safetensors
 from .config import FP_BITS, WeightQuantConfig, WKVQuantConfig
 from .errors import ArtifactError, WKVQError
 from .model import MLP_PROJECTIONS, check_architecture, decoder_layers, prepare_model_
@@ -77,8 +77,8 @@ def quantization_config(config: WKVQuantConfig, fp_dtype: torch.dtype) -> dict[s
 
 
 @torch.no_grad()
-def packed_state_dict(model, fp_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The tensors of `model.safetensors` from a prepared (calibrated) model."""
+def packed_layer_tensors(layer, index: int, fp_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The tensors of `model.safetensors` from one prepared (calibrated) decoder layer."""
     tensors: dict[str, torch.Tensor] = {}
 
     def store_linear(prefix: str, lin, weight, bias) -> None:
@@ -91,41 +91,87 @@ def packed_state_dict(model, fp_dtype: torch.dtype = torch.float16) -> dict[str,
         if bias is not None:
             tensors[f"{prefix}.bias"] = bias.to(fp_dtype)
 
-    for i, layer in enumerate(decoder_layers(model)):
-        attn, prefix = layer.self_attn, f"model.layers.{i}"
-        for name in ATTENTION_PROJECTIONS:
-            store_linear(f"{prefix}.self_attn.{name}", getattr(attn, name), *attn.projection(name))
-        if attn.smoothing_configured:
-            tensors[f"{prefix}.self_attn.k_scale"] = attn.k_scale.float()
-            tensors[f"{prefix}.self_attn.k_shift"] = attn.k_shift.float()
-        for name in MLP_PROJECTIONS:
-            lin = getattr(layer.mlp, name)
-            store_linear(f"{prefix}.mlp.{name}", lin, lin.weight, lin.bias)
-    tied = model.config.tie_word_embeddings
-    for key, value in model.state_dict().items():
-        in_block = ".self_attn." in key or ".mlp." in key
-        if not in_block and not (tied and key == "lm_head.weight"):
-            tensors[key] = value.to(fp_dtype)
+    attn, prefix = layer.self_attn, f"model.layers.{index}"
+    for name in ATTENTION_PROJECTIONS:
+        store_linear(f"{prefix}.self_attn.{name}", getattr(attn, name), *attn.projection(name))
+    if attn.smoothing_configured:
+        tensors[f"{prefix}.self_attn.k_scale"] = attn.k_scale.float()
+        tensors[f"{prefix}.self_attn.k_shift"] = attn.k_shift.float()
+    for name in MLP_PROJECTIONS:
+        lin = getattr(layer.mlp, name)
+        store_linear(f"{prefix}.mlp.{name}", lin, lin.weight, lin.bias)
+    for name, value in layer.named_parameters():
+        if not name.startswith(("self_attn.", "mlp.")):
+            tensors[f"{prefix}.{name}"] = value.to(fp_dtype)  # the norms
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_artifact(out: str | os.PathLike, model, tokenizer, config: WKVQuantConfig,
-                  metrics: dict[str, Any] | None = None, fp_dtype: torch.dtype = torch.float16) -> Path:
-    """Write to a temporary sibling directory, then rename; an existing `out` is replaced only on success."""
-    with atomic_directory(out) as tmp:
+def resident_tensors(model, fp_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The tensors of `model.safetensors` outside the decoder layers: embeddings, final norm, untied lm_head."""
+    tied = model.config.tie_word_embeddings
+    return {name: value.detach().to(fp_dtype).cpu().contiguous() for name, value in model.named_parameters()
+            if not name.startswith("model.layers.") and not (tied and name == "lm_head.weight")}
+
+
+def packed_state_dict(model, fp_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The tensors of `model.safetensors` from a prepared (calibrated) model."""
+    tensors = resident_tensors(model, fp_dtype)
+    for i, layer in enumerate(decoder_layers(model)):
+        tensors.update(packed_layer_tensors(layer, i, fp_dtype))
+    return tensors
+
+
+class ArtifactWriter:
+    """An artifact written as calibration goes, with bounded memory: `add_layer` spools a finished decoder layer's
+    packed tensors, `finish` adds the resident tensors, config, tokenizer, metrics and manifest. Built in a
+    temporary sibling directory that replaces `out` only when `finish` returns; removed on any error."""
+
+    def __init__(self, out: str | os.PathLike, fp_dtype: torch.dtype = torch.float16,
+                 check: Callable[[str], None] | None = None) -> None:
+        self.out, self.fp_dtype, self.check = Path(out), fp_dtype, check
+        self._directory = atomic_directory(self.out)
+        self.tmp = self._directory.__enter__()
+        self.weights = SafetensorsStream(self.tmp / WEIGHTS, {"format": QUANT_METHOD})
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if exc_info[0] is not None:
+            self.weights.close()
+            self._directory.__exit__(*exc_info)
+
+    def add_layer(self, index: int, layer) -> None:
+        for name, value in packed_layer_tensors(layer, index, self.fp_dtype).items():
+            self.weights.add(name, value)
+
+    def finish(self, model, tokenizer, config: WKVQuantConfig, metrics: dict[str, Any] | None = None) -> Path:
+        tmp = self.tmp
         model_config = copy.deepcopy(model.config)
-        model_config.quantization_config = quantization_config(config, fp_dtype)
+        model_config.quantization_config = quantization_config(config, self.fp_dtype)
         model_config.use_cache = True
         model_config.architectures = [type(model).__name__]
         model_config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_safetensors_atomic(tmp / WEIGHTS, packed_state_dict(model, fp_dtype), {"format": QUANT_METHOD})
+        for name, value in resident_tensors(model, self.fp_dtype).items():
+            self.weights.add(name, value)
+        self.weights.finish(None if self.check is None else lambda: self.check("while writing the artifact"))
         if metrics is not None:
             (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
         files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"format": QUANT_METHOD, "files": files}, indent=2))
-    return Path(out)
+        self._directory.__exit__(None, None, None)
+        return self.out
+
+
+def save_artifact(out: str | os.PathLike, model, tokenizer, config: WKVQuantConfig,
+                  metrics: dict[str, Any] | None = None, fp_dtype: torch.dtype = torch.float16) -> Path:
+    """Write a prepared model in memory; an existing `out` is replaced only on success."""
+    with ArtifactWriter(out, fp_dtype) as writer:
+        for i, layer in enumerate(decoder_layers(model)):
+            writer.add_layer(i, layer)
+        return writer.finish(model, tokenizer, config, metrics)
 
 
 def verify_manifest(directory: Path) -> dict[str, Any]:

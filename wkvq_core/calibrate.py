@@ -5,10 +5,12 @@ the full-precision hidden state after blocks i..i+k-1 applied to full-precision 
 block i quantized and blocks i+1..i+k-1 as they are (not yet quantized); blocks past the end are absent.
 Trained: LWC clip logits (AdamW, lr 1e-2) and KV smoothing (AdamW, lr 5e-4), weight decay 0.
 
-Memory: the model stays on `offload_device`; at most k blocks live on `device` at a time (sequential onloading).
-Activations (quantized-path inputs and FP targets, 2 x nsamples x seqlen x hidden fp32) stay on `offload_device`
-and move to `device` one batch at a time. Peak device memory = k blocks + one block's calibration parameters and
-AdamW state + autograd activations of one batch through k blocks.
+Memory: at most k decoder layers are materialised on `device` at a time: acquired from a `LayerSource` (the
+model's own layers in memory, or `loader.StreamedLayers` reading each from the checkpoint) when the window reaches
+them and released when their block is done. Activations (quantized-path inputs and FP targets, 2 x nsamples x
+seqlen x hidden in `CalibConfig.cache_dtype`) stay on `offload_device`, are updated in place and move to `device`
+one batch at a time. Peak device memory = k blocks + one block's calibration parameters and AdamW state +
+autograd activations of one batch through k blocks.
 
 Checkpoint after every block: that block's learned parameters only (clip logits and smoothing), so resuming
 replays the finished quantized blocks on the calibration samples and continues bit-for-bit as an uninterrupted run.
@@ -21,14 +23,16 @@ import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import CRRLoss, WKVQuantConfig
-from .errors import CalibrationCancelled, ConfigError, WKVQError
-from .kv_quant import ChannelRange
+from .config import CalibConfig, CRRLoss, WKVQuantConfig
+from .errors import ConfigError, WKVQError
+from .kv_quant import ChannelRange, set_attention_backend
+from .loader import LayerSource, ResidentLayers
 from .model import attentions, calibration_parameters, decoder_layers, quant_state
 from .progress import CalibrationCallbacks, CalibrationEvent, EventKind
 
@@ -88,41 +92,78 @@ def fingerprint(config: WKVQuantConfig, samples: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: `CalibConfig`'s "auto" values resolved for its device."""
+
+    cache: torch.dtype  # activation caches on the host
+    autocast: torch.dtype | None  # block computation under autocast; None: in the weights' dtype
+    attention: str  # POQ attention backend of WKVAttention
+
+    @classmethod
+    def resolve(cls, calib: CalibConfig, device: torch.device | str) -> Precision:
+        cuda = torch.device(device).type == "cuda"
+        auto = torch.bfloat16 if cuda else torch.float32
+        pick = lambda name: auto if name == "auto" else getattr(torch, name)  # noqa: E731
+        compute = pick(calib.compute_dtype)
+        attention = ("sdpa" if cuda else "eager") if calib.attention == "auto" else calib.attention
+        return cls(pick(calib.cache_dtype), None if compute == torch.float32 else compute, attention)
+
+    def autocasting(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
+
+
+def rotary_embeddings(model: nn.Module, seqlen: int, device: torch.device, dtype: torch.dtype):
+    """cos / sin of positions 0..seqlen-1, as the model's decoder layers take them."""
+    position_ids = torch.arange(seqlen, device=device)[None]
+    return model.model.rotary_emb.to(device)(torch.zeros(1, seqlen, 1, device=device, dtype=dtype), position_ids)
+
+
 class _Blocks:
     """Runs decoder blocks over cached activations, one batch at a time on the compute device."""
 
-    def __init__(self, model: nn.Module, seqlen: int, device: torch.device, batch_size: int) -> None:
+    def __init__(self, model: nn.Module, seqlen: int, device: torch.device, batch_size: int, dtype: torch.dtype,
+                 precision: Precision, callbacks: CalibrationCallbacks) -> None:
         self.layers = decoder_layers(model)
-        self.device, self.batch_size = device, batch_size
-        position_ids = torch.arange(seqlen, device=device)[None]
-        dummy = torch.zeros(1, seqlen, 1, device=device, dtype=model.dtype)
-        self.position_embeddings = model.model.rotary_emb.to(device)(dummy, position_ids)
+        self.device, self.batch_size, self.dtype, self.precision = device, batch_size, dtype, precision
+        self.callbacks = callbacks
+        self.position_embeddings = rotary_embeddings(model, seqlen, device, dtype)
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.dtype)
 
     def forward(self, x: torch.Tensor, first: int, last: int, quantize_first: bool) -> torch.Tensor:
         """Blocks first..last-1 on x (B, T, H); only block `first` quantized when `quantize_first`."""
-        for i in range(first, last):
-            with quant_state(self.layers[i], weights=quantize_first and i == first, kv=quantize_first and i == first):
-                x = self.layers[i](x, attention_mask=None, position_embeddings=self.position_embeddings)
-        return x
+        with self.precision.autocasting(self.device):
+            for i in range(first, last):
+                with quant_state(self.layers[i], weights=quantize_first and i == first, kv=quantize_first and i == first):
+                    x = self.layers[i](x, attention_mask=None, position_embeddings=self.position_embeddings)
+        return x.to(self.dtype)
 
     @torch.no_grad()
-    def propagate(self, x: torch.Tensor, index: int, quantized: bool) -> torch.Tensor:
-        """Block `index` over all cached samples; result stays where x is."""
-        out = torch.empty_like(x)
+    def propagate_(self, x: torch.Tensor, index: int, quantized: bool) -> None:
+        """Block `index` over all cached samples, in place."""
+        path = "quantized" if quantized else "full-precision"
         for s in range(0, x.shape[0], self.batch_size):
-            out[s : s + self.batch_size] = self.forward(
-                x[s : s + self.batch_size].to(self.device), index, index + 1, quantized
-            ).to(x.device)
-        return out
+            self.callbacks.check(f"while propagating block {index} ({path}), sample {s} of {x.shape[0]}")
+            x[s : s + self.batch_size] = self.forward(self.batch(x[s : s + self.batch_size]), index, index + 1, quantized)
 
 
-def _embed(model: nn.Module, samples: torch.Tensor, device: torch.device, offload: torch.device) -> torch.Tensor:
-    embed = model.get_input_embeddings()
-    embed.to(device)
-    with torch.no_grad():
-        x = torch.cat([embed(samples[s : s + 1].to(device)).to(offload) for s in range(samples.shape[0])])
-    embed.to(offload)
-    return x
+@torch.no_grad()
+def embed(model: nn.Module, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
+          callbacks: CalibrationCallbacks, store: torch.device | str = "cpu") -> torch.Tensor:
+    """Input embeddings of (n, seqlen) token ids, one row at a time, kept on `store` in `dtype`."""
+    embeddings = model.get_input_embeddings()
+    home = embeddings.weight.device
+    embeddings.to(device)
+    out = torch.empty(*ids.shape, embeddings.embedding_dim, dtype=dtype, device=store)
+    try:
+        for s in range(ids.shape[0]):
+            callbacks.check(f"while embedding sample {s} of {ids.shape[0]}")
+            out[s] = embeddings(ids[s].to(device)).to(store, dtype)
+    finally:
+        embeddings.to(home)
+    return out
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -141,53 +182,63 @@ def calibrate_(
     device: str | torch.device = "cpu",
     offload_device: str | torch.device = "cpu",
     callbacks: CalibrationCallbacks | None = None,
+    layers: LayerSource | None = None,
+    on_block_done: Callable[[int, nn.Module], None] | None = None,
 ) -> CalibrationReport:
-    """Calibrate a model prepared with `prepare_model_` in place. samples: (nsamples, seqlen) token ids."""
+    """Calibrate a model prepared with `prepare_model_` in place. samples: (nsamples, seqlen) token ids.
+
+    layers: where decoder layers come from (default: the model's own, in memory; `loader.StreamedLayers` reads
+    them from the checkpoint). on_block_done(i, layer): called once block i is final (calibrated or resumed) and
+    still on the device, before it is released: the pipeline writes it to the artifact and evaluates it there."""
     callbacks = callbacks or CalibrationCallbacks()
     device, offload = torch.device(device), torch.device(offload_device)
+    layers = layers or ResidentLayers(model, offload)
     calib = config.calib
+    precision = Precision.resolve(calib, device)
+    set_attention_backend(model, precision.attention)
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    layers = decoder_layers(model)
-    n_blocks, k = len(layers), calib.crr_k
+    n_blocks, k = len(decoder_layers(model)), calib.crr_k
     run_key = fingerprint(config, samples)
     report = CalibrationReport()
-    blocks = _Blocks(model, samples.shape[1], device, calib.batch_size)
-    x_q = _embed(model, samples, device, offload)
+    blocks = _Blocks(model, samples.shape[1], device, calib.batch_size, layers.dtype, precision, callbacks)
+    x_q = embed(model, samples, device, precision.cache, callbacks, offload)
     x_fp, fp_depth = x_q.clone(), 0
 
-    report.block_losses = _resume(layers, callbacks, run_key)
+    report.block_losses = _resume(decoder_layers(model), callbacks, run_key)
     resumed = report.resumed_blocks = len(report.block_losses)
     for i in range(resumed):
-        layers[i].to(device)
-        x_q = blocks.propagate(x_q, i, quantized=True)
-        layers[i].to(offload)
+        layer = layers.acquire(i, device)
+        blocks.propagate_(x_fp, i, quantized=False)
+        fp_depth += 1
+        blocks.propagate_(x_q, i, quantized=True)
+        if on_block_done is not None:
+            on_block_done(i, layer)
+        layers.release(i)
         callbacks.emit(CalibrationEvent(EventKind.BLOCK_RESUMED, i, n_blocks, loss=report.block_losses[i]))
 
     for i in range(resumed, n_blocks):
-        if callbacks.cancelled():
-            raise CalibrationCancelled(f"cancelled before block {i} of {n_blocks}")
+        callbacks.check(f"before block {i} of {n_blocks}")
         block_started = time.perf_counter()
         callbacks.emit(CalibrationEvent(EventKind.BLOCK_START, i, n_blocks))
         window = range(i, min(i + k, n_blocks))
-        while fp_depth < window.stop:
-            layers[fp_depth].to(device)
-            x_fp = blocks.propagate(x_fp, fp_depth, quantized=False)
-            fp_depth += 1
         for j in window:
-            layers[j].to(device)
+            layers.acquire(j, device)
+        while fp_depth < window.stop:
+            blocks.propagate_(x_fp, fp_depth, quantized=False)
+            fp_depth += 1
         loss = _calibrate_block(config, blocks, i, window.stop, x_q, x_fp, callbacks)
         if callbacks.checkpoints is not None:
-            callbacks.checkpoints.save(i, block_state(layers[i]), {"fingerprint": run_key, "loss": repr(loss)})
-        x_q = blocks.propagate(x_q, i, quantized=True)
-        layers[i].to(offload)
+            callbacks.checkpoints.save(i, block_state(blocks.layers[i]), {"fingerprint": run_key, "loss": repr(loss)})
+        blocks.propagate_(x_q, i, quantized=True)
+        if on_block_done is not None:
+            on_block_done(i, blocks.layers[i])
+        layers.release(i)
         report.block_losses.append(loss)
         callbacks.emit(
             CalibrationEvent(EventKind.BLOCK_END, i, n_blocks, loss=loss, seconds=time.perf_counter() - block_started)
         )
-    for layer in layers:
-        layer.to(offload)
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes = _peak_memory(device)
     return report
@@ -294,16 +345,15 @@ def _train_block(config, blocks, index, stop, x_q, x_fp, callbacks, clip, smooth
         order = torch.randperm(n, generator=gen)
         for s in range(0, n, calib.batch_size):
             idx = order[s : s + calib.batch_size]
-            out = blocks.forward(x_q[idx].to(blocks.device), index, stop, quantize_first=True)
-            loss = distance(out, x_fp[idx].to(blocks.device))
+            out = blocks.forward(blocks.batch(x_q[idx]), index, stop, quantize_first=True)
+            loss = distance(out.float(), x_fp[idx].to(blocks.device, torch.float32))
             if not torch.isfinite(loss):
                 raise CalibrationDiverged(f"loss became {loss.item()} in block {index}, epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(idx)
-            if callbacks.cancelled():
-                raise CalibrationCancelled(f"cancelled in block {index} of {n_blocks}, epoch {epoch}")
+            callbacks.check(f"in block {index} of {n_blocks}, epoch {epoch}")
         epoch_loss = total / n
         callbacks.emit(CalibrationEvent(EventKind.EPOCH_END, index, n_blocks, epoch, calib.epochs, epoch_loss))
     for p in params:
@@ -317,9 +367,11 @@ def _init_smoothing(block: nn.Module, blocks: _Blocks, x_q: torch.Tensor, alpha:
     attn = attentions(block)[0]
     attn.observer = stats = ChannelRange()
     try:
-        with quant_state(block, weights=True, kv=False):
+        with quant_state(block, weights=True, kv=False), blocks.precision.autocasting(blocks.device):
             for s in range(0, x_q.shape[0], blocks.batch_size):
-                block(x_q[s : s + blocks.batch_size].to(blocks.device), attention_mask=None, position_embeddings=blocks.position_embeddings)
+                blocks.callbacks.check(f"while initialising the smoothing of block {attn.layer_idx}")
+                block(blocks.batch(x_q[s : s + blocks.batch_size]), attention_mask=None,
+                      position_embeddings=blocks.position_embeddings)
     finally:
         attn.observer = None
     attn.init_smoothing_(stats, alpha)

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -78,3 +79,58 @@ class DirectoryCheckpoints:
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         path = self.path(index)
         return load_safetensors(path) if path.exists() else None
+
+
+_DTYPE_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+                torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+                torch.int64: "I64"}
+_DTYPE_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")  # safetensors' Dtype enum order
+_COPY_CHUNK = 1 << 24
+
+
+class SafetensorsStream:
+    """A safetensors file written one tensor at a time with bounded memory: tensor bytes are spooled to disk as
+    they come; `finish` writes the header and the data in the order `save_file` uses (dtype, then name), so the
+    file has the same bytes as `save_safetensors_atomic` of all the tensors at once."""
+
+    def __init__(self, path: Path, meta: dict[str, str]) -> None:
+        self.path, self.meta = Path(path), meta
+        self.spool_path = self.path.with_name(f".{self.path.name}.spool")
+        self.spool = open(self.spool_path, "w+b")
+        self.entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> dtype, shape, spool offset, size
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.entries:
+            raise ValueError(f"tensor {name} written twice")
+        tensor = tensor.detach().cpu().contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        self.entries[name] = (_DTYPE_NAMES[tensor.dtype], list(tensor.shape), self.spool.tell(), data.nbytes)
+        self.spool.write(data.tobytes())
+
+    def finish(self, between_tensors: Callable[[], None] | None = None) -> None:
+        order = sorted(self.entries, key=lambda name: (-_DTYPE_ORDER.index(self.entries[name][0]), name))
+        header: dict = {"__metadata__": _metadata(self.meta)}
+        position = 0
+        for name in order:
+            dtype, shape, _, size = self.entries[name]
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [position, position + size]}
+            position += size
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.spool.flush()
+        with open(self.path, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+            for name in order:
+                if between_tensors is not None:
+                    between_tensors()
+                _, _, offset, size = self.entries[name]
+                self.spool.seek(offset)
+                while size:
+                    chunk = self.spool.read(min(size, _COPY_CHUNK))
+                    out.write(chunk)
+                    size -= len(chunk)
+        self.close()
+
+    def close(self) -> None:
+        self.spool.close()
+        self.spool_path.unlink(missing_ok=True)

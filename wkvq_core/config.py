@@ -13,6 +13,8 @@ FP_BITS = 16
 QUANT_BITS = range(2, 9)
 DEFAULT_SEQLEN = 2048
 SMOOTH_PARAMS = ("direct", "relative")
+RUN_DTYPES = ("auto", "float32", "bfloat16")
+ATTENTION_BACKENDS = ("auto", "eager", "sdpa")
 
 
 class EvalMode(str, Enum):
@@ -148,7 +150,13 @@ def kv_config(method: str, **fields: Any) -> KVQuantConfig:
 
 @dataclass
 class CalibConfig:
-    """Block-by-block calibration (OmniQuant order) with the cross-block reconstruction loss over `crr_k` blocks."""
+    """Block-by-block calibration (OmniQuant order) with the cross-block reconstruction loss over `crr_k` blocks.
+
+    Precision ("auto" resolves by device: see `calibrate.resolve_precision`): cache_dtype of the activation caches
+    on the host (auto: bfloat16 on CUDA, float32 elsewhere); compute_dtype of block computation (auto: bfloat16
+    autocast on CUDA, float32 elsewhere; calibration parameters and optimizer state are always fp32); attention,
+    the POQ attention kernel (auto: "sdpa" on CUDA, "eager" elsewhere).
+    """
 
     nsamples: int = 128
     seqlen: int = DEFAULT_SEQLEN
@@ -157,9 +165,15 @@ class CalibConfig:
     crr_k: int = 5
     loss: CRRLoss = CRRLoss.MAE
     seed: int = 0
+    cache_dtype: str = "auto"
+    compute_dtype: str = "auto"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         self.loss = CRRLoss(self.loss)
+        for name, allowed in (("cache_dtype", RUN_DTYPES), ("compute_dtype", RUN_DTYPES), ("attention", ATTENTION_BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("nsamples", "seqlen", "batch_size", "crr_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")

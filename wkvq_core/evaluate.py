@@ -16,8 +16,11 @@ from torch.nn import functional as F
 from transformers import Cache, DynamicCache
 
 from .cache_keyword import with_cache
+from .calibrate import Precision, embed, rotary_embeddings
 from .config import FP_BITS, EvalMode, KVQuantConfig
-from .model import frozen_weights, quant_state
+from .loader import LayerSource, ResidentLayers
+from .model import attentions, decoder_layers, frozen_weights, quant_state
+from .progress import CalibrationCallbacks
 
 
 @dataclass(frozen=True)
@@ -36,18 +39,82 @@ def _summarise(nll_sum: float, tokens: int) -> Perplexity:
     return Perplexity(ppl=math.exp(nll_sum / tokens), nll=nll_sum / tokens, tokens=tokens)
 
 
-@torch.no_grad()
+class LayerwiseEval:
+    """Teacher-forced perplexity computed one decoder block at a time, so that evaluation never holds more than one
+    block on the device: the windows' hidden states (one stream per name, each in its `EvalMode`) stay on the host
+    in `cache_dtype`; `advance` runs one block over every stream; `finish` applies the final norm and lm_head.
+    Equal to a whole-model forward: each block sees the same inputs, causal masking, and rotary embeddings."""
+
+    def __init__(self, model, windows: torch.Tensor, streams: dict[str, EvalMode], *, device="cpu",
+                 dtype: torch.dtype = torch.float32, cache_dtype: torch.dtype = torch.float32, batch_size: int = 1,
+                 autocast: torch.dtype | None = None, callbacks: CalibrationCallbacks | None = None) -> None:
+        self.model, self.windows, self.modes = model, windows, {name: EvalMode(m) for name, m in streams.items()}
+        self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
+        self.precision = Precision(cache_dtype, autocast, "eager")
+        self.callbacks = callbacks or CalibrationCallbacks()
+        hidden = embed(model, windows, self.device, cache_dtype, self.callbacks)
+        self.states = {name: hidden.clone() for name in self.modes}
+        self.position_embeddings = rotary_embeddings(model, windows.shape[1], self.device, dtype)
+
+    @torch.no_grad()
+    def advance(self, layer, name: str | None = None) -> None:
+        """Run `layer` (on the device) over stream `name`'s windows in its mode; all streams when name is None."""
+        # prepared attention masks causally itself (and only then may use the fused kernel); any other gets a mask
+        mask = None if attentions(layer) else self._causal_mask()
+        for stream in [name] if name is not None else list(self.states):
+            x = self.states[stream]
+            with quant_state(layer, **_mode_flags(self.modes[stream])), frozen_weights(layer), \
+                    self.precision.autocasting(self.device):
+                for s in range(0, x.shape[0], self.batch_size):
+                    self.callbacks.check(f"while evaluating ({stream}), window {s} of {x.shape[0]}")
+                    out = layer(x[s : s + self.batch_size].to(self.device, self.dtype), attention_mask=mask,
+                                position_embeddings=self.position_embeddings)
+                    x[s : s + self.batch_size] = out.to(x.dtype)
+
+    def _causal_mask(self) -> torch.Tensor:
+        t = self.windows.shape[1]
+        blocked = torch.ones(t, t, dtype=torch.bool, device=self.device).triu(1)
+        return torch.zeros(1, 1, t, t, dtype=self.dtype, device=self.device).masked_fill(blocked, torch.finfo(self.dtype).min)
+
+    @torch.no_grad()
+    def finish(self) -> dict[str, Perplexity]:
+        """The final norm and lm_head over every stream: perplexity by name."""
+        norm, head = self.model.model.norm, self.model.lm_head
+        homes = norm.weight.device, head.weight.device
+        norm.to(self.device), head.to(self.device)
+        results = {}
+        try:
+            for name, x in self.states.items():
+                nll_sum, tokens = 0.0, 0
+                for s in range(0, x.shape[0], self.batch_size):
+                    self.callbacks.check(f"while evaluating ({name}), output of window {s} of {x.shape[0]}")
+                    ids = self.windows[s : s + self.batch_size].to(self.device)
+                    h = norm(x[s : s + self.batch_size].to(self.device, self.dtype))
+                    logits = F.linear(h, head.weight.to(self.dtype))[:, :-1].float()
+                    nll_sum += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+                    tokens += ids[:, 1:].numel()
+                results[name] = _summarise(nll_sum, tokens)
+        finally:
+            norm.to(homes[0]), head.to(homes[1])
+        return results
+
+
+def layerwise_perplexities(model, windows: torch.Tensor, modes, *, device="cpu", batch_size: int = 1,
+                           layers: LayerSource | None = None, callbacks: CalibrationCallbacks | None = None,
+                           ) -> dict[str, Perplexity]:
+    """Perplexity (mode value -> result) of each of `modes`, one decoder block on the device at a time."""
+    layers = layers or ResidentLayers(model, next(model.parameters()).device)
+    run = LayerwiseEval(model, windows, {EvalMode(m).value: m for m in modes}, device=device, dtype=layers.dtype,
+                        batch_size=batch_size, callbacks=callbacks)
+    for i in range(len(decoder_layers(model))):
+        run.advance(layers.acquire(i, torch.device(device)))
+        layers.release(i)
+    return run.finish()
+
+
 def perplexity(model, windows: torch.Tensor, mode: EvalMode = EvalMode.WKV, device="cpu", batch_size: int = 1) -> Perplexity:
     """Teacher-forced perplexity over (n, seqlen) windows; each window predicts its tokens 1..seqlen-1."""
-    nll_sum, tokens = 0.0, 0
-    model.to(device)
-    with quant_state(model, **_mode_flags(mode)), frozen_weights(model):
-        for s in range(0, windows.shape[0], batch_size):
-            ids = windows[s : s + batch_size].to(device)
-            logits = model(ids, use_cache=False).logits[:, :-1].float()
-            nll_sum += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            tokens += ids[:, 1:].numel()
-    return _summarise(nll_sum, tokens)
+    return layerwise_perplexities(model, windows, [mode], device=device, batch_size=batch_size)[EvalMode(mode).value]
 
 
 @torch.no_grad()

@@ -73,6 +73,17 @@ def model_config(source: str | os.PathLike, revision: str | None = None) -> dict
     return config
 
 
+def hub_snapshot(source: str, revision: str | None = None) -> Path:
+    """A hub model's config, tokenizer and safetensors files in the local hub cache (downloaded when missing)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+    except (OSError, ValueError) as exc:
+        raise _unreachable_hub(source) from exc
+
+
 def load_model(source: str | os.PathLike, revision: str | None = None, dtype=torch.float32):
     """Model and tokenizer from a local directory, or a hub id (fails with a clear message when offline)."""
     model_config(source, revision)  # a bad directory or an unreachable hub fails here, with a clear message

@@ -5,18 +5,20 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass, field, replace
+from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .artifact import save_artifact
-from .calibrate import CalibrationReport, calibrate_
+from .artifact import ArtifactWriter
+from .calibrate import CalibrationReport, Precision, calibrate_
 from .config import FP_BITS, WKVQuantConfig
 from .data import calibration_samples, eval_windows, load_text, tokenize
-from .errors import CalibrationCancelled, ConfigError
-from .evaluate import EvalMode, kv_bytes_per_token, perplexity
-from .model import load_model, prepare_model_
+from .errors import ConfigError
+from .evaluate import EvalMode, LayerwiseEval, Perplexity, kv_bytes_per_token, layerwise_perplexities
+from .loader import CheckpointReader, ResidentLayers, StreamedLayers, load_skeleton
+from .model import attentions, hub_snapshot, load_model, model_config, prepare_model_, quant_linears
 from .progress import CalibrationCallbacks
 
 
@@ -46,35 +48,34 @@ def quantize_model_(
     return calibrate_(model, config, samples, device=device, callbacks=callbacks)
 
 
-def evaluate_modes(model, config: WKVQuantConfig, windows: torch.Tensor, modes, device="cpu") -> dict[str, Any]:
-    result: dict[str, Any] = {"tokens": 0, "ppl": {}}
-    for mode in modes:
-        ppl = perplexity(model, windows, EvalMode(mode), device=device)
-        result["ppl"][EvalMode(mode).value] = ppl.ppl
-        result["tokens"] = ppl.tokens
-    result["kv_bytes_per_token"] = kv_bytes_per_token(model.config, config.kv)
-    result["kv_bytes_per_token_fp16"] = kv_bytes_per_token(model.config, type(config.kv)(bits=16))
+def eval_table(model_config, config: WKVQuantConfig, ppl: dict[str, Perplexity], modes) -> dict[str, Any]:
+    """metrics["eval"] of a job: perplexity per mode, tokens, KV cache bytes per token (and unquantized)."""
+    result: dict[str, Any] = {"tokens": ppl[EvalMode(modes[0]).value].tokens if modes else 0,
+                              "ppl": {EvalMode(m).value: ppl[EvalMode(m).value].ppl for m in modes}}
+    result["kv_bytes_per_token"] = kv_bytes_per_token(model_config, config.kv)
+    result["kv_bytes_per_token_fp16"] = kv_bytes_per_token(model_config, type(config.kv)(bits=16))
     return result
 
 
-def rtn_baselines(
-    model, config: WKVQuantConfig, windows: torch.Tensor, device="cpu", callbacks: CalibrationCallbacks | None = None
-) -> dict[str, float]:
-    """Perplexity (mode -> ppl) of round-to-nearest quantization at `config`'s bits and group sizes: a copy of the
-    full-precision `model` prepared without learned clipping or smoothing and not calibrated. Mode `w` when weights
-    or activations are quantized, `wkv` when the KV cache is. Raises CalibrationCancelled when `callbacks` asks."""
+def evaluate_modes(model, config: WKVQuantConfig, windows: torch.Tensor, modes, device="cpu") -> dict[str, Any]:
+    return eval_table(model.config, config, layerwise_perplexities(model, windows, modes, device=device), modes)
+
+
+def rtn_modes(config: WKVQuantConfig) -> list[EvalMode]:
+    """The modes a round-to-nearest baseline is measured in: `w` when weights or activations are quantized, `wkv`
+    when the KV cache is."""
     quantized = {EvalMode.W: config.weight.enabled or config.act_bits != FP_BITS, EvalMode.WKV: config.kv.enabled}
-    modes = [mode for mode, on in quantized.items() if on]
-    if not modes:
-        return {}
-    rtn = replace(config, weight=replace(config.weight, lwc=False), kv=replace(config.kv, smoothing=False))
-    rtn_model = prepare_model_(copy.deepcopy(model), rtn)
-    baselines = {}
-    for mode in modes:
-        if callbacks is not None and callbacks.cancelled():
-            raise CalibrationCancelled(f"cancelled while measuring the RTN baselines, before mode {mode.value}")
-        baselines[mode.value] = perplexity(rtn_model, windows, mode, device=device).ppl
-    return baselines
+    return [mode for mode, on in quantized.items() if on]
+
+
+def rtn_layer(layer):
+    """A copy of a prepared decoder layer quantized by round to nearest: no learned clipping, no smoothing."""
+    rtn = copy.deepcopy(layer)
+    for lin in quant_linears(rtn):
+        lin.clip = None
+    for attn in attentions(rtn):
+        attn.smoothing = attn.smoothing_configured = False
+    return rtn
 
 
 @dataclass
@@ -93,28 +94,85 @@ class QuantizeJob:
             raise ConfigError(f"fp_dtype must be one of {', '.join(FP_DTYPES)}; got {self.fp_dtype!r}")
 
 
-def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = None) -> dict[str, Any]:
-    """Run a job end to end. The artifact's metrics.json holds what the same job always reproduces (losses,
-    perplexities); the returned metrics add this run's `run` section (seconds, peak memory, resumed blocks).
+class _JobEvaluation:
+    """The job's evaluation, interleaved with calibration: each finished block (still on the device) advances the
+    evaluation windows in modes fp, w and wkv, and its round-to-nearest copy advances the RTN baseline streams."""
 
-    With an eval text, `metrics["eval"]` is `evaluate_modes`' table plus `baselines.rtn` (`rtn_baselines`, measured
-    on the full-precision model before calibrating): `{"ppl": {"fp", "w", "wkv"}, "baselines": {"rtn": {"w",
-    "wkv"}}, "tokens", ...}`, so that `ppl[mode]` against `baselines.rtn[mode]` shows what calibration bought."""
-    device = resolve_device(job.device)
-    model, tokenizer = load_model(job.model, revision=job.revision)
+    def __init__(self, model, config: WKVQuantConfig, windows: torch.Tensor, device: torch.device, dtype,
+                 precision: Precision, callbacks: CalibrationCallbacks) -> None:
+        self.config, self.rtn = config, rtn_modes(config)
+        streams = {mode.value: mode for mode in EvalMode} | {f"rtn_{mode.value}": mode for mode in self.rtn}
+        self.run = LayerwiseEval(model, windows, streams, device=device, dtype=dtype, cache_dtype=precision.cache,
+                                 autocast=precision.autocast, callbacks=callbacks)
+
+    def advance(self, index: int, layer) -> None:
+        for mode in EvalMode:
+            self.run.advance(layer, mode.value)
+        if self.rtn:
+            rtn = rtn_layer(layer)
+            for mode in self.rtn:
+                self.run.advance(rtn, f"rtn_{mode.value}")
+
+    def finish(self, model) -> dict[str, Any]:
+        ppl = self.run.finish()
+        result = eval_table(model.config, self.config, ppl, list(EvalMode))
+        result["baselines"] = {"rtn": {mode.value: ppl[f"rtn_{mode.value}"].ppl for mode in self.rtn}}
+        return result
+
+
+def load_for_calibration(source: str, revision: str | None = None):
+    """(model, tokenizer, layers): a safetensors checkpoint (a directory, or a hub model's files downloaded to the
+    hub cache) as a skeleton whose decoder layers are read one at a time (`StreamedLayers`); .bin weights are
+    loaded whole (`ResidentLayers`)."""
+    model_config(source, revision)  # a clear message for a bad directory, an unreachable hub, an architecture
+    directory = Path(source) if Path(source).exists() else hub_snapshot(source, revision)
+    if CheckpointReader.has_safetensors(directory):
+        model, tokenizer, reader = load_skeleton(directory)
+        return model, tokenizer, StreamedLayers(model, reader, torch.float32)
+    model, tokenizer = load_model(source, revision=revision)
+    return model, tokenizer, ResidentLayers(model, "cpu")
+
+
+def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = None) -> dict[str, Any]:
+    """Run a job end to end, one decoder layer at a time: each layer is read from the checkpoint when calibration
+    reaches it, evaluated and written to the artifact when its block is done, then released. The artifact's
+    metrics.json holds what the same job always reproduces (losses, perplexities); the returned metrics add this
+    run's `run` section (seconds, peak memory, resumed blocks).
+
+    With an eval text, `metrics["eval"]` is `{"ppl": {"fp", "w", "wkv"}, "baselines": {"rtn": {"w", "wkv"}},
+    "tokens", ...}`: `baselines.rtn` holds round-to-nearest perplexities at the job's bits (`rtn_modes`), so that
+    `ppl[mode]` against `baselines.rtn[mode]` shows what calibration bought. Cancellable at every stage."""
+    callbacks = callbacks or CalibrationCallbacks()
+    device = torch.device(resolve_device(job.device))
+    callbacks.stage("loading")
+    model, tokenizer, layers = load_for_calibration(job.model, job.revision)
     calib = job.config.calib
     samples = calibration_samples(tokenize(tokenizer, load_text(job.calib)), calib.nsamples, calib.seqlen, calib.seed)
     windows = eval_windows(tokenize(tokenizer, load_text(job.eval)), calib.seqlen) if job.eval else None
-    baselines = rtn_baselines(model, job.config, windows, device, callbacks) if windows is not None else None
-    report = quantize_model_(model, job.config, samples, device=device, callbacks=callbacks)
-    metrics: dict[str, Any] = {
-        "calibration": {"block_losses": [None if math.isnan(x) else x for x in report.block_losses], "device": device},
-    }
+    prepare_model_(model, job.config)
+    precision = Precision.resolve(calib, device)
+    evaluation = None
     if windows is not None:
-        metrics["eval"] = evaluate_modes(model, job.config, windows, list(EvalMode), device=device)
-        metrics["eval"]["baselines"] = {"rtn": baselines}
-    model.to("cpu")
-    save_artifact(job.out, model, tokenizer, job.config, metrics, fp_dtype=getattr(torch, job.fp_dtype))
+        evaluation = _JobEvaluation(model, job.config, windows, device, layers.dtype, precision, callbacks)
+    with ArtifactWriter(job.out, getattr(torch, job.fp_dtype), check=callbacks.check) as writer:
+
+        def finished_block(index: int, layer) -> None:
+            if evaluation is not None:
+                evaluation.advance(index, layer)
+            writer.add_layer(index, layer)
+
+        callbacks.stage("calibrating")
+        report = calibrate_(model, job.config, samples, device=device, callbacks=callbacks, layers=layers,
+                            on_block_done=finished_block)
+        metrics: dict[str, Any] = {
+            "calibration": {"block_losses": [None if math.isnan(x) else x for x in report.block_losses],
+                            "device": device.type},
+        }
+        if evaluation is not None:
+            callbacks.stage("evaluating")
+            metrics["eval"] = evaluation.finish(model)
+        callbacks.stage("writing")
+        writer.finish(model, tokenizer, job.config, metrics)
     run = {"seconds": report.seconds, "peak_memory_bytes": report.peak_memory_bytes,
            "resumed_blocks": report.resumed_blocks}
     return metrics | {"run": run}

@@ -8,12 +8,18 @@ from typing import Callable, Protocol
 
 import torch
 
+from .errors import CalibrationCancelled
+
 
 class EventKind(str, Enum):
     BLOCK_START = "block_start"
     EPOCH_END = "epoch_end"
     BLOCK_END = "block_end"
     BLOCK_RESUMED = "block_resumed"  # taken from a checkpoint, not recomputed
+    STAGE = "stage"  # the job entered `CalibrationEvent.stage` (one of STAGES)
+
+
+STAGES = ("loading", "calibrating", "evaluating", "writing")
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class CalibrationEvent:
     epochs: int = 0
     loss: float | None = None
     seconds: float | None = None
+    stage: str | None = None  # with EventKind.STAGE
 
 
 class CheckpointStore(Protocol):
@@ -47,3 +54,11 @@ class CalibrationCallbacks:
 
     def cancelled(self) -> bool:
         return self.should_cancel is not None and self.should_cancel()
+
+    def stage(self, name: str) -> None:
+        self.emit(CalibrationEvent(EventKind.STAGE, 0, 0, stage=name))
+
+    def check(self, where: str) -> None:
+        """Raise CalibrationCancelled (saying `where`) when the caller asked to stop."""
+        if self.cancelled():
+            raise CalibrationCancelled(f"cancelled {where}")
