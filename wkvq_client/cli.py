@@ -384,14 +384,15 @@ def jobs(
 
 @app.command()
 def cancel(job_id: JobId) -> None:
-    """Cancel a job: a queued one at once, a running one at its next block boundary (checkpoints are kept)."""
+    """Cancel a job: a queued one at once, a running one within seconds (checkpoints are kept); refused once the job
+    is publishing its artifact."""
     with _client() as client:
         job = client.cancel(job_id)
     if job.status == "cancelled":
         out.print(f"job {job.id} cancelled")
     else:
-        out.print(f"job {job.id}: cancel requested; it stops after block {job.current_block + 1}"
-                  f"{'/' + str(job.total_blocks) if job.total_blocks else ''} (`wkvq retry` resumes it)")
+        out.print(f"job {job.id}: cancel requested; it stops within seconds"
+                  f"{' (stage ' + job.stage + ')' if job.stage else ''} (`wkvq retry` resumes it)")
 
 
 @app.command()

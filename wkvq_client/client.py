@@ -208,7 +208,7 @@ class WKVQClient:
         return JobList.model_validate(self._request("GET", "/jobs", params=params).json())
 
     def cancel(self, job_id: str) -> JobRead:
-        """A queued job is cancelled at once, a running one at its next block boundary."""
+        """A queued job is cancelled at once, a running one within seconds; 409 once it is publishing its artifact."""
         return JobRead.model_validate(self._request("POST", f"/jobs/{quote(job_id, safe='')}/cancel").json())
 
     def retry(self, job_id: str) -> JobRead:

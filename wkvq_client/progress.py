@@ -31,6 +31,8 @@ def follow(client: WKVQClient, job_id: str, console: Console, last_event_id: int
                 progress.update(task, description=f"block {event.block + 1} epoch {event.epoch}/{event.epochs}{loss}")
             elif event.kind in STATE_KINDS:
                 progress.update(task, description=event.kind)
+            elif event.kind == "stage" and event.message:  # loading, calibrating, evaluating, writing, publishing
+                progress.update(task, description=event.message)
             if event.kind in NOTEWORTHY and event.message:
                 progress.console.print(f"{event.kind}: {escape(event.message)}", soft_wrap=True)
     raise ClientError(None, f"the event stream of job {job_id} ended without its end event")

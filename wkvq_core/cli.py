@@ -93,7 +93,8 @@ def _build_config(**kw) -> WKVQuantConfig:
             kw.get("method", "paper"), bits=kw["kv_bits"], group_size=kw.get("kv_group_size"),
             smoothing=kw.get("smoothing", False), poq=kw.get("poq", True),
         ),
-        calib=CalibConfig(**{k: kw[k] for k in ("nsamples", "seqlen", "epochs", "batch_size", "crr_k", "loss", "seed") if k in kw}),
+        calib=CalibConfig(**{k: kw[k] for k in ("nsamples", "seqlen", "epochs", "batch_size", "crr_k", "loss", "seed",
+                                                   "cache_dtype", "compute_dtype", "attention") if k in kw}),
         act_bits=kw.get("act_bits", 16),
     )
 
@@ -103,6 +104,10 @@ class _RichEvents:
         self.progress, self.task = progress, None
 
     def __call__(self, event) -> None:
+        if event.kind.value == "stage":
+            if self.task is not None:
+                self.progress.update(self.task, description=event.stage)
+            return
         if self.task is None:
             self.task = self.progress.add_task("calibrating", total=event.n_blocks)
         label = f"block {event.block + 1}/{event.n_blocks}"
@@ -131,6 +136,61 @@ def print_eval_table(result: dict) -> None:
     out.print(f"KV cache: {result['kv_bytes_per_token']:.1f} bytes/token (fp16: {result['kv_bytes_per_token_fp16']:.1f})")
 
 
+def _estimate_kind(device: str, estimate_for: str | None) -> str:
+    """The DEVICE_KINDS entry a dry run estimates for: --estimate-for, else this machine's device by its name."""
+    from .estimate import DEVICE_KINDS
+    from .pipeline import resolve_device
+
+    if estimate_for is not None:
+        if estimate_for not in DEVICE_KINDS:
+            _fail(f"--estimate-for must be one of {', '.join(DEVICE_KINDS)}; got {estimate_for!r}")
+        return estimate_for
+    if resolve_device(device).startswith("cuda"):
+        import torch
+
+        name = torch.cuda.get_device_name(torch.device(resolve_device(device))).lower()
+        return next((kind for key, kind in (("h200", "h200"), ("h100", "h100-80gb")) if key in name), "a100-80gb")
+    return "cpu"
+
+
+def _print_estimate(model: str, revision: str | None, config: WKVQuantConfig, eval_data: str | None, device: str,
+                    estimate_for: str | None, as_json: bool) -> None:
+    """`quantize --dry-run`: the estimate from the model's config.json, as a table (or JSON); no weights read."""
+    from .data import load_text
+    from .estimate import (CHARS_PER_TOKEN, estimate_resources, eval_windows_for_chars, format_bytes,
+                           format_seconds)
+    from .model import model_config
+
+    kind = _estimate_kind(device, estimate_for)
+    windows = eval_windows_for_chars(len(load_text(eval_data)), config.calib.seqlen) if eval_data else 0
+    est = estimate_resources(model_config(model, revision), config, eval_windows=windows, device=kind)
+    if as_json:
+        print(json.dumps(est.to_dict()))
+        return
+    table = Table(title=f"resource estimate: {escape(model)} on {kind}", title_justify="left")
+    table.add_column("resource")
+    table.add_column("estimate", justify="right")
+    table.add_column("largest part")
+    table.add_row("peak device memory" if kind != "cpu" else "compute working set",
+                  format_bytes(est.peak_device_bytes), f"{est.dominant('device')} ({est.device_phase})")
+    table.add_row("peak host memory", format_bytes(est.peak_host_bytes), est.dominant("host"))
+    table.add_row("FLOPs", f"{est.flops:.3g}", est.dominant("flops"))
+    table.add_row("time", format_seconds(est.seconds),
+                  f"{est.compute_dtype}, {est.attention} attention, {est.inputs['flops_per_second'] / 1e12:.3g} "
+                  "TFLOP/s sustained")
+    out.print(table)
+    parts = Table(title="breakdown", title_justify="left")
+    for column in ("memory", "component", "bytes"):
+        parts.add_column(column, justify="right" if column == "bytes" else "left")
+    for section in ("device", "host"):
+        for name, value in sorted(est.breakdown[section].items(), key=lambda kv: -kv[1]):
+            parts.add_row(section, name, format_bytes(value))
+    out.print(parts)
+    note = f"{windows} evaluation windows (text length / {CHARS_PER_TOKEN:g} chars per token)" if eval_data else \
+        "no evaluation (--eval not given)"
+    out.print(f"{note}; nothing was loaded or written", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def quantize(
     model: Annotated[str, typer.Option("--model", help="Model directory, hub id or packaged model name.")],
@@ -154,11 +214,21 @@ def quantize(
     method: Annotated[str, typer.Option(help=f"{' or '.join(METHODS)}: the paper's KV method exactly, or with "
                                               "the options that won on held-out text (README).")] = DEFAULT_METHOD,
     act_bits: Annotated[int, typer.Option(help="Per-token activation bits into linears (16 = off).")] = 16,
+    cache_dtype: Annotated[str, typer.Option(help="Activation caches: auto (bfloat16 on CUDA, float32 on CPU), "
+                                                  "float32 or bfloat16.")] = "auto",
+    compute_dtype: Annotated[str, typer.Option(help="Block computation: auto (bfloat16 autocast on CUDA, float32 "
+                                                    "on CPU), float32 or bfloat16.")] = "auto",
+    attention: Annotated[str, typer.Option(help="POQ attention: auto (sdpa on CUDA, eager on CPU), eager or sdpa.")] = "auto",
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Per-block checkpoints; rerun to resume.")] = None,
     fp_dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32 for the non-quantized tensors.")] = "float16",
     revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resource estimate (memory, FLOPs, time) and "
+                                                            "exit; reads only the model's config.json.")] = False,
+    estimate_for: Annotated[Optional[str], typer.Option(
+        "--estimate-for", help="Device kind of the --dry-run estimate: cpu, a100-80gb, h100-80gb, h200 (default: "
+                               "this machine's, from --device).")] = None,
 ) -> None:
     """Calibrate a model and write a quantized artifact directory."""
     _quiet_transformers()
@@ -175,6 +245,9 @@ def quantize(
         model = _model_source(model)
         seqlen = resolve_seqlen(seqlen, model_config(model, revision))  # before calibrating
         config = _build_config(**locals())
+        if dry_run:
+            _print_estimate(model, revision, config, eval_data, device, estimate_for, as_json)
+            return
         job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device,
                           revision=revision, fp_dtype=fp_dtype)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

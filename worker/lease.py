@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from api.core.db import utcnow
 from api.models import Job, JobStatus
@@ -23,9 +24,11 @@ class Lease:
     owner: str
 
 
-def fence(session: Session, lease: Lease, **values: Any) -> bool:
-    """In the caller's transaction: update the job only while this lease still holds it (False otherwise).
-    On Postgres the row stays locked until commit, so whatever else the transaction writes is fenced too."""
+def fence(session: Session, lease: Lease, *conditions: ColumnElement[bool], **values: Any) -> bool:
+    """In the caller's transaction: update the job only while this lease still holds it (False otherwise), and only
+    where `conditions` hold too. On Postgres the row stays locked until commit, so whatever else the transaction
+    writes is fenced too."""
     return bool(session.execute(
-        update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token, Job.status == JobStatus.RUNNING.value)
+        update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token, Job.status == JobStatus.RUNNING.value,
+                          *conditions)
         .values(updated_at=utcnow(), **values)).rowcount)

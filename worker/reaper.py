@@ -23,12 +23,15 @@ def reap_expired(ctx: ServiceContext) -> list[str]:
     now = utcnow()
     with ctx.session() as session:
         expired = session.execute(
-            select(Job.id, Job.lease_token, Job.attempts, Job.max_attempts, Job.lease_owner, Job.gpu_class)
+            select(Job.id, Job.lease_token, Job.attempts, Job.max_attempts, Job.lease_owner, Job.gpu_class,
+                   Job.cancel_requested)
             .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)).all()
-        for job_id, token, attempts, max_attempts, owner, gpu_class in expired:
+        for job_id, token, attempts, max_attempts, owner, gpu_class, cancel in expired:
             exhausted = attempts >= max_attempts
             values = dict(lease_owner=None, lease_token=None, lease_expires_at=None, updated_at=now)
-            if exhausted:
+            if cancel:  # an accepted cancel ends the job cancelled, whatever happened to its worker
+                values |= dict(status=JobStatus.CANCELLED.value, finished_at=now)
+            elif exhausted:
                 reason = (f"worker lost: the lease of {owner} expired on attempt {attempts} of {max_attempts}; "
                           "retry the job to resume from its last checkpoint")
                 values |= dict(status=JobStatus.FAILED.value, error=reason, finished_at=now)
@@ -39,7 +42,9 @@ def reap_expired(ctx: ServiceContext) -> list[str]:
                 .values(**values)).rowcount
             if not changed:
                 continue
-            if exhausted:
+            if cancel:
+                add_event(session, job_id, "cancelled", f"the lease of {owner} expired while a cancel was pending")
+            elif exhausted:
                 add_event(session, job_id, "failed", values["error"])
             else:
                 add_event(session, job_id, "requeued", f"lease of {owner} expired; requeued (attempt {attempts} of "

@@ -22,10 +22,11 @@ from api.core.context import ServiceContext
 from api.core.db import new_id, utcnow
 from api.core.storage import StorageError
 from api.datasets.builtin import BUILTIN_TEXTS
+from api.jobs.estimate import job_wkvq_config
 from api.jobs.model_source import local_model_dir
-from api.jobs.service import add_event
+from api.jobs.service import PUBLISHING, add_event
 from api.models import Artifact, Dataset, Job, JobMetrics, JobStatus
-from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig, kv_config
+from wkvq_core.config import WKVQuantConfig
 from wkvq_core.errors import CalibrationCancelled, WKVQError
 from wkvq_core.pipeline import QuantizeJob, run_quantize_job
 from wkvq_core.progress import CalibrationCallbacks, CalibrationEvent, EventKind
@@ -42,14 +43,7 @@ CANCEL_POLL_SECONDS = 0.5
 
 
 def job_config(spec: dict[str, Any]) -> WKVQuantConfig:
-    c = spec["config"]
-    return WKVQuantConfig(
-        weight=WeightQuantConfig(bits=c["w_bits"], group_size=c["group_size"], lwc=c["lwc"]),
-        kv=kv_config(c.get("method", "paper"), bits=c["kv_bits"], group_size=c["kv_group_size"],  # older jobs: paper
-                     smoothing=c["smoothing"], poq=c["poq"]),
-        calib=CalibConfig(nsamples=c["nsamples"], seqlen=c["seqlen"], epochs=c["epochs"], crr_k=c["crr_k"],
-                          loss=c["loss"], seed=c["seed"]),
-    )
+    return job_wkvq_config(spec["config"])
 
 
 def artifact_top_dir(spec: dict[str, Any]) -> str:
@@ -64,6 +58,9 @@ class _Heartbeat(threading.Thread):
         self.runner, self.lease = runner, lease
         self.stopped, self.lost = threading.Event(), threading.Event()
         self.last_cancel_check = float("-inf")
+        # the attempt's time limit, measured from its start (every mode: Celery's hard limit is only a backstop)
+        self.deadline = time.monotonic() + runner.ctx.settings.JOB_TIME_LIMIT_SECONDS
+        self.timed_out = False
 
     def run(self) -> None:
         with log_context(job_id=self.lease.job_id, worker_id=self.runner.worker_id):  # a thread of its own
@@ -94,7 +91,7 @@ class JobRunner:
         now = utcnow()
         return dict(status=JobStatus.RUNNING.value, lease_owner=self.worker_id, lease_token=new_id(),
                     lease_expires_at=now + timedelta(seconds=self.ctx.settings.LEASE_SECONDS), heartbeat_at=now,
-                    attempts=Job.attempts + 1, updated_at=now)
+                    attempts=Job.attempts + 1, stage=None, updated_at=now)
 
     def claim(self, job_id: str) -> Lease | None:
         """Conditional UPDATE queued -> running; None if the job is not (or no longer) queued."""
@@ -159,6 +156,9 @@ class JobRunner:
         except CalibrationCancelled as exc:
             if heartbeat.lost.is_set():
                 log.warning("job %s: stopped, the lease belongs to another worker", lease.job_id)
+            elif heartbeat.timed_out:  # failed, not cancelled: nobody asked; the checkpoints let a retry resume
+                self._finish(lease, JobStatus.FAILED, "failed",
+                             f"time limit of {self.ctx.settings.JOB_TIME_LIMIT_SECONDS:g} s exceeded")
             else:
                 self._finish(lease, JobStatus.CANCELLED, "cancelled", str(exc))
         except (WKVQError, StorageError) as exc:
@@ -206,6 +206,7 @@ class JobRunner:
             raise LeaseLost()
         tar_path = workdir / ARTIFACT_NAME
         write_reproducible_tar(workdir / "artifact", tar_path, artifact_top_dir(spec))
+        self._enter_publishing(lease, heartbeat)
         stored = self.ctx.store.put_file(str(tar_path), f"jobs/{lease.job_id}/{lease.token}-{ARTIFACT_NAME}")
         metrics["artifact"] = {"name": ARTIFACT_NAME, "size": stored.size, "sha256": stored.sha256}
         try:
@@ -213,6 +214,29 @@ class JobRunner:
         except BaseException:
             self.ctx.store.delete(stored.uri)
             raise
+
+    def _enter_publishing(self, lease: Lease, heartbeat: _Heartbeat) -> None:
+        """Stage "publishing", only where no cancel was requested: the converse of the cancel endpoint's conditional
+        UPDATE, so a cancel accepted before this point ends the job cancelled (CalibrationCancelled, no artifact) and
+        one after it is refused (409). Fenced by the lease like every other write."""
+        def write() -> tuple[bool, bool, str | None]:
+            with self.ctx.session() as session:
+                if fence(session, lease, Job.cancel_requested.is_(False), stage=PUBLISHING):
+                    add_event(session, lease.job_id, "stage", PUBLISHING)
+                    session.commit()
+                    return True, False, lease.token
+                cancel, token, status = session.execute(
+                    select(Job.cancel_requested, Job.lease_token, Job.status).where(Job.id == lease.job_id)).one()
+                session.rollback()
+                return False, bool(cancel), token if status == JobStatus.RUNNING.value else None
+
+        published, cancel, token = self._db(write, f"publishing stage of job {lease.job_id}")
+        if published:
+            return
+        if cancel and token == lease.token:
+            raise CalibrationCancelled("cancelled before publishing the artifact")
+        heartbeat.lost.set()
+        raise LeaseLost()
 
     def _publish(self, lease: Lease, stored, metrics: dict[str, Any]) -> None:
         """One transaction: artifact row, metrics, status succeeded (fenced)."""
@@ -266,6 +290,11 @@ class JobRunner:
             heartbeat.lost.set()
 
     def _on_event(self, lease: Lease, heartbeat: _Heartbeat, event: CalibrationEvent) -> None:
+        if event.kind == EventKind.STAGE:  # the row's `stage` and one event, in one fenced transaction
+            self._event(lease, heartbeat, event.kind.value, event.stage, progress={"stage": event.stage})
+            heartbeat.last_cancel_check = float("-inf")  # a stage's first cancel check reads the database
+            log.info("job %s: stage %s", lease.job_id, event.stage)
+            return
         progress: dict[str, Any] = {"total_blocks": event.n_blocks}
         if event.kind in (EventKind.BLOCK_END, EventKind.BLOCK_RESUMED):
             progress["current_block"] = event.block + 1
@@ -277,10 +306,15 @@ class JobRunner:
                  "" if event.loss is None else f" loss {event.loss:.6g}")
 
     def _should_cancel(self, lease: Lease, heartbeat: _Heartbeat) -> bool:
-        """Asked between blocks and between optimizer steps; the database is read at most every CANCEL_POLL s."""
+        """Asked in every long loop of the library; True when the lease is lost, the attempt is past its time limit
+        (`timed_out`: the job then fails) or a cancel was requested. The database is read at most every
+        CANCEL_POLL_SECONDS, and at the first check of each stage."""
         if heartbeat.lost.is_set():
             return True
         now = time.monotonic()
+        if now >= heartbeat.deadline:
+            heartbeat.timed_out = True
+            return True
         if now - heartbeat.last_cancel_check < CANCEL_POLL_SECONDS:
             return False
         heartbeat.last_cancel_check = now

@@ -6,10 +6,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from wkvq_core.estimate import DEVICE_KINDS
 
 SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "wkvq_core" / "assets"
 
@@ -22,6 +24,47 @@ class DispatcherKind(str, Enum):
 class LogFormat(str, Enum):
     TEXT = "text"  # one line: time level [job=... worker=...] logger: message
     JSON = "json"  # one JSON object per line
+
+
+class GpuBudget(BaseModel):
+    """What one job of a GPU class may need: its resource estimate (`wkvq_core.estimate`) is checked against these
+    at submit, and a job over any of them is refused (422). Sizes in GB (10^9 bytes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field("a100-80gb", description="a wkvq_core.estimate.DEVICE_KINDS name: its speed, and its memory")
+    device_memory_gb: float | None = Field(None, gt=0, description="default: 90% of the kind's memory (cpu: none, "
+                                                                   "the host budget covers it)")
+    host_memory_gb: float = Field(512, gt=0)
+    max_seconds: float | None = Field(None, gt=0, description="estimated run time; default: JOB_TIME_LIMIT_SECONDS")
+
+    @field_validator("device")
+    @classmethod
+    def _known_kind(cls, device: str) -> str:
+        if device not in DEVICE_KINDS:
+            raise ValueError(f"unknown device kind {device!r}; one of {', '.join(DEVICE_KINDS)}")
+        return device
+
+    @property
+    def device_memory_bytes(self) -> int | None:
+        if self.device_memory_gb is not None:
+            return int(self.device_memory_gb * 1e9)
+        memory = DEVICE_KINDS[self.device].memory_bytes
+        return int(memory * 0.9) if memory else None
+
+    @property
+    def host_memory_bytes(self) -> int:
+        return int(self.host_memory_gb * 1e9)
+
+    def seconds(self, settings: Settings) -> float:
+        return self.max_seconds if self.max_seconds is not None else settings.JOB_TIME_LIMIT_SECONDS
+
+
+# The budget of a GPU class without a WKVQ_GPU_BUDGETS entry, by a kind named in the class ("gpu-h100" -> H100):
+# (name fragment, device kind, host GB). Any other class: an A100 80GB with 512 GB of host memory, or the CPU with
+# 64 GB where WKVQ_DEVICE is cpu.
+DEFAULT_BUDGETS = (("h200", "h200", 2048), ("h100", "h100-80gb", 1024), ("a100", "a100-80gb", 512),
+                   ("cpu", "cpu", 64))
 
 
 class Settings(BaseSettings):
@@ -47,12 +90,18 @@ class Settings(BaseSettings):
     BROKER_URL: str = "redis://127.0.0.1:6379/0"
     MODELS_DIR: Path = SHIPPED_MODELS
     GPU_CLASSES: list[str] = Field(default_factory=lambda: ["default"])
+    # Per GPU class, what one job may need (GpuBudget), e.g. {"gpu-a100": {"device": "a100-80gb",
+    # "host_memory_gb": 256, "max_seconds": 43200}}; a class not listed gets `default_budget`.
+    GPU_BUDGETS: dict[str, GpuBudget] = Field(default_factory=dict)
     LEASE_SECONDS: float = 60.0
     HEARTBEAT_SECONDS: float = 10.0
     REAPER_SECONDS: float = 15.0
     POLL_SECONDS: float = 1.0
     MAX_ATTEMPTS: int = 3
-    JOB_TIME_LIMIT_SECONDS: int = 24 * 3600
+    # Wall-clock limit of one attempt of a job, in every mode: past it the worker stops the job at its next cancel
+    # check and fails it ("time limit of N s exceeded"), keeping its checkpoints for a retry. Celery's hard
+    # task_time_limit sits HARD_LIMIT_GRACE_SECONDS above it, as a backstop.
+    JOB_TIME_LIMIT_SECONDS: float = Field(24 * 3600, gt=0)
     MAX_UPLOAD_BYTES: int = 64 * 1024 * 1024
     MIN_UPLOAD_CHARS: int = 1000
     DEVICE: str = "auto"
@@ -91,6 +140,15 @@ class Settings(BaseSettings):
         if not self.GPU_CLASSES:
             raise ValueError("WKVQ_GPU_CLASSES needs at least one class")
         return self
+
+    def budget(self, gpu_class: str) -> GpuBudget:
+        """The budget of `gpu_class`: its GPU_BUDGETS entry, else one by the kind its name mentions."""
+        if gpu_class in self.GPU_BUDGETS:
+            return self.GPU_BUDGETS[gpu_class]
+        for fragment, device, host_gb in DEFAULT_BUDGETS:
+            if fragment in gpu_class.lower():
+                return GpuBudget(device=device, host_memory_gb=host_gb)
+        return GpuBudget(device="cpu", host_memory_gb=64) if self.DEVICE == "cpu" else GpuBudget()
 
     @property
     def is_sqlite(self) -> bool:

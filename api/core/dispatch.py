@@ -8,6 +8,10 @@ from typing import Any, Protocol
 from .config import DispatcherKind, Settings
 
 RUN_TASK = "calibration.run"
+# Celery's hard limit is a backstop above JOB_TIME_LIMIT_SECONDS, which the worker enforces itself (it fails the job
+# at its next cancel check, keeping the checkpoints): time to reach that check and record the failure. (Celery
+# enforces it only in pools that can interrupt a task, e.g. prefork; `wkvq worker` runs the solo pool.)
+HARD_LIMIT_GRACE_SECONDS = 300
 
 
 class JobDispatcher(Protocol):
@@ -30,16 +34,20 @@ class LocalDispatcher:
         return None
 
 
+def hard_time_limit(settings: Settings) -> float:
+    return settings.JOB_TIME_LIMIT_SECONDS + HARD_LIMIT_GRACE_SECONDS
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Shared by the API's sender and the workers: long GPU tasks, acknowledged only when done."""
     return {
         "broker_url": settings.BROKER_URL,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": settings.JOB_TIME_LIMIT_SECONDS + 3600},
+        "broker_transport_options": {"visibility_timeout": hard_time_limit(settings) + 3600},
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_ignore_result": True,
-        "task_time_limit": settings.JOB_TIME_LIMIT_SECONDS,
+        "task_time_limit": hard_time_limit(settings),
         "task_default_queue": settings.GPU_CLASSES[0],
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": 1,

@@ -6,9 +6,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from wkvq_core.estimate import format_bytes, format_seconds
+
 from ..core.errors import NotFound
 from ..jobs.schemas import FP_BITS, JobRead
-from ..jobs.service import RETRYABLE, job_service
+from ..jobs.service import PUBLISHING, RETRYABLE, job_service
 from ..models import JobEvent, JobStatus, Team
 from ..queue.service import queue_service
 from .charts import loss_chart_svg, loss_points
@@ -51,6 +53,27 @@ def current_epoch(job: JobRead, events: list[JobEvent]) -> tuple[int, int] | Non
         if event.kind in ("block_start", "started") and event.block in (None, job.current_block):
             return (0, job.config.get("epochs", 0)) if event.kind == "block_start" else None
     return None
+
+
+def estimate_summary(estimate: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The job's resource estimate (from submit) as rows for the job page: totals, then the largest parts."""
+    if not estimate:
+        return None
+    breakdown = estimate.get("breakdown") or {}
+
+    def top(section: str, fmt, n: int = 3) -> str:
+        items = sorted((breakdown.get(section) or {}).items(), key=lambda kv: -kv[1])[:n]
+        return ", ".join(f"{name} {fmt(value)}" for name, value in items) or "–"
+
+    device = estimate.get("device", "?")
+    return {"device": device, "rows": [
+        ("Peak device memory" if device != "cpu" else "Compute working set",
+         format_bytes(estimate["peak_device_bytes"]), top("device", format_bytes)),
+        ("Peak host memory", format_bytes(estimate["peak_host_bytes"]), top("host", format_bytes)),
+        ("Compute", f"{estimate['flops'] / 1e15:.3g} PFLOP", top("flops", lambda v: f"{v / 1e15:.3g} PFLOP")),
+        ("Time", format_seconds(estimate["seconds"]),
+         f"{estimate.get('compute_dtype', '?')}, {estimate.get('attention', '?')} attention"),
+    ]}
 
 
 def metric_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -97,12 +120,14 @@ def job_detail(session: Session, *, team: Team, job_id: str) -> dict[str, Any]:
     return {
         **job_row(job),
         "live": not status.terminal,
-        "can_cancel": status in (JobStatus.QUEUED, JobStatus.RUNNING) and not job.cancel_requested,
+        "can_cancel": (status in (JobStatus.QUEUED, JobStatus.RUNNING) and not job.cancel_requested
+                       and job.stage != PUBLISHING),
         "can_retry": status in RETRYABLE,
         "epoch": current_epoch(job, events),
         "device": worker.device if worker else None,
         "chart": loss_chart_svg(loss_points(events)),
         "metrics": metric_summary(metrics),
+        "estimate": estimate_summary(job.estimate),
         "artifacts": job_service.artifacts(session, team=team, job_id=job.id),
         "events": events[::-1][:EVENT_LOG_LIMIT],
         "event_count": len(events),

@@ -135,8 +135,15 @@ class JobRead(BaseModel):
     heartbeat_age_seconds: float | None
     last_loss: float | None
     epoch: int | None = Field(None, description="epochs finished in the block being calibrated (of config.epochs)")
+    stage: str | None = Field(None, description="the stage the latest attempt is in, or ended in: loading, baselines, "
+                                                "calibrating, evaluating, writing, publishing (a job publishing its "
+                                                "artifact can no longer be cancelled); null before it starts")
     worker: str | None
     error: str | None
+    estimate: dict[str, Any] | None = Field(
+        None, description="resources estimated at submit (wkvq_core.estimate.ResourceEstimate): peak_device_bytes, "
+                          "peak_host_bytes, flops, seconds on the device kind of the job's GPU class, and a "
+                          "breakdown by component; null for jobs submitted before estimates")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

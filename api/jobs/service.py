@@ -18,10 +18,12 @@ from ..core.errors import Conflict, InvalidField, NotFound
 from ..models import ApiKey, Artifact, Job, JobEvent, JobMetrics, JobStatus, Team
 from ..datasets.service import dataset_service
 from ..teams.service import check_key, key_prefix
+from .estimate import check_budget, estimate_job
 from .model_source import check_dims, model_config
 from .schemas import JobCreate, JobRead, UploadedData
 
 RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
+PUBLISHING = "publishing"  # the stage after the library returned: uploading the artifact; a cancel is refused
 
 
 def request_hash(body: JobCreate) -> str:
@@ -59,7 +61,7 @@ _PROGRESS = select(*_progress_columns(bindparam("job_id", type_=Job.id.type)))
 # What `_read_row` reads: the job columns `_read` uses and the job's progress, named. Core rows, not ORM entities.
 _READ_COLUMNS = (Job.id, Job.status, Job.spec, Job.gpu_class, Job.priority, Job.attempts, Job.max_attempts,
                  Job.cancel_requested, Job.lease_owner, Job.current_block, Job.total_blocks, Job.error, Job.heartbeat_at,
-                 Job.created_at, Job.started_at, Job.finished_at, Job.updated_at,
+                 Job.stage, Job.estimate, Job.created_at, Job.started_at, Job.finished_at, Job.updated_at,
                  *(column.label(name) for column, name in zip(_progress_columns(Job.id),
                                                                 ("block_seconds", "last_loss", "epoch"))))
 # A status read, the request clients poll, in one round trip: the API key by its prefix, and the job if it belongs
@@ -80,11 +82,13 @@ class JobService:
             existing = self._by_idempotency_key(session, team, idempotency_key)
             if existing is not None:
                 return self._replay(existing, digest), False
-        self._validate(ctx, session, team, body)
+        model = self._validate(ctx, session, team, body)
         gpu_class = body.gpu_class or ctx.settings.GPU_CLASSES[0]
+        estimate = estimate_job(ctx.settings, session, team=team, body=body, gpu_class=gpu_class, model_config=model)
+        check_budget(estimate, gpu_class, ctx.settings.budget(gpu_class), ctx.settings)  # before anything is written
         job = Job(team_id=team.id, spec=body.model_dump(mode="json", exclude={"gpu_class", "priority"}),
                   gpu_class=gpu_class, priority=body.priority, max_attempts=ctx.settings.MAX_ATTEMPTS,
-                  idempotency_key=idempotency_key, request_hash=digest)
+                  idempotency_key=idempotency_key, request_hash=digest, estimate=estimate.to_dict())
         session.add(job)
         try:
             session.flush()
@@ -108,12 +112,14 @@ class JobService:
                                "this Idempotency-Key was already used with a different request body")
         return job
 
-    def _validate(self, ctx: ServiceContext, session: Session, team: Team, body: JobCreate) -> None:
+    def _validate(self, ctx: ServiceContext, session: Session, team: Team, body: JobCreate) -> dict:
+        """Raises InvalidField for a job that cannot run; returns the model's config.json."""
         settings = ctx.settings
         if body.gpu_class is not None and body.gpu_class not in settings.GPU_CLASSES:
             raise InvalidField(("body", "gpu_class"), f"unknown GPU class {body.gpu_class!r}; "
                                                       f"available: {', '.join(settings.GPU_CLASSES)}")
-        check_dims(model_config(settings, body.model), body.config)
+        model = model_config(settings, body.model)
+        check_dims(model, body.config)
         for field in ("calibration", "evaluation"):
             spec = getattr(body, field)
             if isinstance(spec, UploadedData):
@@ -125,6 +131,7 @@ class JobService:
                     raise InvalidField(("body", field, "dataset_id"),
                                        f"dataset has {dataset.chars} characters, fewer than the {body.config.seqlen + 1} "
                                        f"tokens a {body.config.seqlen}-token window needs")
+        return model
 
     def get(self, session: Session, *, team: Team, job_id: str) -> Job:
         job = session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team.id))
@@ -158,15 +165,32 @@ class JobService:
         return [self._read_row(row, now) for row in rows], count
 
     def cancel(self, session: Session, *, team: Team, job_id: str) -> Job:
-        """A queued job is cancelled at once; a running one at its next block boundary (it keeps its checkpoints)."""
+        """A queued job is cancelled at once; a running one stops within seconds, wherever it is, and ends
+        `cancelled` (keeping its checkpoints). One conditional UPDATE, the converse of the worker's (which enters
+        stage "publishing" only while no cancel is requested): a job publishing its artifact can no longer be
+        cancelled (Conflict), and an accepted cancel always ends `cancelled`. Asking again while a cancel is pending
+        changes nothing and adds no event."""
         job = self.get(session, team=team, job_id=job_id)
-        if _transition(session, job.id, (JobStatus.QUEUED,), status=JobStatus.CANCELLED.value, finished_at=utcnow()):
+        queued = Job.status == JobStatus.QUEUED.value
+        changed = session.execute(
+            update(Job).where(Job.id == job.id, or_(queued, and_(
+                Job.status == JobStatus.RUNNING.value, Job.cancel_requested.is_(False),
+                func.coalesce(Job.stage, "") != PUBLISHING)))
+            .values(status=case((queued, JobStatus.CANCELLED.value), else_=Job.status),
+                    finished_at=case((queued, utcnow()), else_=Job.finished_at), cancel_requested=True,
+                    updated_at=utcnow())).rowcount
+        status, cancel_requested, stage = session.execute(
+            select(Job.status, Job.cancel_requested, Job.stage).where(Job.id == job.id)).one()
+        if changed and status == JobStatus.CANCELLED.value:
             add_event(session, job.id, "cancelled", "cancelled before it started")
-        elif _transition(session, job.id, (JobStatus.RUNNING,), cancel_requested=True):
-            add_event(session, job.id, "cancel_requested", "will stop after the current block")
-        else:
+        elif changed:
+            add_event(session, job.id, "cancel_requested", "will stop at its next cancel check, within seconds")
+        elif status == JobStatus.RUNNING.value and stage == PUBLISHING:
             session.rollback()
-            raise Conflict(f"job {job.id} is already {job.status}")
+            raise Conflict(f"job {job.id} is publishing its artifact and can no longer be cancelled")
+        elif not (status == JobStatus.RUNNING.value and cancel_requested):  # pending: accepted again, no new event
+            session.rollback()
+            raise Conflict(f"job {job.id} is already {status}")
         session.commit()
         session.refresh(job)
         return job
@@ -175,7 +199,8 @@ class JobService:
         """Requeue a failed or cancelled job; it resumes from its last block checkpoint."""
         job = self.get(session, team=team, job_id=job_id)
         if not _transition(session, job.id, RETRYABLE, status=JobStatus.QUEUED.value, attempts=0, cancel_requested=False,
-                           error=None, lease_owner=None, lease_token=None, lease_expires_at=None, finished_at=None):
+                           error=None, lease_owner=None, lease_token=None, lease_expires_at=None, finished_at=None,
+                           stage=None):
             session.rollback()
             raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
         add_event(session, job.id, "retried", "requeued; resumes from the last block checkpoint")
@@ -226,8 +251,9 @@ class JobService:
             priority=job.priority, attempts=job.attempts, max_attempts=job.max_attempts,
             cancel_requested=job.cancel_requested, current_block=job.current_block, total_blocks=total,
             progress=job.current_block / total if total else (1.0 if job.status == JobStatus.SUCCEEDED.value else 0.0),
-            eta_seconds=eta, last_loss=last_loss, epoch=epoch, worker=job.lease_owner, error=job.error,
+            eta_seconds=eta, last_loss=last_loss, epoch=epoch, stage=job.stage, worker=job.lease_owner, error=job.error,
             heartbeat_age_seconds=(now - job.heartbeat_at).total_seconds() if job.heartbeat_at else None,
+            estimate=job.estimate,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at,
         )
 

@@ -51,6 +51,8 @@ class Job(Timestamped, Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # resources, at submit
+    stage: Mapped[str | None] = mapped_column(String(32), nullable=True)  # of a running job; "publishing": no cancel
 
     @property
     def job_status(self) -> JobStatus:

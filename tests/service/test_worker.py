@@ -518,7 +518,8 @@ def test_celery_is_configured_for_long_tasks_acknowledged_when_done(tmp_path):
     assert config["worker_prefetch_multiplier"] == 1
     assert config["task_ignore_result"] is True
     assert config["broker_transport_options"]["visibility_timeout"] > config["task_time_limit"]
-    assert config["task_time_limit"] == settings.JOB_TIME_LIMIT_SECONDS
+    # the worker enforces JOB_TIME_LIMIT_SECONDS itself (tests/service/test_cancel.py); Celery's limit is a backstop
+    assert settings.JOB_TIME_LIMIT_SECONDS < config["task_time_limit"] <= settings.JOB_TIME_LIMIT_SECONDS + 600
 
     app = create_celery(settings, runner=None)  # the runner is only called when a task runs
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost

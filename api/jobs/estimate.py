@@ -1,0 +1,81 @@
+"""A job's resource estimate at submit (`wkvq_core.estimate`, no torch) and the budget of its GPU class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig, kv_config
+from wkvq_core.errors import ConfigError
+from wkvq_core.estimate import (ResourceEstimate, estimate_resources, eval_windows_for_chars, format_bytes,
+                                format_seconds)
+
+from ..core.config import GpuBudget, Settings
+from ..core.errors import InvalidField
+from ..datasets.builtin import BUILTIN_TEXTS
+from ..datasets.service import dataset_service
+from ..models import Team
+from .schemas import BuiltinData, HubData, JobCreate, UploadedData
+
+# A hub evaluation text is not read at submit: assume the size of WikiText-2's test split (~1.3 M characters).
+HUB_EVAL_CHARS = 1_300_000
+LOC = ("body", "config")
+
+
+def job_wkvq_config(spec_config: dict[str, Any]) -> WKVQuantConfig:
+    """The library config of a job's `config` (as stored in its spec; older rows without `method` run the paper):
+    what the worker runs and what the estimate at submit is computed for."""
+    c = spec_config
+    return WKVQuantConfig(
+        weight=WeightQuantConfig(bits=c["w_bits"], group_size=c["group_size"], lwc=c["lwc"]),
+        kv=kv_config(c.get("method", "paper"), bits=c["kv_bits"], group_size=c["kv_group_size"],
+                     smoothing=c["smoothing"], poq=c["poq"]),
+        calib=CalibConfig(nsamples=c["nsamples"], seqlen=c["seqlen"], epochs=c["epochs"], crr_k=c["crr_k"],
+                          loss=c["loss"], seed=c["seed"]),
+    )
+
+
+def _eval_chars(session: Session, team: Team, body: JobCreate) -> tuple[int, str]:
+    """(characters of the job's evaluation text, where the number comes from); (0, ...) without evaluation."""
+    spec = body.evaluation or (body.calibration if isinstance(body.calibration, BuiltinData) else None)
+    if spec is None:
+        return 0, "no evaluation"
+    if isinstance(spec, BuiltinData):
+        path = BUILTIN_TEXTS[spec.name]["evaluation"]
+        return len(path.read_text(encoding="utf-8")), f"built-in {spec.name}"
+    if isinstance(spec, UploadedData):
+        return dataset_service.get(session, team=team, dataset_id=spec.dataset_id).chars, "uploaded dataset"
+    assert isinstance(spec, HubData)
+    return HUB_EVAL_CHARS, f"hub dataset {spec.name}: assumed {HUB_EVAL_CHARS:,} characters"
+
+
+def estimate_job(settings: Settings, session: Session, *, team: Team, body: JobCreate, gpu_class: str,
+                 model_config: dict[str, Any]) -> ResourceEstimate:
+    """The estimate of `body` on the device kind of `gpu_class`'s budget."""
+    budget = settings.budget(gpu_class)
+    chars, source = _eval_chars(session, team, body)
+    try:
+        config = job_wkvq_config(body.config.model_dump(mode="json"))
+        windows = eval_windows_for_chars(chars, config.calib.seqlen)
+        estimate = estimate_resources(model_config, config, eval_windows=windows, device=budget.device)
+    except ConfigError as exc:
+        raise InvalidField(LOC, str(exc)) from None
+    estimate.inputs["eval_text"] = source
+    return estimate
+
+
+def check_budget(estimate: ResourceEstimate, gpu_class: str, budget: GpuBudget, settings: Settings) -> None:
+    """InvalidField (422) naming every limit of `gpu_class` the estimate exceeds, with both numbers and the largest
+    part of the estimate, e.g. "estimated peak host memory 8.8 TB exceeds the budget of gpu class 'a100' (512 GB,
+    a100-80gb); largest part: activation_caches"."""
+    limits = [("peak host memory", estimate.peak_host_bytes, budget.host_memory_bytes, "host", format_bytes)]
+    if budget.device_memory_bytes is not None:
+        limits.append(("peak device memory", estimate.peak_device_bytes, budget.device_memory_bytes, "device",
+                       format_bytes))
+    limits.append(("time", estimate.seconds, budget.seconds(settings), "seconds", format_seconds))
+    over = [f"estimated {what} {fmt(value)} exceeds the budget of gpu class {gpu_class!r} ({fmt(limit)}, "
+            f"{budget.device}); largest part: {estimate.dominant(section)}"
+            for what, value, limit, section, fmt in limits if value > limit]
+    if over:
+        raise InvalidField(LOC, "; ".join(over) + ". Lower nsamples, seqlen or crr_k, or choose a larger gpu class")
