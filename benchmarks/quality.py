@@ -135,6 +135,8 @@ def benchmark_rows(protocol: Protocol) -> list[Row]:
         row(cfg(w=FP, kv_options=METHODS["recommended"]), ("KV4 method recommended", wkv)),
         row(cfg(kv_options=METHODS["recommended"]), ("W4KV4 method recommended", wkv),
             ("  its weights alone (FP cache)", w)),
+        row(cfg(kv_options=METHODS["recommended"], cache_dtype="bfloat16"),
+            ("W4KV4 recommended, bfloat16 activation caches", wkv), ("  its weights alone (FP cache)", w)),
     ]
 
 
