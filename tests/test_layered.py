@@ -192,3 +192,17 @@ def test_peak_host_memory_does_not_grow_with_depth(tmp_path):
         source = _sharded(LlamaForCausalLM(config).to(torch.bfloat16), TINY_MODEL, tmp_path / f"l{layers}", "20MB")
         peaks[layers] = _peak_rss_of_quantize(source, tmp_path)
     assert peaks[32] <= 1.2 * peaks[8], {n: f"{p / 2**20:.0f} MiB" for n, p in peaks.items()}
+
+
+def test_the_cuda_precision_defaults_run_end_to_end(tiny_checkpoint, tmp_path, eval_head):
+    """bf16 caches, bf16 autocast and the fused POQ attention (what `auto` picks on CUDA), run here on the CPU:
+    the same job within a few percent of fp32 and eager."""
+    results = {}
+    for name, calib in (("fp32", {}), ("cuda-like", dict(cache_dtype="bfloat16", compute_dtype="bfloat16",
+                                                         attention="sdpa"))):
+        job = QuantizeJob(model=str(tiny_checkpoint), calib=str(CALIB_TEXT), out=tmp_path / name,
+                          config=_config(**calib), eval=str(eval_head), device="cpu")
+        results[name] = run_quantize_job(job)["eval"]
+    for mode in ("fp", "w", "wkv"):
+        assert results["cuda-like"]["ppl"][mode] == pytest.approx(results["fp32"]["ppl"][mode], rel=0.03)
+    assert results["cuda-like"]["ppl"] != results["fp32"]["ppl"]  # bf16 really was used
