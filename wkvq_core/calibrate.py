@@ -229,11 +229,12 @@ def calibrate_(
             blocks.propagate_(x_fp, fp_depth, quantized=False)
             fp_depth += 1
         loss = _calibrate_block(config, blocks, i, window.stop, x_q, x_fp, callbacks)
-        if callbacks.checkpoints is not None:
-            callbacks.checkpoints.save(i, block_state(blocks.layers[i]), {"fingerprint": run_key, "loss": repr(loss)})
         blocks.propagate_(x_q, i, quantized=True)
         if on_block_done is not None:
             on_block_done(i, blocks.layers[i])
+        # saved with no cancel check before BLOCK_END: the checkpoints are always exactly the finished blocks
+        if callbacks.checkpoints is not None:
+            callbacks.checkpoints.save(i, block_state(blocks.layers[i]), {"fingerprint": run_key, "loss": repr(loss)})
         layers.release(i)
         report.block_losses.append(loss)
         callbacks.emit(
