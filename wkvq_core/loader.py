@@ -139,14 +139,15 @@ class StreamedLayers:
             prefix = f"{LAYER_PREFIX}{index}."
             names = [name for name, p in layer.named_parameters() if p.is_meta]
             for name, value in self.reader.read([prefix + name for name in names]).items():
-                _set_tensor(layer, name[len(prefix):], value.to(self.dtype))
+                _set_tensor(layer, name[len(prefix):], value.to(device).to(self.dtype))  # cast where it computes
             self.loaded[index] = names
         return layer.to(device)
 
     def release(self, index: int) -> None:
-        layer = self.layers[index].to("cpu")
-        for name in self.loaded.pop(index, []):
+        layer = self.layers[index]
+        for name in self.loaded.pop(index, []):  # dropped where they are: no copy back to the host
             _set_tensor(layer, name, torch.empty_like(layer.get_parameter(name), device="meta"))
+        layer._apply(lambda t: t if t.is_meta else t.to("cpu"))  # its calibration parameters and buffers
         return_freed_memory()
 
 
