@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from api.core.config import Settings
 from api.core.context import ServiceContext
+from api.core.errors import NotFound
 from api.core.migrate import upgrade
 from api.main import create_app
 from api.teams.service import team_service
@@ -56,20 +57,20 @@ def client(service) -> TestClient:
         yield c
 
 
+def team_key(ctx: ServiceContext, team: str) -> str:
+    """A fresh API key of `team`, created (once) in `ctx`'s database."""
+    with ctx.session() as session:
+        try:
+            team_service.get_team(session, name=team)
+        except NotFound:
+            team_service.create_team(session, name=team)
+        return team_service.create_key(session, team_name=team).key
+
+
 @pytest.fixture
 def team_headers(service) -> Callable[[str], dict[str, str]]:
     """team_headers("a") creates team a (once) and returns Authorization headers with a fresh key."""
-
-    def make(name: str) -> dict[str, str]:
-        with service.session() as session:
-            try:
-                team_service.get_team(session, name=name)
-            except Exception:
-                team_service.create_team(session, name=name)
-            key = team_service.create_key(session, team_name=name).key
-        return {"Authorization": f"Bearer {key}"}
-
-    return make
+    return lambda name: {"Authorization": f"Bearer {team_key(service, name)}"}
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -19,14 +19,13 @@ from sqlalchemy import select
 
 from api.core.context import ServiceContext
 from api.core.db import utcnow
-from api.core.errors import NotFound
 from api.dashboard.charts import LossPoint, loss_chart_svg, loss_points
 from api.jobs.service import add_event
 from api.main import create_app
 from api.models import ApiKey, Artifact, Job, JobEvent, JobMetrics, Worker
 from api.teams.service import team_service
 
-from .conftest import TINY_JOB
+from .conftest import TINY_JOB, team_key
 from .processes import REPO, admin_key, service_env, start_server
 
 POLYLINE = re.compile(r'<polyline class="loss" data-block="(\d+)" points="([^"]*)"')
@@ -50,15 +49,7 @@ def web(service) -> TestClient:
 
 @pytest.fixture
 def new_key(service) -> Callable[[str], str]:
-    def make(team: str) -> str:
-        with service.session() as session:
-            try:
-                team_service.get_team(session, name=team)
-            except NotFound:
-                team_service.create_team(session, name=team)
-            return team_service.create_key(session, team_name=team).key
-
-    return make
+    return lambda team: team_key(service, team)
 
 
 @pytest.fixture

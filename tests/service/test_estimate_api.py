@@ -17,9 +17,8 @@ from api.core.context import ServiceContext
 from api.core.migrate import upgrade
 from api.main import create_app
 from api.models import Job, JobEvent
-from api.teams.service import team_service
 from tests.conftest import TINY_MODEL
-from tests.service.conftest import TINY_JOB, service_settings
+from tests.service.conftest import TINY_JOB, service_settings, team_key
 from wkvq_core.estimate import format_bytes
 
 # LLaMA-2-70B's shape (GQA 64/8), with a context long enough for the 32768-token samples.
@@ -49,12 +48,7 @@ def client_for(ctx: ServiceContext) -> TestClient:
 
 
 def new_key(ctx: ServiceContext, team: str = "a") -> str:
-    with ctx.session() as session:
-        try:
-            team_service.get_team(session, name=team)
-        except Exception:
-            team_service.create_team(session, name=team)
-        return team_service.create_key(session, team_name=team).key
+    return team_key(ctx, team)
 
 
 def rows(ctx: ServiceContext, model) -> int:
