@@ -102,15 +102,14 @@ class Precision:
 
     @classmethod
     def resolve(cls, calib: CalibConfig, device: torch.device | str) -> Precision:
-        cuda = torch.device(device).type == "cuda"
-        auto = torch.bfloat16 if cuda else torch.float32
-        pick = lambda name: auto if name == "auto" else getattr(torch, name)  # noqa: E731
-        compute = pick(calib.compute_dtype)
-        attention = ("sdpa" if cuda else "eager") if calib.attention == "auto" else calib.attention
-        return cls(pick(calib.cache_dtype), None if compute == torch.float32 else compute, attention)
+        cache, compute, attention = calib.resolved(torch.device(device).type == "cuda")
+        return cls(getattr(torch, cache), None if compute == "float32" else getattr(torch, compute), attention)
 
     def autocasting(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
+
+
+FULL_PRECISION = Precision(torch.float32, None, "eager")  # CalibConfig's "auto" on the CPU
 
 
 def rotary_embeddings(model: nn.Module, seqlen: int, device: torch.device, dtype: torch.dtype):

@@ -14,7 +14,8 @@ QUANT_BITS = range(2, 9)
 DEFAULT_SEQLEN = 2048
 SMOOTH_PARAMS = ("direct", "relative")
 RUN_DTYPES = ("auto", "float32", "bfloat16")
-ATTENTION_BACKENDS = ("auto", "eager", "sdpa")
+ATTENTION_KERNELS = ("eager", "sdpa")  # WKVAttention.attention_backend
+ATTENTION_BACKENDS = ("auto", *ATTENTION_KERNELS)
 
 
 class EvalMode(str, Enum):
@@ -152,7 +153,7 @@ def kv_config(method: str, **fields: Any) -> KVQuantConfig:
 class CalibConfig:
     """Block-by-block calibration (OmniQuant order) with the cross-block reconstruction loss over `crr_k` blocks.
 
-    Precision ("auto" resolves by device: see `calibrate.resolve_precision`): cache_dtype of the activation caches
+    Precision ("auto" resolves by device: `resolved`): cache_dtype of the activation caches
     on the host (auto: bfloat16 on CUDA, float32 elsewhere); compute_dtype of block computation (auto: bfloat16
     autocast on CUDA, float32 elsewhere; calibration parameters and optimizer state are always fp32); attention,
     the POQ attention kernel (auto: "sdpa" on CUDA, "eager" elsewhere).
@@ -181,6 +182,14 @@ class CalibConfig:
             raise ConfigError(f"epochs must be >= 0; got {self.epochs}")
         if self.nsamples % self.batch_size:
             raise ConfigError(f"batch_size {self.batch_size} must divide nsamples {self.nsamples}")
+
+    def resolved(self, cuda: bool) -> tuple[str, str, str]:
+        """(cache_dtype, compute_dtype, attention) with "auto" resolved: bfloat16, bfloat16 and sdpa on CUDA,
+        float32, float32 and eager elsewhere."""
+        auto_dtype = "bfloat16" if cuda else "float32"
+        pick = lambda name, auto: auto if name == "auto" else name  # noqa: E731
+        return (pick(self.cache_dtype, auto_dtype), pick(self.compute_dtype, auto_dtype),
+                pick(self.attention, "sdpa" if cuda else "eager"))
 
 
 @dataclass

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import FP_BITS, WKVQuantConfig
+from .config import ATTENTION_KERNELS, FP_BITS, WKVQuantConfig
 from .errors import ConfigError
 
 __all__ = [
@@ -266,10 +266,6 @@ class ResourceEstimate:
         return max(items, key=items.get) if items else ""
 
 
-def _resolve(name: str, kind: DeviceKind) -> str:
-    return ("bfloat16" if kind.cuda else "float32") if name == "auto" else name
-
-
 def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, eval_windows: int = 0,
                        device: str = "cpu", attention: str | None = None) -> ResourceEstimate:
     """Peak device and host memory, FLOPs and seconds of a calibration job (see the module docstring).
@@ -286,12 +282,10 @@ def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, 
     if device not in DEVICE_KINDS:
         raise ConfigError(f"unknown device kind {device!r}; one of {', '.join(DEVICE_KINDS)}")
     kind, shape, calib = DEVICE_KINDS[device], ModelShape.from_config(model_config), config.calib
-    attention = attention or calib.attention
-    if attention == "auto":
-        attention = "sdpa" if kind.cuda else "eager"
-    if attention not in ("eager", "sdpa"):
-        raise ConfigError(f"attention must be eager or sdpa; got {attention!r}")
-    compute, cache = _resolve(calib.compute_dtype, kind), _resolve(calib.cache_dtype, kind)
+    cache, compute, calib_attention = calib.resolved(kind.cuda)
+    attention = calib_attention if attention in (None, "auto") else attention
+    if attention not in ATTENTION_KERNELS:
+        raise ConfigError(f"attention must be {' or '.join(ATTENTION_KERNELS)}; got {attention!r}")
     act, cache_bytes = DTYPE_BYTES[compute], DTYPE_BYTES[cache]
     n, t, b, layers, hidden = calib.nsamples, calib.seqlen, calib.batch_size, shape.layers, shape.hidden
     window = min(calib.crr_k, layers)

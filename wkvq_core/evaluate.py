@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from transformers import Cache, DynamicCache
 
 from .cache_keyword import with_cache
-from .calibrate import Precision, embed, rotary_embeddings
+from .calibrate import FULL_PRECISION, Precision, embed, rotary_embeddings
 from .config import FP_BITS, EvalMode, KVQuantConfig
 from .loader import LayerSource, ResidentLayers
 from .model import attentions, decoder_layers, frozen_weights, quant_state
@@ -42,17 +42,17 @@ def _summarise(nll_sum: float, tokens: int) -> Perplexity:
 class LayerwiseEval:
     """Teacher-forced perplexity computed one decoder block at a time, so that evaluation never holds more than one
     block on the device: the windows' hidden states (one stream per name, each in its `EvalMode`) stay on the host
-    in `cache_dtype`; `advance` runs one block over every stream; `finish` applies the final norm and lm_head.
+    in `precision.cache`, blocks run under `precision`'s autocast; `advance` runs one block over every stream; `finish` applies the final norm and lm_head.
     Equal to a whole-model forward: each block sees the same inputs, causal masking, and rotary embeddings."""
 
     def __init__(self, model, windows: torch.Tensor, streams: dict[str, EvalMode], *, device="cpu",
-                 dtype: torch.dtype = torch.float32, cache_dtype: torch.dtype = torch.float32, batch_size: int = 1,
-                 autocast: torch.dtype | None = None, callbacks: CalibrationCallbacks | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, precision: Precision = FULL_PRECISION, batch_size: int = 1,
+                 callbacks: CalibrationCallbacks | None = None) -> None:
         self.model, self.windows, self.modes = model, windows, {name: EvalMode(m) for name, m in streams.items()}
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
-        self.precision = Precision(cache_dtype, autocast, "eager")
+        self.precision = precision
         self.callbacks = callbacks or CalibrationCallbacks()
-        hidden = embed(model, windows, self.device, cache_dtype, self.callbacks)
+        hidden = embed(model, windows, self.device, precision.cache, self.callbacks)
         self.states = {name: hidden.clone() for name in self.modes}
         self.position_embeddings = rotary_embeddings(model, windows.shape[1], self.device, dtype)
 
@@ -84,13 +84,14 @@ class LayerwiseEval:
         norm.to(self.device), head.to(self.device)
         results = {}
         try:
+            weight = head.weight.to(self.dtype)
             for name, x in self.states.items():
                 nll_sum, tokens = 0.0, 0
                 for s in range(0, x.shape[0], self.batch_size):
                     self.callbacks.check(f"while evaluating ({name}), output of window {s} of {x.shape[0]}")
                     ids = self.windows[s : s + self.batch_size].to(self.device)
                     h = norm(x[s : s + self.batch_size].to(self.device, self.dtype))
-                    logits = F.linear(h, head.weight.to(self.dtype))[:, :-1].float()
+                    logits = F.linear(h, weight)[:, :-1].float()
                     nll_sum += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
                     tokens += ids[:, 1:].numel()
                 results[name] = _summarise(nll_sum, tokens)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
 
-from .config import FP_BITS, KVQuantConfig, WeightQuantConfig
+from .config import ATTENTION_KERNELS, FP_BITS, KVQuantConfig, WeightQuantConfig
 from .errors import ConfigError
 from .primitives import fake_quant_per_token, hadamard
 from .weight_clip import QuantLinear
@@ -68,9 +68,6 @@ def poq_attention(
         own_prob = (probs * own).sum(-1, keepdim=True)
         out = out + own_prob * (repeat_kv(value_new, n_rep) - values[..., past:, :])
     return out.transpose(1, 2).contiguous()
-
-
-_ATTENTION_BACKENDS = ("eager", "sdpa")
 
 
 def _attention_kernel(query, key, value, causal: bool, scaling: float):
@@ -379,8 +376,8 @@ class WKVAttention(nn.Module):
 
 def set_attention_backend(module: nn.Module, backend: str) -> None:
     """Set `attention_backend` ("eager" | "sdpa") on every `WKVAttention` under `module`."""
-    if backend not in _ATTENTION_BACKENDS:
-        raise ConfigError(f"attention backend must be one of {', '.join(_ATTENTION_BACKENDS)}; got {backend!r}")
+    if backend not in ATTENTION_KERNELS:
+        raise ConfigError(f"attention backend must be one of {', '.join(ATTENTION_KERNELS)}; got {backend!r}")
     for attn in module.modules():
         if isinstance(attn, WKVAttention):
             attn.attention_backend = backend

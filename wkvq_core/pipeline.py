@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,10 +102,10 @@ class _JobEvaluation:
                  precision: Precision, callbacks: CalibrationCallbacks) -> None:
         self.config, self.rtn = config, rtn_modes(config)
         streams = {mode.value: mode for mode in EvalMode} | {f"rtn_{mode.value}": mode for mode in self.rtn}
-        self.run = LayerwiseEval(model, windows, streams, device=device, dtype=dtype, cache_dtype=precision.cache,
-                                 autocast=precision.autocast, callbacks=callbacks)
+        self.run = LayerwiseEval(model, windows, streams, device=device, dtype=dtype, precision=precision,
+                                 callbacks=callbacks)
 
-    def advance(self, index: int, layer) -> None:
+    def advance(self, layer) -> None:
         for mode in EvalMode:
             self.run.advance(layer, mode.value)
         if self.rtn:
@@ -158,7 +158,7 @@ def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = 
 
         def finished_block(index: int, layer) -> None:
             if evaluation is not None:
-                evaluation.advance(index, layer)
+                evaluation.advance(layer)
             writer.add_layer(index, layer)
 
         callbacks.stage("calibrating")
