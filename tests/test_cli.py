@@ -161,7 +161,7 @@ def test_quantize_writes_artifact_and_prints_metrics(quantized):
     assert len(printed["calibration"]["block_losses"]) == N_BLOCKS
 
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert quant["quant_method"] == "wkvquant" and quant["format_version"] == 1
+    assert quant["quant_method"] == "wkvquant" and quant["format_version"] == 2
     assert quant["w_bits"] == 4 and quant["kv_bits"] == 4 and quant["group_size"] == -1 and quant["poq"] is True
     calib = quant["wkvquant_config"]["calib"]
     assert calib["nsamples"] == 4 and calib["seqlen"] == SEQLEN

@@ -1,12 +1,17 @@
 """WKVQuant: 4-bit weights and a 4-bit KV cache for LLaMA-family models (arXiv 2402.12065).
 
 Names are imported on first use, so `import wkvq_core.config` (or the `wkvq` command line's service commands)
-does not pay for importing torch and transformers.
+does not pay for importing torch and transformers. The transformers integration (`hf_quantizer`: loading artifacts
+with `AutoModelForCausalLM.from_pretrained`) registers itself as soon as transformers is imported, before or after
+wkvq_core.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 _EXPORTS = {
     "CRRLoss": ".config",
@@ -40,6 +45,31 @@ _EXPORTS = {
     "tokenize": ".data",
     "with_cache": ".cache_keyword",
 }
+
+
+class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
+    """Imports `hf_quantizer` right after the `transformers` package itself has been executed."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            execute = spec.loader.exec_module
+
+            def execute_then_register(module):
+                execute(module)
+                importlib.import_module(".hf_quantizer", __name__)
+
+            spec.loader.exec_module = execute_then_register
+        return spec
+
+
+if "transformers" in sys.modules:
+    importlib.import_module(".hf_quantizer", __name__)
+elif not any(isinstance(finder, _RegisterWithTransformers) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithTransformers())
 
 
 def __getattr__(name: str):

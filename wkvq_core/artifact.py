@@ -25,16 +25,21 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from safetensors import safe_open
+
 from .atomic import atomic_directory
 from .checkpoint import SafetensorsStream, load_safetensors
 from .config import FP_BITS, WeightQuantConfig, WKVQuantConfig
 from .errors import ArtifactError, WKVQError
 from .model import MLP_PROJECTIONS, check_architecture, decoder_layers, prepare_model_
 from .packed_linear import PackedLinear
-from .packing import pack_bits
+from .hf_quantizer import REMOTE_CODE, REMOTE_CODE_FILE, artifact_config
+from .packing import pack_bits, packed_size
+from .primitives import hadamard
 
 QUANT_METHOD = "wkvquant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: model_type llama / mistral, readable by load_quantized only
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
 MANIFEST = "manifest.json"
@@ -147,11 +152,8 @@ class ArtifactWriter:
 
     def finish(self, model, tokenizer, config: WKVQuantConfig, metrics: dict[str, Any] | None = None) -> Path:
         tmp = self.tmp
-        model_config = copy.deepcopy(model.config)
-        model_config.quantization_config = quantization_config(config, self.fp_dtype)
-        model_config.use_cache = True
-        model_config.architectures = [type(model).__name__]
-        model_config.save_pretrained(tmp)
+        artifact_config(model.config, quantization_config(config, self.fp_dtype)).save_pretrained(tmp)
+        (tmp / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name, value in resident_tensors(model, self.fp_dtype).items():
@@ -207,9 +209,9 @@ def _read_config(directory: Path):
     quant = getattr(config, "quantization_config", None) or {}
     if quant.get("quant_method") != QUANT_METHOD:
         raise ArtifactError(f"{path}: not a WKVQuant artifact (quant_method {quant.get('quant_method')!r})")
-    if quant.get("format_version") != FORMAT_VERSION:
+    if quant.get("format_version") not in READABLE_FORMATS:
         raise ArtifactError(
-            f"{path}: unknown format_version {quant.get('format_version')!r} (this version reads {FORMAT_VERSION})"
+            f"{path}: unknown format_version {quant.get('format_version')!r} (this version reads {', '.join(map(str, READABLE_FORMATS))})"
         )
     return config, quant
 
@@ -221,52 +223,82 @@ def _take(tensors: dict[str, torch.Tensor], key: str, where: Path) -> torch.Tens
         raise ArtifactError(f"{where}: missing tensor {key}") from None
 
 
-def _load_linear(tensors, prefix: str, lin, config: WKVQuantConfig, dtype, where: Path) -> torch.nn.Module:
-    bias = tensors.pop(f"{prefix}.bias", None)
-    bias = None if bias is None else bias.to(dtype)
-    if config.weight.bits == FP_BITS:
-        linear = torch.nn.Linear(lin.in_features, lin.out_features, bias=bias is not None, dtype=dtype)
-        linear.load_state_dict({"weight": _take(tensors, f"{prefix}.weight", where)} | ({} if bias is None else {"bias": bias}))
-        return linear
-    take = lambda name: _take(tensors, f"{prefix}.{name}", where)  # noqa: E731
-    return PackedLinear(take("qweight"), take("scales"), take("zeros"), bias, lin.in_features,
-                        config.weight.bits, config.weight.group_size, config.act_bits)
+def safetensors_keys(files) -> set[str]:
+    """The tensor names in safetensors files, read from their headers."""
+    keys: set[str] = set()
+    for file in files:
+        with safe_open(file, "pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def _empty_linear(lin, prefix: str, keys: set[str], bits: int, group_size: int, act_bits: int, dtype):
+    """An uninitialised `PackedLinear` (or `nn.Linear` for unquantized weights) shaped like `lin`, with a bias
+    when the checkpoint has one."""
+    bias = torch.empty(lin.out_features, dtype=dtype) if f"{prefix}.bias" in keys else None
+    if f"{prefix}.qweight" not in keys:
+        return torch.nn.Linear(lin.in_features, lin.out_features, bias=bias is not None, dtype=dtype)
+    groups = 1 if group_size == -1 else lin.in_features // group_size
+    qweight = torch.empty(lin.out_features, packed_size(lin.in_features, bits), dtype=torch.uint8)
+    scales = torch.empty(lin.out_features, groups, dtype=torch.float16)
+    return PackedLinear(qweight, scales, torch.empty_like(scales), bias, lin.in_features, bits, group_size, act_bits)
+
+
+def _unstored(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace a parameter the artifact does not store by a constant, non-persistent buffer."""
+    delattr(module, name)
+    module.register_buffer(name, value, persistent=False)
+
+
+def packed_skeleton_(model, quantization: dict[str, Any], keys: set[str]):
+    """Turn a (possibly empty, meta) base model into the packed runtime of an artifact whose model.safetensors
+    holds `keys`, in place: `WKVAttention` with the V smoothing folded and the K smoothing as stored, `PackedLinear`
+    for quantized linears; their tensors left uninitialised, to be loaded by name."""
+    wkv = WKVQuantConfig.from_dict(quantization["wkvquant_config"])
+    dtype = model.get_input_embeddings().weight.dtype
+    prepare_model_(model, WKVQuantConfig(weight=WeightQuantConfig(bits=FP_BITS), kv=wkv.kv))
+    shape = lambda attn: (attn.n_kv_heads, attn.head_dim)  # noqa: E731
+    for i, layer in enumerate(decoder_layers(model)):
+        prefix = f"model.layers.{i}"
+        for module, names, part in ((layer.self_attn, ATTENTION_PROJECTIONS, "self_attn"),
+                                    (layer.mlp, MLP_PROJECTIONS, "mlp")):
+            for name in names:
+                setattr(module, name, _empty_linear(getattr(module, name), f"{prefix}.{part}.{name}", keys,
+                                                    wkv.weight.bits, wkv.weight.group_size, wkv.act_bits, dtype))
+        attn = layer.self_attn
+        attn.v_folded = True
+        _unstored(attn, "v_scale", torch.ones(shape(attn), dtype=dtype, device="cpu"))
+        _unstored(attn, "v_shift", torch.zeros(shape(attn), dtype=dtype, device="cpu"))
+        if f"{prefix}.self_attn.k_scale" not in keys:
+            _unstored(attn, "k_scale", torch.ones(shape(attn), dtype=dtype, device="cpu"))
+            _unstored(attn, "k_shift", torch.zeros(shape(attn), dtype=dtype, device="cpu"))
+        if attn.rotation is not None:
+            attn.rotation = hadamard(attn.head_dim, dtype, device="cpu")
+    return model
 
 
 def load_quantized(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
     """A `LlamaForCausalLM` whose linears hold the packed weights (dequantized on the fly) and whose attention
-    applies the K smoothing, per-token KV quantization and POQ. Verifies the manifest first."""
+    applies the K smoothing, per-token KV quantization and POQ. Verifies the manifest first.
+    (`AutoModelForCausalLM.from_pretrained(directory)` after `import wkvq_core` builds the same model.)"""
     directory = Path(directory)
     verify_manifest(directory)
     config, quant = _read_config(directory)
-    wkv = WKVQuantConfig.from_dict(quant["wkvquant_config"])
     base = copy.deepcopy(config)
     del base.quantization_config
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(base, dtype=dtype, attn_implementation="eager")
-    prepare_model_(model, WKVQuantConfig(weight=WeightQuantConfig(bits=FP_BITS), kv=wkv.kv))
     where = directory / WEIGHTS
     state, _ = load_safetensors(where)
-    tensors = dict(state)  # consumed as modules take their tensors; what is left over is unexpected
-    with torch.no_grad():
-        for i, layer in enumerate(decoder_layers(model)):
-            attn, prefix = layer.self_attn, f"model.layers.{i}"
-            for name in ATTENTION_PROJECTIONS:
-                setattr(attn, name, _load_linear(tensors, f"{prefix}.self_attn.{name}", getattr(attn, name), wkv, dtype, where))
-            attn.v_folded = True
-            if attn.smoothing_configured:
-                attn.k_scale.data = _take(tensors, f"{prefix}.self_attn.k_scale", where).to(dtype)
-                attn.k_shift.data = _take(tensors, f"{prefix}.self_attn.k_shift", where).to(dtype)
-            for name in MLP_PROJECTIONS:
-                setattr(layer.mlp, name, _load_linear(tensors, f"{prefix}.mlp.{name}", getattr(layer.mlp, name), wkv, dtype, where))
-    expected = {k for k in model.state_dict() if ".self_attn." not in k and ".mlp." not in k}
+    packed_skeleton_(model, quant, set(state))
+    tensors = dict(state)  # consumed as the model takes its tensors; what is left over is unexpected
+    expected = model.state_dict()
     if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    for key in sorted(expected):
-        _take(tensors, key, where)  # presence check, names the first missing tensor
+        expected.pop("lm_head.weight", None)
+    loaded = {key: _take(tensors, key, where).to(empty.dtype) for key, empty in expected.items()}
     if tensors:
         raise ArtifactError(f"{where}: unexpected tensors {sorted(tensors)[:3]}")
-    model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=False, assign=True)
+    model.load_state_dict(loaded, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
     model.config.quantization_config = quant

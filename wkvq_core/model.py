@@ -26,6 +26,7 @@ def check_architecture(config_dict: dict, where: str) -> None:
         raise ModelError(f"{where}: config.json does not hold a JSON object")
     archs = config_dict.get("architectures") or [config_dict.get("model_type", "unknown")]
     archs = [archs] if isinstance(archs, str) else [str(a) for a in archs]
+    archs = [a.removeprefix("WKVQuant") for a in archs]  # a WKVQuant artifact of the base architecture
     if not SUPPORTED_ARCHITECTURES.intersection(archs):
         raise ModelError(
             f"{where}: architecture {', '.join(archs)} is not supported; "
