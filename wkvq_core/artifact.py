@@ -1,6 +1,8 @@
 """Quantized artifacts: a transformers-style directory with packed weights, written atomically.
 
-    config.json             the model config + `quantization_config` (quant_method "wkvquant", format_version, …)
+    config.json             the model config under model_type wkvquant_llama / wkvquant_mistral (`hf_quantizer`), with
+                            `quantization_config` (quant_method "wkvquant", format_version, …) and an `auto_map`
+    wkvquant_hf.py          what transformers runs with trust_remote_code=True: imports wkvq_core's classes
     generation_config.json, tokenizer files
     model.safetensors       per quantized linear `<name>.qweight` (uint8, packed codes along the input dim),
                             `<name>.scales` and `<name>.zeros` (fp16, one per output row and group), `<name>.bias`
@@ -9,7 +11,8 @@
     metrics.json            the evaluation table of the run (optional)
     manifest.json           sha256 and size of every other file
 
-Load it with `load_quantized(DIR)`; generate with `**with_cache(WKVQuantCache(model.config))`.
+Load it with `load_quantized(DIR)`, or `AutoModelForCausalLM.from_pretrained(DIR)` after `import wkvq_core`;
+`generate()` then runs through the packed `WKVQuantCache`.
 """
 
 from __future__ import annotations
