@@ -354,6 +354,10 @@ class WKVAttention(nn.Module):
             if cache.layers[self.layer_idx].sink_tokens != self.sink_tokens:
                 raise ConfigError(f"the cache keeps {cache.layers[self.layer_idx].sink_tokens} sink tokens unquantized, "
                                   f"the model {self.sink_tokens}: WKVQuantCache(config, sink_tokens={self.sink_tokens})")
+            if t_new == 1 and not self.k_pre_rope:  # a decode step: attention straight from the packed records
+                out = cache.layers[self.layer_idx].update_and_attend(
+                    query, key, value, attention_mask, self.scaling, poq=self.poq and self.kv_quant)
+                return self._project("o_proj", self._rotate(out, inverse=True).reshape(bsz, t_new, -1)), None
             key_stored, value_stored = cache.update(key, value, self.layer_idx)
         else:
             key_stored, value_stored = self._quant(key, past), self._quant(value, past)

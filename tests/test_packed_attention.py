@@ -1,0 +1,82 @@
+"""Decode attention read straight from the packed records equals the eager POQ attention over the dequantized past."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from wkvq_core import packed_attention
+from wkvq_core.cache_keyword import with_cache
+from wkvq_core.config import KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.evaluate import greedy_without_cache
+from wkvq_core.kv_cache import PackedKVLayer, WKVQuantCache
+from wkvq_core.kv_quant import poq_attention
+from wkvq_core.model import prepare_model_, quant_state
+
+from test_kv_quant import randomize_smoothing_
+
+
+@pytest.mark.parametrize("bits,group", [(4, None), (4, 16), (3, None), (8, None)])
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("poq", [True, False])
+@pytest.mark.parametrize("past", [1, 2, 9, 21])
+def test_packed_decode_attention_equals_eager_poq(monkeypatch, bits, group, sinks, poq, past):
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 4)  # several chunks, a partial last one
+    torch.manual_seed(past)
+    batch, n_kv, n_rep, dim = 2, 3, 3, 64
+    fast, reference = PackedKVLayer(bits, group, sinks), PackedKVLayer(bits, group, sinks)
+    keys, values = torch.randn(batch, n_kv, past, dim) * 3, torch.randn(batch, n_kv, past, dim)
+    fast.update(keys, values)
+    reference.update(keys, values)
+    query = torch.randn(batch, n_kv * n_rep, 1, dim)
+    key_new, value_new = torch.randn(batch, n_kv, 1, dim) * 3, torch.randn(batch, n_kv, 1, dim)
+    mask = torch.zeros(batch, 1, 1, past + 1)
+    mask[1, ..., :2] = torch.finfo(torch.float32).min  # the second sequence is left-padded by two tokens
+    got = fast.update_and_attend(query, key_new, value_new, mask, 0.125, poq)
+    key_stored, value_stored = reference.update(key_new, value_new)
+    expected = poq_attention(query, key_stored, value_stored, key_new, value_new, mask, 0.125, n_rep, poq)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert fast.get_seq_length() == reference.get_seq_length() == past + 1
+    assert torch.equal(fast.keys, reference.keys) and torch.equal(fast.values, reference.values)
+
+
+def test_storage_grows_geometrically_and_survives_crop_and_reorder():
+    layer = PackedKVLayer(4)
+    x = torch.randn(2, 1, 1, 8)
+    layer.update(x, x)
+    store = layer._key_store
+    for _ in range(40):
+        layer.update(x, x)
+    assert layer._key_store.data_ptr() == store.data_ptr()  # 41 tokens fit the first allocation: no copies
+    assert layer.allocated_bytes() > layer.nbytes() == 2 * layer.keys.nbytes
+    before = layer._decode(layer.keys).clone()
+    layer.crop(-11)  # back to 30 tokens
+    layer.reorder_cache(torch.tensor([1, 0]))
+    y = torch.randn(2, 1, 1, 8)
+    keys, _ = layer.update(y, y)
+    assert torch.equal(keys[:, :, :30], before[[1, 0], :, :30])
+    assert layer.get_seq_length() == 31
+
+
+def test_decode_takes_the_packed_path_and_equals_the_cache_free_reference(monkeypatch):
+    """SmolLM2's attention shapes (head_dim 64, GQA 3:1), random weights, 64 greedy tokens."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=9, head_dim=64, num_key_value_heads=3, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval().double()
+    prepare_model_(model, WKVQuantConfig(weight=WeightQuantConfig(bits=16), kv=KVQuantConfig(bits=4)))
+    randomize_smoothing_(model)
+    calls = []
+    original = packed_attention.packed_decode_attention
+    monkeypatch.setattr("wkvq_core.kv_cache.packed_decode_attention",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    prompt = torch.randint(0, 256, (2, 12))
+    with quant_state(model, weights=False, kv=True), torch.no_grad():
+        expected, logits = greedy_without_cache(model, prompt, 64)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                             **with_cache(WKVQuantCache(model.config, kv_bits=4)))
+    assert len(calls) == 63 * config.num_hidden_layers  # every step after the prefill
+    assert torch.equal(out.sequences, expected)
+    assert (torch.stack(out.logits, 1).float() - logits).abs().max() < 1e-3  # fp32 dequantization; a code flip: > 1e-2
