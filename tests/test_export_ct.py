@@ -8,6 +8,9 @@ Two artifacts: the shipped stories260k quantized per row (strategy "channel", th
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
@@ -242,3 +245,20 @@ def test_export_replaces_a_previous_export_atomically(exported, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in first.iterdir())
     assert (out / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]
+
+
+@pytest.mark.parametrize("which", ["row", "g128"])
+def test_export_is_a_plain_model_that_transformers_loads_without_wkvq_core(exported, which):
+    """The artifact's wkvquant model type, auto_map and wkvquant_hf.py do not travel into the export."""
+    artifact, out = exported[which]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("llama", ["LlamaForCausalLM"])
+    assert "auto_map" not in config and not (out / "wkvquant_hf.py").exists()
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+            "from transformers.utils.quantization_config import CompressedTensorsConfig\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=CompressedTensorsConfig("
+            "dequantize=True))\nprint(type(m).__name__, 'wkvq_core' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["LlamaForCausalLM", "False"]

@@ -38,6 +38,7 @@ from .atomic import atomic_directory
 from .artifact import MANIFEST, METRICS, WEIGHTS, ATTENTION_PROJECTIONS, is_artifact, load_quantized
 from .config import FP_BITS
 from .errors import ArtifactError, ConfigError
+from .hf_quantizer import REMOTE_CODE_FILE
 from .model import MLP_PROJECTIONS, decoder_layers
 from .packed_linear import PackedLinear
 from .packing import pack_bits, unpack_bits
@@ -46,7 +47,8 @@ FORMAT = "compressed-tensors"
 CT_FORMAT = "pack-quantized"
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writes
 NOTES = "wkvquant_export.json"
-_NOT_COPIED = {"config.json", WEIGHTS, MANIFEST, METRICS}
+_NOT_COPIED = {"config.json", WEIGHTS, MANIFEST, METRICS, REMOTE_CODE_FILE}
+BASE_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 _RUNTIME_DTYPES = {"float16": "float16", "float32": "float16", "bfloat16": "bfloat16"}
 
 
@@ -186,7 +188,9 @@ def export_compressed_tensors(artifact_dir: str | os.PathLike, out_dir: str | os
                           f"v_proj / o_proj weights; {CT_FORMAT} cannot express that (quantize without it to export)")
     stored_dtype = getattr(torch, quant.get("non_quantized_dtype", "float16"))
     config = json.loads((artifact / "config.json").read_text())
-    arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
+    arch = (config.get("architectures") or ["LlamaForCausalLM"])[0].removeprefix("WKVQuant")
+    config.pop("auto_map", None)  # the export is a plain model of the base architecture
+    config.update(architectures=[arch], model_type=BASE_MODEL_TYPES[arch])
 
     tensors: dict[str, torch.Tensor] = {}
     remapped: dict[str, int] = {}
