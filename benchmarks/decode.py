@@ -5,8 +5,9 @@ plain model in float16 and in float32.
     python benchmarks/decode.py --contexts 512 --batches 1 --steps 2 --repeats 1   # smoke
 
 Variants, all greedy, one token per sequence per step, no padding:
-- `fp16`: the checkpoint's model in float16 (weights, activations and its DynamicCache);
-- `fp32`: the same model in float32 with its DynamicCache;
+- `fp16`: the checkpoint's model in float16 (weights, activations and its DynamicCache), loaded the way a user
+  loads it (`AutoModelForCausalLM.from_pretrained`: transformers' default attention, SDPA);
+- `fp32`: the same in float32;
 - `wkv4`: a W4 (groups of 64) KV4 artifact of it (round to nearest, the smoothing initialised from 8 WikiText
   windows; method `paper`, K after RoPE) loaded with `AutoModelForCausalLM.from_pretrained` (fp32 activations,
   `PackedLinear`) and its `WKVQuantCache`: every decode step reads the packed past directly.
@@ -122,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     source = fetch_model("smollm2-135m")
-    fp32, tokenizer = load_model(source)
-    fp16 = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float16).eval()
+    _, tokenizer = load_model(source)
+    fp16, fp32 = (AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+                  for dtype in (torch.float16, torch.float32))
     with tempfile.TemporaryDirectory() as workdir:
         models = {"fp16": fp16, "fp32": fp32, "wkv4": packed_model(source, tokenizer, workdir)}
     checks = {name: matches_cache_free(model, tokenizer, name == "wkv4") for name, model in models.items()}

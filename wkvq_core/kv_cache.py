@@ -89,9 +89,11 @@ class PackedKVLayer(DynamicLayer):
         return keys, values
 
     def update_and_attend(self, query: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
-                          attention_mask: torch.Tensor | None, scaling: float, poq: bool) -> torch.Tensor:
+                          attention_mask: torch.Tensor | None, scaling: float, poq: bool,
+                          key_transform=None, own_key: torch.Tensor | None = None) -> torch.Tensor:
         """Store one new token's K~/V~ (B, H_kv, 1, D) and return its attention output (B, 1, H, D) over the
-        stored past, with its own K/V in full precision when `poq` (else its stored record)."""
+        stored past, with its own K/V in full precision when `poq` (else its stored record); `key_transform`: see
+        `packed_decode_attention`, with `own_key` the token's key as the attention uses it (default: key_states)."""
         to_sinks = self.sinks.get_seq_length() < self.sink_tokens
         self._store(key_states, value_states)
         sinks = (self.sinks.keys, self.sinks.values) if self.sinks.get_seq_length() else None
@@ -100,9 +102,9 @@ class PackedKVLayer(DynamicLayer):
             sinks = (sinks[0][..., :-1, :], sinks[1][..., :-1, :])
         elif poq:
             records = (records[0][..., :-1, :], records[1][..., :-1, :])
-        own = (key_states, value_states) if to_sinks or poq else None
+        own = (key_states if own_key is None else own_key, value_states) if to_sinks or poq else None
         return packed_decode_attention(query, sinks, records, own, self._decode, attention_mask, scaling,
-                                       self.bits if self.n_groups == 1 else None)
+                                       self.bits if self.n_groups == 1 else None, key_transform)
 
     def get_seq_length(self) -> int:
         return self.sinks.get_seq_length() + super().get_seq_length()

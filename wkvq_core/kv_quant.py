@@ -311,6 +311,23 @@ class WKVAttention(nn.Module):
         first = position_ids[:, :1] - past
         return self._rotary[0](ref, first + torch.arange(total, device=ref.device)[None])
 
+    def _stored_key_transform(self, position_ids: torch.Tensor | None, past: int, ref: torch.Tensor):
+        """For `k_pre_rope`: stored K~ (B, H_kv, n, D) from stored position `start` -> keys as the attention uses
+        them (unrotated, unsmoothed, RoPE-rotated), one chunk at a time (`packed_decode_attention`)."""
+        if position_ids is None:
+            position_ids = torch.full((ref.shape[0], 1), past, device=ref.device)
+        first = position_ids[:, :1] - past
+
+        def transform(stored: torch.Tensor, start: int) -> torch.Tensor:
+            key = self._rotate(stored, inverse=True)
+            if self.smoothing:
+                key = key * self.k_scale[:, None] + self.k_shift[:, None]
+            positions = first + torch.arange(start, start + key.shape[-2], device=key.device)[None]
+            cos, sin = self._rotary[0](key, positions)
+            return key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
+
+        return transform
+
     def _keys_for_attention(self, stored: torch.Tensor, position_embeddings, position_ids, past: int):
         """Keys as the attention uses them, from the stored (dequantized) K~: with `k_pre_rope`, unrotated,
         unsmoothed and then RoPE-rotated at their positions; otherwise K~ itself (scores use q * s_k)."""
@@ -354,9 +371,11 @@ class WKVAttention(nn.Module):
             if cache.layers[self.layer_idx].sink_tokens != self.sink_tokens:
                 raise ConfigError(f"the cache keeps {cache.layers[self.layer_idx].sink_tokens} sink tokens unquantized, "
                                   f"the model {self.sink_tokens}: WKVQuantCache(config, sink_tokens={self.sink_tokens})")
-            if t_new == 1 and not self.k_pre_rope:  # a decode step: attention straight from the packed records
+            if t_new == 1:  # a decode step: attention straight from the packed records
+                transform = self._stored_key_transform(position_ids, past, key) if self.k_pre_rope else None
                 out = cache.layers[self.layer_idx].update_and_attend(
-                    query, key, value, attention_mask, self.scaling, poq=self.poq and self.kv_quant)
+                    query, key, value, attention_mask, self.scaling, poq=self.poq and self.kv_quant,
+                    key_transform=transform, own_key=roped_key if self.k_pre_rope else None)
                 return self._project("o_proj", self._rotate(out, inverse=True).reshape(bsz, t_new, -1)), None
             key_stored, value_stored = cache.update(key, value, self.layer_idx)
         else:

@@ -4,7 +4,8 @@ online softmax (flash-decoding), so the past is never materialised in full preci
 For 4-bit records with one (scale s, zero z) per token and KV head, a chunk's scores and values come from the codes
 c themselves, split into the low (even channels) and high (odd channels) nibbles of each byte:
     q . k^_j = s_j (q . c_j - z_j sum(q))             sum_j p_j v^_j = sum_j (p_j s_j) c_j - sum_j p_j s_j z_j
-Other widths and group sizes dequantize one chunk at a time. The key blocks in position order: unquantized sink
+Other widths and group sizes, and keys stored before RoPE (`k_pre_rope`: unsmoothed and rotated at their positions
+after dequantization), dequantize one chunk at a time. The key blocks in position order: unquantized sink
 tokens, the packed past, and the token's own full-precision K/V (POQ), which the additive mask's columns follow.
 """
 
@@ -57,11 +58,14 @@ def packed_decode_attention(
     attention_mask: torch.Tensor | None,
     scaling: float,
     nibble_bits: int | None,
+    key_transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence. query (B, H, 1, D); sinks: unquantized (B, H_kv, S0, D) K/V or None;
     records: packed (B, H_kv, S1, R) K/V records, read with `decode` (records -> (B, H_kv, n, D)) unless
     `nibble_bits` is 4 (one group per head: the codes algebra); own: the token's full-precision K/V
-    (B, H_kv, 1, D) or None; attention_mask additive (B, 1, 1, >= S0 + S1 [+ 1]) or None. Returns (B, 1, H, D)."""
+    (B, H_kv, 1, D) or None; attention_mask additive (B, 1, 1, >= S0 + S1 [+ 1]) or None; key_transform: what
+    turns stored keys (B, H_kv, n, D) starting at stored position p into the attention's keys (K before RoPE:
+    unsmoothing and RoPE), applied chunk by chunk. Returns (B, 1, H, D)."""
     bsz, n_heads, _, head_dim = query.shape
     n_kv = records[0].shape[1]
     acc = torch.promote_types(query.dtype, torch.float32)
@@ -77,8 +81,10 @@ def packed_decode_attention(
         column += width
         return scores
 
-    def dense(keys: torch.Tensor, values: torch.Tensor) -> None:
+    def dense(keys: torch.Tensor, values: torch.Tensor, stored: bool = True) -> None:
         if keys.shape[-2]:
+            if stored and key_transform is not None:
+                keys = key_transform(keys, column)
             probs = state.weights(masked(q @ keys.to(acc).transpose(-1, -2)))
             state.out = state.out + probs @ values.to(acc)
 
@@ -91,14 +97,19 @@ def packed_decode_attention(
         if nibble_bits != 4:
             dense(decode(key_chunk), decode(value_chunk))
             continue
-        low, high, scale, zero = _nibble_planes(key_chunk, head_dim, acc)
-        scores = (q_even @ low.transpose(-1, -2) + q_odd @ high.transpose(-1, -2) - q_sum * zero.transpose(-1, -2))
-        probs = state.weights(masked(scores * scale.transpose(-1, -2)))
+        if key_transform is not None:
+            keys = key_transform(decode(key_chunk), column).to(acc)
+            probs = state.weights(masked(q @ keys.transpose(-1, -2)))
+        else:
+            low, high, scale, zero = _nibble_planes(key_chunk, head_dim, acc)
+            scores = (q_even @ low.transpose(-1, -2) + q_odd @ high.transpose(-1, -2)
+                      - q_sum * zero.transpose(-1, -2))
+            probs = state.weights(masked(scores * scale.transpose(-1, -2)))
         low, high, scale, zero = _nibble_planes(value_chunk, head_dim, acc)
         weighted = probs * scale.transpose(-1, -2)
         offset = weighted @ zero
         state.out = state.out + torch.stack([weighted @ low - offset, weighted @ high - offset], -1).flatten(-2)
     if own is not None:
-        dense(*own)
+        dense(*own, stored=False)
     out = state.result().to(query.dtype)
     return out.view(bsz, n_heads, 1, head_dim).transpose(1, 2)
