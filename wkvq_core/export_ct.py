@@ -245,8 +245,11 @@ def export_compressed_tensors(artifact_dir: str | os.PathLike, out_dir: str | os
         "zero_points_reexpressed": remapped,
         "loading": ("vLLM: `vllm serve OUT` (compressed-tensors WNA16 with zero points; its kernels add shape and "
                     "group-size limits). transformers: pass quantization_config=CompressedTensorsConfig(dequantize=True); "
-                    "with transformers 5.23 / compressed-tensors 0.20 the default compressed load path rejects the packed "
-                    "zero points of every asymmetric pack-quantized checkpoint (shape mismatch), not only this one"),
+                    "with compressed-tensors 0.20.1 no zero-point layout loads on the default path: its "
+                    "PackedQuantizationCompressor.compress leaves the meta model's zero point unpacked ((out, groups) "
+                    "int8, so the packed (ceil(out * bits / 32), groups) int32 tensor that it, vLLM and this export "
+                    "write is a shape mismatch), while its decompress on the first forward requires that packed int32 "
+                    "(unpacked int8 loads, then fails there)"),
         "runtime_dtype": (f"config dtype {config['dtype']}; non-quantized tensors are stored as in the artifact "
                           f"({str(stored_dtype).removeprefix('torch.')}); in bfloat16 a runtime rounds the fp16 "
                           "scales to bfloat16"),
