@@ -304,40 +304,35 @@ class WKVAttention(nn.Module):
         rotation = self.rotation.to(x)
         return x @ (rotation.T if inverse else rotation)
 
-    def _stored_positions(self, position_ids: torch.Tensor | None, past: int, total: int, ref: torch.Tensor):
-        """cos / sin of the positions of all `total` stored tokens, the new ones ending at `position_ids`."""
-        if position_ids is None:
-            position_ids = torch.arange(past, past + ref.shape[-2], device=ref.device)[None]
-        first = position_ids[:, :1] - past
-        return self._rotary[0](ref, first + torch.arange(total, device=ref.device)[None])
+    def _stored_positions(self, position_ids: torch.Tensor | None, past: int, start: int, stored: torch.Tensor):
+        """cos / sin of the stored tokens start.. (as many as `stored` holds), the new ones ending at
+        `position_ids` (the `past` stored tokens before them directly precede them)."""
+        first = 0 if position_ids is None else position_ids[:, :1] - past
+        positions = first + torch.arange(start, start + stored.shape[-2], device=stored.device)[None]
+        return self._rotary[0](stored, positions)
 
-    def _stored_key_transform(self, position_ids: torch.Tensor | None, past: int, ref: torch.Tensor):
-        """For `k_pre_rope`: stored K~ (B, H_kv, n, D) from stored position `start` -> keys as the attention uses
-        them (unrotated, unsmoothed, RoPE-rotated), one chunk at a time (`packed_decode_attention`)."""
-        if position_ids is None:
-            position_ids = torch.full((ref.shape[0], 1), past, device=ref.device)
-        first = position_ids[:, :1] - past
+    def _pre_rope_keys(self, stored: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Stored (dequantized) K~ of `k_pre_rope` as the attention uses it: unrotated, unsmoothed, RoPE-rotated."""
+        key = self._rotate(stored, inverse=True)
+        if self.smoothing:
+            key = key * self.k_scale[:, None] + self.k_shift[:, None]
+        return key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
 
+    def _stored_key_transform(self, position_ids: torch.Tensor | None, past: int):
+        """For `k_pre_rope`: stored K~ (B, H_kv, n, D) from stored position `start` -> `_pre_rope_keys`, one chunk
+        at a time (`packed_decode_attention`)."""
         def transform(stored: torch.Tensor, start: int) -> torch.Tensor:
-            key = self._rotate(stored, inverse=True)
-            if self.smoothing:
-                key = key * self.k_scale[:, None] + self.k_shift[:, None]
-            positions = first + torch.arange(start, start + key.shape[-2], device=key.device)[None]
-            cos, sin = self._rotary[0](key, positions)
-            return key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
+            return self._pre_rope_keys(stored, *self._stored_positions(position_ids, past, start, stored))
 
         return transform
 
     def _keys_for_attention(self, stored: torch.Tensor, position_embeddings, position_ids, past: int):
-        """Keys as the attention uses them, from the stored (dequantized) K~: with `k_pre_rope`, unrotated,
-        unsmoothed and then RoPE-rotated at their positions; otherwise K~ itself (scores use q * s_k)."""
+        """Keys as the attention uses them, from the stored (dequantized) K~: with `k_pre_rope`, `_pre_rope_keys`
+        at their positions; otherwise K~ itself (scores use q * s_k)."""
         if not self.k_pre_rope:
             return stored
-        key = self._rotate(stored, inverse=True)
-        if self.smoothing:
-            key = key * self.k_scale[:, None] + self.k_shift[:, None]
-        cos, sin = position_embeddings if past == 0 else self._stored_positions(position_ids, past, key.shape[-2], key)
-        return key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
+        cos, sin = position_embeddings if past == 0 else self._stored_positions(position_ids, past, 0, stored)
+        return self._pre_rope_keys(stored, cos, sin)
 
     def forward(
         self,
@@ -372,7 +367,7 @@ class WKVAttention(nn.Module):
                 raise ConfigError(f"the cache keeps {cache.layers[self.layer_idx].sink_tokens} sink tokens unquantized, "
                                   f"the model {self.sink_tokens}: WKVQuantCache(config, sink_tokens={self.sink_tokens})")
             if t_new == 1:  # a decode step: attention straight from the packed records
-                transform = self._stored_key_transform(position_ids, past, key) if self.k_pre_rope else None
+                transform = self._stored_key_transform(position_ids, past) if self.k_pre_rope else None
                 out = cache.layers[self.layer_idx].update_and_attend(
                     query, key, value, attention_mask, self.scaling, poq=self.poq and self.kv_quant,
                     key_transform=transform, own_key=roped_key if self.k_pre_rope else None)
