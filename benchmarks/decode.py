@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import platform
 import shlex
 import statistics
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import wkvq_core
 from wkvq_core.cache_keyword import with_cache
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     source = fetch_model("smollm2-135m")
-    _, tokenizer = load_model(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     fp16, fp32 = (AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
                   for dtype in (torch.float16, torch.float32))
     with tempfile.TemporaryDirectory() as workdir:
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batches:
             caches, grown = {}, {}
             for name, model in models.items():
+                gc.collect()  # what earlier steps freed is not counted against this cache
                 before = rss_bytes()
                 caches[name] = filled_cache(model, batch, context)
                 grown[name] = rss_bytes() - before
