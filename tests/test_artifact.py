@@ -19,6 +19,7 @@ from wkvq_core.model import quant_state
 from wkvq_core.packed_linear import PackedLinear
 from wkvq_core.packing import pack_bits, packed_size, unpack_bits
 from wkvq_core.pipeline import quantize_model_
+from wkvq_core.primitives import dequantize_weight, quantize_weight
 
 
 
@@ -247,3 +248,15 @@ def test_cli_refuses_fp_mode_on_an_artifact(calibrated, tmp_path):
     result = CliRunner().invoke(app, ["eval", "--model", str(out), "--data", str(tmp_path / "e.txt"), "--seqlen", "64",
                                       "--mode", "fp"])
     assert result.exit_code == 2 and "no full-precision weights" in result.output
+
+
+def test_packed_linear_follows_in_place_edits_of_its_packed_tensors():
+    """The kept dequantized weight is dropped when the packed tensors change (load_state_dict copies in place)."""
+    torch.manual_seed(0)
+    first, second = (quantize_weight(torch.randn(6, 16), 4, 8) for _ in range(2))
+    lin = PackedLinear(pack_bits(first[0], 4), first[1].half(), first[2].half(), None, 16, 4, 8)
+    x = torch.randn(3, 16)
+    assert torch.equal(lin(x), x @ lin.dequantized_weight().t())
+    lin.load_state_dict({"qweight": pack_bits(second[0], 4), "scales": second[1].half(), "zeros": second[2].half()})
+    assert torch.equal(lin(x), x @ lin.dequantized_weight().t())
+    assert not torch.equal(lin.dequantized_weight(), dequantize_weight(first[0], first[1], first[2], 8))
