@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated, AsyncIterator, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, AsyncIterator, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -77,3 +79,26 @@ def get_team(session: SessionDep, key: ApiKeyDep) -> Team:
 
 
 CurrentTeam = Annotated[Team, Depends(get_team)]
+
+
+class AuthenticatedFirst(APIRoute):
+    """A route whose requests that may carry a body (any method but GET, HEAD and OPTIONS) are authenticated before
+    the body is read: an unauthenticated upload or JSON body is answered 401 without being received or parsed.
+    The endpoint's own team dependency then authenticates again (one indexed query; writes are rare)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            if request.method not in ("GET", "HEAD", "OPTIONS"):
+                credentials = await bearer(request)
+                await run_in_threadpool(_authenticate, request.app.state.ctx,
+                                        credentials.credentials if credentials else None)
+            return await handler(request)
+
+        return route
+
+
+def _authenticate(ctx: ServiceContext, key: str | None) -> None:
+    with ctx.read_session() as session:
+        team_service.authenticate(session, key)

@@ -5,13 +5,16 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 
 from .core.config import Settings
 from .core.context import ServiceContext
 from .core.errors import InvalidField, ServiceError
+from .core.limits import BodyLimits, validation_error
+from .core.redact import public_message
 from .core.storage import StorageError
 from .dashboard import router as dashboard_router
 from .datasets.endpoints import router as datasets_router
@@ -38,8 +41,16 @@ def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
                         headers={"Retry-After": "5"})
 
 
-def _store_down(_request: Request, exc: StorageError) -> JSONResponse:
-    return JSONResponse({"detail": f"artifact store unavailable, try again shortly ({exc})"}, status_code=503,
+def _invalid_value(_request: Request, exc: DataError) -> JSONResponse:
+    """A value the database cannot hold or compare (Postgres: text with NUL, an integer past bigint), wherever a
+    request carried it (path, query, form, JSON). SQLite takes such values: there the same request finds nothing."""
+    return JSONResponse({"detail": "invalid value: text with a NUL character or a number out of range"},
+                        status_code=422)
+
+
+def _store_down(request: Request, exc: StorageError) -> JSONResponse:
+    reason = public_message(str(exc), request.app.state.ctx)
+    return JSONResponse({"detail": f"artifact store unavailable, try again shortly ({reason})"}, status_code=503,
                         headers={"Retry-After": "5"})
 
 
@@ -63,8 +74,12 @@ def create_app(ctx: ServiceContext | None = None) -> FastAPI:
     app.include_router(v1)
     app.include_router(health_router)
     app.include_router(dashboard_router)
-    install_metrics(app, ctx)
+    app.add_middleware(BodyLimits, max_body=ctx.settings.MAX_BODY_BYTES, max_upload=ctx.settings.MAX_UPLOAD_BYTES,
+                       upload_paths=frozenset({"/v1/datasets", "/dashboard/jobs/new"}))
+    install_metrics(app, ctx)  # outermost: it also counts the requests refused by the limits
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(DataError, _invalid_value)
     app.add_exception_handler(StorageError, _store_down)
     return app

@@ -396,6 +396,22 @@ def cancel(job_id: JobId) -> None:
 
 
 @app.command()
+def delete(job_id: JobId) -> None:
+    """Delete a job: cancel it if needed, and remove its artifact, checkpoints, metrics and events for good."""
+    with _client() as client:
+        done = client.delete(job_id)
+    out.print(f"job {job_id} deleted" if done else f"job {job_id}: cancel requested; deleted once it has stopped")
+
+
+@app.command("delete-dataset")
+def delete_dataset(dataset_id: Annotated[str, typer.Argument(help="an uploaded dataset's id")]) -> None:
+    """Delete an uploaded dataset (refused while a queued or running job uses it)."""
+    with _client() as client:
+        client.delete_dataset(dataset_id)
+    out.print(f"dataset {dataset_id} deleted")
+
+
+@app.command()
 def retry(job_id: JobId) -> None:
     """Requeue a failed or cancelled job; it resumes from its last block checkpoint."""
     with _client() as client:

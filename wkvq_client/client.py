@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
 
 import httpx
 from pydantic import BaseModel
@@ -215,12 +215,23 @@ class WKVQClient:
         """Requeue a failed or cancelled job; it resumes from its last block checkpoint."""
         return JobRead.model_validate(self._request("POST", f"/jobs/{quote(job_id, safe='')}/retry").json())
 
+    def delete(self, job_id: str) -> bool:
+        """Deletes a job (cancelling it first): its artifact, checkpoints, metrics and events are removed. True when
+        done, False while a running job is still stopping (it is purged when it has)."""
+        return self._request("DELETE", f"/jobs/{quote(job_id, safe='')}").status_code == 204
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Deletes an uploaded dataset; refused (409) while a queued or running job uses it."""
+        self._request("DELETE", f"/datasets/{quote(dataset_id, safe='')}")
+
     def metrics(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{quote(job_id, safe='')}/metrics").json()
 
     def artifacts(self, job_id: str) -> list[ArtifactRead]:
         rows = self._request("GET", f"/jobs/{quote(job_id, safe='')}/artifacts").json()
-        return [ArtifactRead.model_validate(row) for row in rows]
+        # the server answers root-relative download URLs unless it knows its public URL
+        return [ArtifactRead.model_validate(row | {"download_url": urljoin(f"{self.base_url}/", row["download_url"])})
+                for row in rows]
 
     def events(self, job_id: str, last_event_id: int = 0) -> Iterator[JobEventRead | StreamEnd]:
         """The job's events after `last_event_id`, live until it ends; the last item is a StreamEnd.

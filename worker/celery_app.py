@@ -12,7 +12,7 @@ from .logging import celery_setup_logging
 from .runner import JobRunner
 
 
-def create_celery(settings: Settings, runner: JobRunner) -> Celery:
+def create_celery(settings: Settings, runner: JobRunner, gpu_classes: list[str]) -> Celery:
     app = Celery("wkvq")
     app.conf.update(celery_config(settings))
     # a connected receiver keeps Celery from installing handlers of its own: its lines go through ours
@@ -20,7 +20,7 @@ def create_celery(settings: Settings, runner: JobRunner) -> Celery:
 
     @app.task(name=RUN_TASK, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
     def run_calibration(job_id: str) -> None:
-        """Only the id travels; the job row says what to do (a stale or duplicate message is a no-op)."""
-        runner.run(job_id)
+        """Only the id travels, as a wake-up: the rows say what runs next (a stale or duplicate message is a no-op)."""
+        runner.run_next(gpu_classes, woken_by=job_id)
 
     return app

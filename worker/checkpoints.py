@@ -11,8 +11,10 @@ import hashlib
 from typing import Callable
 
 import torch
+from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
+from api.core.context import ServiceContext
 from api.core.storage import ArtifactStore
 from api.models import BlockCheckpoint
 from wkvq_core.checkpoint import decode_safetensors, encode_safetensors
@@ -71,3 +73,13 @@ class StorageCheckpoints:
             return None
         return decode_safetensors(data)
 
+
+
+def drop_checkpoints(ctx: ServiceContext, job_id: str) -> None:
+    """A succeeded job's block checkpoints: objects first, then rows (a crash in between leaves rows whose objects
+    are missing, which a later run treats as absent and recomputes)."""
+    with ctx.session() as session:
+        for uri in session.scalars(select(BlockCheckpoint.uri).where(BlockCheckpoint.job_id == job_id)):
+            ctx.store.delete(uri)
+        session.execute(delete(BlockCheckpoint).where(BlockCheckpoint.job_id == job_id))
+        session.commit()

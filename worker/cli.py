@@ -22,6 +22,7 @@ from api.core.context import ServiceContext
 from api.core.errors import ServiceError
 from api.core.migrate import upgrade
 from api.teams.service import team_service
+from api.teams.usage import usage_service
 from wkvq_client.cli import app as client_app
 from wkvq_core.cli import app as core_app
 
@@ -96,6 +97,7 @@ def serve(
     from .local import LocalWorker
     from .presence import PresenceThread
     from .reaper import ReaperThread
+    from .retention import remove_stale_workdirs
     from .runner import JobRunner
 
     settings = _settings(data_dir)
@@ -111,6 +113,7 @@ def serve(
     stop = threading.Event()
     ReaperThread(ctx, stop).start()
     if settings.DISPATCHER == DispatcherKind.LOCAL:
+        remove_stale_workdirs()
         for i in range(workers):
             runner = JobRunner(ctx, _worker_id(f"local-{i}"))
             PresenceThread(ctx, runner, settings.GPU_CLASSES, settings.DEVICE, stop).start()
@@ -173,6 +176,7 @@ def _run_worker(settings: Settings, queues: list[str], device: str) -> None:
     from .local import LocalWorker
     from .presence import PresenceThread
     from .reaper import ReaperThread
+    from .retention import remove_stale_workdirs
     from .runner import JobRunner
 
     worker_id = _worker_id(f"{'+'.join(queues)}:gpu{device}")
@@ -181,12 +185,13 @@ def _run_worker(settings: Settings, queues: list[str], device: str) -> None:
     ctx = ServiceContext.from_settings(settings)
     runner = JobRunner(ctx, worker_id)
     stop = threading.Event()
+    remove_stale_workdirs()
     ReaperThread(ctx, stop).start()
     PresenceThread(ctx, runner, queues, device, stop).start()
     if settings.DISPATCHER == DispatcherKind.CELERY:
         name = f"wkvq-{'+'.join(queues)}-{device}-{os.getpid()}@{socket.gethostname()}"
         quiet = ["--quiet"] if settings.LOG_FORMAT == LogFormat.JSON else []  # no banner between the JSON lines
-        create_celery(settings, runner).worker_main([
+        create_celery(settings, runner, queues).worker_main([
             *quiet, "worker", "--queues", ",".join(queues), "--pool", "solo", "--concurrency", "1",
             "--prefetch-multiplier", "1", "--hostname", name, "--without-gossip", "--without-mingle",
             "--loglevel", "INFO",
@@ -200,6 +205,37 @@ def create_team(name: str, data_dir: DataDir = None) -> None:
     """Create a team."""
     _admin(lambda ctx, s: team_service.create_team(s, name=name), data_dir)
     out.print(f"team {name} created")
+
+
+@admin.command("set-team")
+def set_team(
+    team: str,
+    weight: Annotated[Optional[float], typer.Option(help="share of the pool relative to other teams (default 1)")] = None,
+    max_running: Annotated[Optional[int], typer.Option(help="jobs running at once, at most; 0: no cap")] = None,
+    storage_quota_gb: Annotated[Optional[float], typer.Option(
+        help="datasets, artifacts and checkpoints kept, in GB; 0: the service default (WKVQ_TEAM_STORAGE_QUOTA_GB)")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Set a team's fair-share weight, running-job cap and storage quota."""
+    quota = None if storage_quota_gb is None else round(storage_quota_gb * 1e9)
+    _admin(lambda ctx, s: team_service.configure(s, name=team, weight=weight, max_running=max_running,
+                                                 storage_quota_bytes=quota), data_dir)
+    list_teams(data_dir)
+
+
+@admin.command("list-teams")
+def list_teams(data_dir: DataDir = None) -> None:
+    """Teams with their weight, running cap, storage quota and what they use now."""
+    def read(ctx, session):
+        return [(team, usage_service.team_usage(session, ctx.settings, team=team))
+                for team in team_service.list_teams(session)]
+
+    table = Table("team", "weight", "max running", "running", "queued", "storage used", "quota")
+    for team, usage in _admin(read, data_dir):
+        table.add_row(team.name, f"{team.weight:g}", str(team.max_running or "–"), str(usage.running),
+                      str(usage.queued), f"{usage.stored_bytes / 1e9:.3f} GB",
+                      f"{usage.quota_bytes / 1e9:g} GB" if usage.quota_bytes is not None else "none")
+    out.print(table)
 
 
 @admin.command("create-key")

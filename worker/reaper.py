@@ -14,6 +14,8 @@ from api.core.db import utcnow
 from api.jobs.service import add_event
 from api.models import Job, JobStatus
 
+from .retention import purge_deleted
+
 log = logging.getLogger(__name__)
 
 
@@ -74,5 +76,6 @@ class ReaperThread(threading.Thread):
         while not self.stop.wait(self.ctx.settings.REAPER_SECONDS):
             try:
                 reap_expired(self.ctx)
+                purge_deleted(self.ctx)
             except Exception as exc:  # keep reaping after a database outage
                 log.warning("reaper: %s", exc)

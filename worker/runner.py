@@ -7,6 +7,7 @@ reaped) cannot overwrite the state of the job's new owner.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -16,23 +17,26 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from api.core.context import ServiceContext
 from api.core.db import new_id, utcnow
+from api.core.redact import public_message
 from api.core.storage import StorageError
 from api.datasets.builtin import BUILTIN_TEXTS
 from api.jobs.estimate import job_wkvq_config
 from api.jobs.model_source import local_model_dir
 from api.jobs.service import PUBLISHING, add_event
-from api.models import Artifact, Dataset, Job, JobMetrics, JobStatus
+from api.models import Artifact, Dataset, Job, JobMetrics, JobStatus, Team
+from api.queue.fair_share import claim_order, over_cap
 from wkvq_core.config import WKVQuantConfig
 from wkvq_core.errors import CalibrationCancelled, WKVQError
 from wkvq_core.pipeline import QuantizeJob, run_quantize_job
 from wkvq_core.progress import CalibrationCallbacks, CalibrationEvent, EventKind
 
 from .artifact_tar import write_reproducible_tar
-from .checkpoints import StorageCheckpoints
+from .checkpoints import StorageCheckpoints, drop_checkpoints
+from .retention import WORKDIR_PREFIX, purge_if_deleted
 from .lease import Lease, LeaseLost, fence
 from .logging import log_context
 from .retry import with_db_retry
@@ -40,6 +44,11 @@ from .retry import with_db_retry
 log = logging.getLogger(__name__)
 ARTIFACT_NAME = "model.tar"
 CANCEL_POLL_SECONDS = 0.5
+
+
+def workdir_prefix(job_id: str) -> str:
+    """A job's scratch directory in the system temp dir, named after the process that owns it (`workdirs.py`)."""
+    return f"{WORKDIR_PREFIX}{job_id}-{os.getpid()}-"
 
 
 def job_config(spec: dict[str, Any]) -> WKVQuantConfig:
@@ -94,12 +103,18 @@ class JobRunner:
                     attempts=Job.attempts + 1, stage=None, updated_at=now)
 
     def claim(self, job_id: str) -> Lease | None:
-        """Conditional UPDATE queued -> running; None if the job is not (or no longer) queued."""
+        """Conditional UPDATE queued -> running; None if the job is not (or no longer) queued, or its team is at its
+        running cap. The team's row is updated first, so concurrent claims for one team wait for each other (a
+        Postgres row lock; SQLite has one writer) and the cap holds."""
         values = self._claim_values()
         with self.ctx.session() as session:
+            team_id = session.scalar(select(Job.team_id).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value))
+            if team_id is None:
+                return None
+            session.execute(update(Team).where(Team.id == team_id).values(last_claim_at=values["updated_at"]))
             claimed = session.execute(
                 update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value).values(**values)).rowcount
-            if not claimed:
+            if not claimed or over_cap(session, team_id):
                 session.rollback()
                 return None
             session.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=utcnow()))
@@ -109,11 +124,9 @@ class JobRunner:
         return Lease(job_id, values["lease_token"], self.worker_id)
 
     def claim_next(self, gpu_classes: list[str]) -> Lease | None:
-        """The highest-priority, oldest queued job of these classes (local dispatcher)."""
+        """The next queued job of these classes by fair share between teams (`api.queue.fair_share`)."""
         with self.ctx.session() as session:
-            candidates = session.scalars(
-                select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.gpu_class.in_(gpu_classes))
-                .order_by(Job.priority.desc(), Job.created_at).limit(5)).all()
+            candidates = claim_order(session, gpu_classes)
         for job_id in candidates:
             lease = self.claim(job_id)
             if lease is not None:
@@ -139,6 +152,25 @@ class JobRunner:
                 return
             self.execute(lease)
 
+    def run_next(self, gpu_classes: list[str], woken_by: str) -> None:
+        """A queue message only wakes the worker: it runs the next job by fair share, which is the message's job
+        unless another team's turn comes first (that job's own message then finds it taken, a no-op)."""
+        lease = self.claim_next(gpu_classes)
+        if lease is None:
+            log.info("woken by job %s: no job of %s may start now", woken_by, ", ".join(gpu_classes))
+            return
+        self.execute(lease)
+        self._wake_for_queued(gpu_classes)
+
+    def _wake_for_queued(self, gpu_classes: list[str]) -> None:
+        """A wake-up per class that still has queued jobs: their messages may have been spent while their team was
+        at its cap or another team's turn came first."""
+        with self.ctx.session() as session:
+            oldest = session.execute(select(Job.gpu_class, func.min(Job.id)).where(
+                Job.status == JobStatus.QUEUED.value, Job.gpu_class.in_(gpu_classes)).group_by(Job.gpu_class)).all()
+        for gpu_class, job_id in oldest:
+            self.ctx.dispatcher.enqueue(job_id, gpu_class)
+
     def execute(self, lease: Lease) -> None:
         """Runs the claimed job to its end; every log line of this thread meanwhile carries the job id."""
         with log_context(job_id=lease.job_id, worker_id=self.worker_id):
@@ -148,7 +180,7 @@ class JobRunner:
         self.current_job = lease.job_id
         heartbeat = _Heartbeat(self, lease)
         heartbeat.start()
-        workdir = Path(tempfile.mkdtemp(prefix=f"wkvq-{lease.job_id}-"))
+        workdir = Path(tempfile.mkdtemp(prefix=workdir_prefix(lease.job_id)))
         try:
             self._execute(lease, heartbeat, workdir)
         except LeaseLost:
@@ -161,15 +193,17 @@ class JobRunner:
                              f"time limit of {self.ctx.settings.JOB_TIME_LIMIT_SECONDS:g} s exceeded")
             else:
                 self._finish(lease, JobStatus.CANCELLED, "cancelled", str(exc))
-        except (WKVQError, StorageError) as exc:
-            self._finish(lease, JobStatus.FAILED, "failed", str(exc))
+        except (WKVQError, StorageError) as exc:  # the team sees the message without the deployment's paths
+            self._finish(lease, JobStatus.FAILED, "failed", public_message(str(exc), self.ctx))
         except Exception as exc:
-            log.error("job %s failed:\n%s", lease.job_id, traceback.format_exc())
-            self._finish(lease, JobStatus.FAILED, "failed", f"internal error: {type(exc).__name__}: {exc}")
+            log.error("job %s failed:\n%s", lease.job_id, traceback.format_exc())  # the log keeps them
+            self._finish(lease, JobStatus.FAILED, "failed",
+                         public_message(f"internal error: {type(exc).__name__}: {exc}", self.ctx))
         finally:
             heartbeat.stopped.set()
             self.current_job = None
             shutil.rmtree(workdir, ignore_errors=True)
+            self._db(lambda: purge_if_deleted(self.ctx, lease.job_id), f"purging job {lease.job_id} if deleted")
 
     def _finish(self, lease: Lease, status: JobStatus, kind: str, message: str) -> None:
         def write() -> None:
@@ -256,6 +290,8 @@ class JobRunner:
             session.commit()
         if previous is not None and previous.uri != stored.uri:
             self.ctx.store.delete(previous.uri)
+        if not self.ctx.settings.KEEP_CHECKPOINTS:
+            drop_checkpoints(self.ctx, lease.job_id)
 
     def _text(self, session, spec: dict[str, Any], role: str, team_id: str, workdir: Path) -> str:
         """A text SPEC the library reads: a shipped file, an uploaded file fetched from the store, or `hf:...`."""

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # Where the service keeps its state unless DATABASE_URL / STORAGE_URL say otherwise (relative: to the working
     # directory of the process that reads the settings).
     DATA_DIR: Path = Path("wkvq-data")
+    # The service's address as its users reach it (https://wkvq.example.com): absolute URLs in answers and the origin
+    # the dashboard accepts forms from. Unset: URLs are root-relative and the origin is the request's Host.
+    PUBLIC_URL: str | None = None
     DATABASE_URL: str  # default: sqlite:///DATA_DIR/wkvq.db
     # Postgres connections a process keeps open once it has needed them, and how many more it may open for a while
     # (closed when given back). Pool + overflow = 40 = the API's thread pool, so a request thread never waits for a
@@ -102,10 +105,19 @@ class Settings(BaseSettings):
     # check and fails it ("time limit of N s exceeded"), keeping its checkpoints for a retry. Celery's hard
     # task_time_limit sits HARD_LIMIT_GRACE_SECONDS above it, as a backstop.
     JOB_TIME_LIMIT_SECONDS: float = Field(24 * 3600, gt=0)
-    MAX_UPLOAD_BYTES: int = 64 * 1024 * 1024
+    MAX_UPLOAD_BYTES: int = Field(64 * 1024 * 1024, ge=1)
+    # Any other request body (a job spec, a form): refused (413) before it is read when it declares more
+    MAX_BODY_BYTES: int = Field(64 * 1024, ge=1024)
     MIN_UPLOAD_CHARS: int = 1000
+    # What a team may keep in the store (datasets, artifacts, checkpoints) unless `wkvq admin set-team` says
+    # otherwise; unset: no quota
+    TEAM_STORAGE_QUOTA_GB: float | None = Field(500, gt=0)
+    # Block checkpoints of a succeeded job are deleted once its artifact is published (False: kept for audits)
+    KEEP_CHECKPOINTS: bool = False
     DEVICE: str = "auto"
     LOG_FORMAT: LogFormat = LogFormat.TEXT
+    # /metrics (unauthenticated) lists each worker by id, which names its host, only when true
+    METRICS_WORKER_LABELS: bool = False
 
     @model_validator(mode="before")
     @classmethod

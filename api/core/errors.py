@@ -17,6 +17,12 @@ class NotFound(ServiceError):
     status_code = 404
 
 
+class Gone(NotFound):
+    """Deleted: known, but removed for good."""
+
+    status_code = 410
+
+
 class Conflict(ServiceError):
     status_code = 409
 

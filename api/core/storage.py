@@ -18,7 +18,7 @@ CHUNK = 1 << 20
 
 
 class StorageError(Exception):
-    """The artifact store could not take a write (full, read-only, unreachable)."""
+    """The artifact store could not take a write (full, read-only, unreachable) or could not be read (unreachable)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,21 @@ class ArtifactStore:
                     return
                 length -= len(chunk)
                 yield chunk
+
+    def size(self, uri: str) -> int:
+        """The stored object's size as the store reports it now (not from a cached listing); FileNotFoundError
+        when it is gone."""
+        path = self._path_of(uri)
+        self.fs.invalidate_cache(path)
+        return self.fs.size(path)
+
+    def sha256(self, uri: str) -> str:
+        """The stored object's sha256, read in chunks."""
+        digest = hashlib.sha256()
+        with self.open(uri) as f:
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def download(self, uri: str, local_path: str) -> None:
         self.fs.get_file(self._path_of(uri), local_path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Header, Query, Request, Response
+from fastapi import APIRouter, Form, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
@@ -20,11 +20,12 @@ from ..queue.service import queue_service
 from ..teams.service import team_service
 from .forms import JobForm, form_context, submit_form
 from .views import job_detail, job_row
-from .web import HERE, HOME, SIGNIN, DashboardRoute, DashboardTeam, clear_cookie, render, safe_next, set_cookie
+from .web import HERE, HOME, LOGOUT, SIGNIN, DashboardRoute, DashboardTeam, clear_cookie, render, safe_next, set_cookie
 
 router = APIRouter(tags=["dashboard"], include_in_schema=False, route_class=DashboardRoute)
 
 PAGE_SIZE = 20
+MAX_PAGE = 10_000_000  # an offset (page x size) the database's integers hold
 STATUSES = [s.value for s in JobStatus]
 STATIC = {"htmx.min.js": "text/javascript", "dashboard.css": "text/css"}
 
@@ -73,7 +74,7 @@ def signin(request: Request, session: SessionDep, api_key: Annotated[str, Form()
     return response
 
 
-@router.post("/dashboard/logout")
+@router.post(LOGOUT)
 def logout() -> Response:
     response = see_other(SIGNIN)
     clear_cookie(response)
@@ -85,7 +86,7 @@ def logout() -> Response:
 
 @router.get("/dashboard/jobs")
 def jobs_page(request: Request, session: SessionDep, team: DashboardTeam, status: str | None = None,
-              page: Annotated[int, Query(ge=1)] = 1,
+              page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
               size: Annotated[int, Query(ge=1, le=100)] = PAGE_SIZE) -> Response:
     status = status if status in STATUSES else None  # an unknown filter shows every job
     jobs, count = job_service.list(session, team=team, status=status, gpu_class=None, limit=size,
@@ -139,16 +140,25 @@ def retry_job(request: Request, ctx: ContextDep, session: SessionDep, team: Dash
     return see_other(f"/dashboard/jobs/{job_id}")
 
 
+@router.post("/dashboard/jobs/{job_id}/delete")
+def delete_job(request: Request, ctx: ContextDep, session: SessionDep, team: DashboardTeam, job_id: str) -> Response:
+    try:
+        job_service.delete(session, ctx.store, team=team, job_id=job_id)
+    except Conflict as exc:
+        return _refused(request, session, team, job_id, exc)
+    return see_other(HOME)
+
+
 def _refused(request: Request, session: Session, team: Team, job_id: str, exc: Conflict) -> Response:
     context = job_detail(session, team=team, job_id=job_id) | {"nav": "jobs", "notice": exc.message}
     return render(request, "job_detail.html", context, status_code=409)
 
 
-@router.get("/dashboard/jobs/{job_id}/artifacts/{name}")
+@router.api_route("/dashboard/jobs/{job_id}/artifacts/{name}", methods=["GET", "HEAD"])
 def download_artifact(ctx: ContextDep, session: SessionDep, team: DashboardTeam, job_id: str, name: str,
-                      range: Annotated[str | None, Header()] = None) -> Response:
+                      request: Request) -> Response:
     artifact = released(session, job_service.artifact(session, team=team, job_id=job_id, name=name))
-    return ranged_download(ctx.store, artifact, range)
+    return ranged_download(ctx, artifact, request)
 
 
 # ------------------------------------------------------------------------------------------------ queue

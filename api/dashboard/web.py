@@ -1,5 +1,6 @@
-"""Dashboard plumbing: templates and their filters, cookie sign-in, and a route class that turns a missing
-sign-in into a redirect and a NotFound into an HTML 404 page (the API's JSON error handler stays as it is)."""
+"""Dashboard plumbing: templates and their filters, cookie sign-in, and a route class that refuses cross-site form
+posts, checks the sign-in of a post before its body is read, and turns a missing sign-in into a redirect and a
+NotFound into an HTML 404 page (the API's JSON error handler stays as it is)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
@@ -24,7 +26,9 @@ HERE = Path(__file__).resolve().parent
 COOKIE = "wkvq_key"
 COOKIE_MAX_AGE = 7 * 24 * 3600
 SIGNIN = "/dashboard/signin"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 HOME = "/dashboard/jobs"
+LOGOUT = "/dashboard/logout"
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -97,6 +101,36 @@ def signed_in_team(request: Request, session: SessionDep) -> Team:
     return released(session, team)
 
 
+def _check_cookie(request: Request) -> None:
+    ctx = request.app.state.ctx
+    with ctx.read_session() as session:
+        signed_in_team(request, session)
+
+
+def own_origin(request: Request) -> str:
+    """scheme://host[:port] of PUBLIC_URL, else of the request (its Host header, which a browser sets itself)."""
+    public = request.app.state.ctx.settings.PUBLIC_URL
+    if public:
+        parts = urlsplit(public)
+        return f"{parts.scheme}://{parts.netloc}".lower()
+    return f"{request.url.scheme}://{request.headers.get('host', '')}".lower()
+
+
+def cross_site(request: Request) -> bool:
+    """A browser's post from another origin (another port of this host included, which SameSite cookies do not
+    stop): Sec-Fetch-Site other than same-origin/none, or an Origin that is not this service's. Clients that send
+    neither header are not browsers, and carry no ambient cookie for an attacker to ride on."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    if request.app.state.ctx.settings.PUBLIC_URL:
+        return origin.lower() != own_origin(request)
+    return urlsplit(origin.lower()).netloc != request.headers.get("host", "").lower()  # behind a TLS proxy too
+
+
 DashboardTeam = Annotated[Team, Depends(signed_in_team)]
 
 
@@ -127,13 +161,27 @@ class DashboardRoute(APIRoute):
 
         async def route(request: Request) -> Response:
             try:
+                if request.method not in SAFE_METHODS:
+                    if cross_site(request):
+                        response = render(request, "refused.html", {
+                            "heading": "Refused", "message": "This form was posted from another site. Open the "
+                                                             "dashboard itself and submit it from there."},
+                                          status_code=403)
+                        return _secured(response)
+                    if request.url.path not in (SIGNIN, LOGOUT):  # signed in before the body is read
+                        await run_in_threadpool(_check_cookie, request)
                 response = await handler(request)
             except SignInRequired:
                 response = sign_in_redirect(request)
             except NotFound as exc:
-                response = render(request, "not_found.html", {"message": exc.message}, status_code=404)
-            for name, value in SECURITY_HEADERS.items():
-                response.headers.setdefault(name, value)
-            return response
+                response = render(request, "refused.html", {"heading": "Not found", "message": exc.message},
+                                  status_code=exc.status_code)  # 404, or 410 for what was deleted
+            return _secured(response)
 
         return route
+
+
+def _secured(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response

@@ -9,9 +9,10 @@ from sqlalchemy.orm import Session
 
 from ..core.config import Settings
 from ..core.db import new_id
-from ..core.errors import InvalidField, NotFound, PayloadTooLarge
+from ..core.errors import Conflict, InvalidField, NotFound, PayloadTooLarge
 from ..core.storage import ArtifactStore
-from ..models import Dataset, Team
+from ..models import Dataset, Job, JobStatus, Team
+from ..teams.usage import usage_service
 
 LOC = ("body", "file")
 
@@ -34,6 +35,7 @@ class DatasetService:
         if len(text.strip()) < settings.MIN_UPLOAD_CHARS:
             raise InvalidField(LOC, f"calibration text too short: {len(text.strip())} characters, "
                                     f"at least {settings.MIN_UPLOAD_CHARS} needed")
+        usage_service.check_upload(session, settings, team=team, size=len(data))
         dataset_id = new_id()
         stored = store.put_bytes(data, f"datasets/{team.id}/{dataset_id}.txt")
         row = Dataset(id=dataset_id, team_id=team.id, filename=_safe_filename(filename), uri=stored.uri,
@@ -52,6 +54,19 @@ class DatasetService:
         if row is None:
             raise NotFound(f"dataset {dataset_id} not found")
         return row
+
+    def delete(self, session: Session, store: ArtifactStore, *, team: Team, dataset_id: str) -> None:
+        dataset = self.get(session, team=team, dataset_id=dataset_id)
+        active = session.execute(select(Job.id, Job.spec).where(
+            Job.team_id == team.id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))).all()
+        users = [job_id for job_id, spec in active
+                 if dataset_id in ((spec.get(role) or {}).get("dataset_id") for role in ("calibration", "evaluation"))]
+        if users:
+            raise Conflict(f"dataset {dataset_id} is used by {len(users)} queued or running job(s) "
+                           f"({', '.join(users[:3])}); cancel or delete them first")
+        store.delete(dataset.uri)
+        session.delete(dataset)
+        session.commit()
 
     def list(self, session: Session, *, team: Team) -> list[Dataset]:
         return list(session.scalars(select(Dataset).where(Dataset.team_id == team.id).order_by(Dataset.created_at.desc())))

@@ -10,14 +10,17 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from ..deps import ApiKeyDep, ContextDep, CurrentTeam, SessionDep, released
+from ..core.errors import InvalidField, Unauthorized
+from ..deps import AuthenticatedFirst, ApiKeyDep, ContextDep, CurrentTeam, SessionDep, released
 from ..models import Job, JobStatus
 from ..teams.service import team_service
 from .download import ranged_download
-from .schemas import ArtifactRead, JobCreate, JobEventRead, JobList, JobRead
+from .model_source import hub_configs
+from .schemas import ArtifactRead, HubModel, JobCreate, JobEventRead, JobList, JobRead
 from .service import job_service
+from .urls import artifact_url
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=AuthenticatedFirst)
 
 
 def owned_job(session: SessionDep, team: CurrentTeam, job_id: str) -> Job:
@@ -27,12 +30,21 @@ def owned_job(session: SessionDep, team: CurrentTeam, job_id: str) -> Job:
 
 @router.post("", response_model=JobRead, status_code=status.HTTP_201_CREATED,
              responses={200: {"model": JobRead, "description": "replayed: same Idempotency-Key and body"}})
-def submit_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, body: JobCreate, response: Response,
-               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobRead:
-    job, created = job_service.submit(ctx, session, team=team, body=body, idempotency_key=idempotency_key)
+async def submit_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, body: JobCreate, response: Response,
+                     idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobRead:
+    if idempotency_key is not None and not idempotency_key.strip():  # would otherwise be one key shared by all
+        raise InvalidField(["header", "idempotency-key"], "Idempotency-Key must not be empty; omit the header instead")
+    hub_config = await hub_configs.fetch(body.model) if isinstance(body.model, HubModel) else None
+
+    def submit() -> tuple[Job, bool, JobRead]:
+        job, created = job_service.submit(ctx, session, team=team, body=body, idempotency_key=idempotency_key,
+                                          hub_config=hub_config)
+        return job, created, released(session, job_service.read(session, job))
+
+    _, created, read = await run_in_threadpool(submit)
     if not created:
         response.status_code = status.HTTP_200_OK
-    return released(session, job_service.read(session, job))
+    return read
 
 
 @router.get("", response_model=JobList)
@@ -68,18 +80,37 @@ def retry_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: s
     return released(session, job_service.read(session, job_service.retry(ctx, session, team=team, job_id=job_id)))
 
 
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+               responses={202: {"description": "cancel requested: the job's objects are removed once it has stopped"},
+                          409: {"description": "the job is publishing its artifact: delete it once it has succeeded"},
+                          410: {"description": "already deleted"}})
+def delete_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: str) -> Response:
+    """Cancels the job if needed and removes its artifact, checkpoints, metrics and events; the row stays as a
+    tombstone (GET answers 410)."""
+    done = released(session, job_service.delete(session, ctx.store, team=team, job_id=job_id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT if done else status.HTTP_202_ACCEPTED)
+
+
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses={200: {"description": "text/event-stream of JobEventRead; ends when the job has ended"}})
-async def job_events(ctx: ContextDep, job: Annotated[Job, Depends(owned_job)],
+async def job_events(ctx: ContextDep, key: ApiKeyDep, job: Annotated[Job, Depends(owned_job)],
                      last_event_id: Annotated[int, Header(ge=0, le=2**62)] = 0) -> AsyncIterator[ServerSentEvent]:
+    """Each poll round re-checks the key: a key revoked while the stream is open ends it (`end`, unauthorized)."""
     after, poll = last_event_id, ctx.settings.POLL_SECONDS
 
     def fetch():
         with ctx.session() as s:
+            try:
+                team_service.authenticate(s, key)
+            except Unauthorized:
+                return None, None
             return job_service.events(s, job_id=job.id, after=after), JobStatus(s.get(type(job), job.id).status)
 
     while True:
         events, state = await run_in_threadpool(fetch)
+        if state is None:
+            yield ServerSentEvent(data={"status": "unauthorized"}, event="end")
+            return
         for event in events:
             after = event.id
             yield ServerSentEvent(data=JobEventRead.model_validate(event).model_dump(mode="json"), event=event.kind,
@@ -100,14 +131,23 @@ def job_metrics(session: SessionDep, team: CurrentTeam, job_id: str) -> dict:
 def job_artifacts(request: Request, session: SessionDep, team: CurrentTeam, job_id: str) -> list[ArtifactRead]:
     return released(session, [
         ArtifactRead(name=a.name, size=a.size, sha256=a.sha256, media_type=a.media_type,
-                     download_url=str(request.url_for("download_artifact", job_id=job_id, name=a.name)))
+                     download_url=artifact_url(request, job_id, a.name),
+                     available=a.unavailable is None, unavailable_reason=a.unavailable)
         for a in job_service.artifacts(session, team=team, job_id=job_id)])
 
 
-@router.get("/{job_id}/artifacts/{name}", response_class=Response,
-            responses={200: {"content": {"application/x-tar": {}}}, 206: {"description": "partial content (Range)"},
-                       416: {"description": "range not satisfiable"}})
+DOWNLOAD_RESPONSES: dict[int | str, dict] = {
+    200: {"content": {"application/x-tar": {}}}, 206: {"description": "partial content (Range)"},
+    304: {"description": "If-None-Match names the current ETag"},
+    410: {"description": "the stored object is missing, truncated or altered"},
+    412: {"description": "If-Match does not name the current ETag"}, 416: {"description": "range not satisfiable"},
+    503: {"description": "artifact store unreachable; Retry-After"}}
+
+
+@router.get("/{job_id}/artifacts/{name}", response_class=Response, responses=DOWNLOAD_RESPONSES)
+@router.head("/{job_id}/artifacts/{name}", response_class=Response, responses=DOWNLOAD_RESPONSES, name="head_artifact")
 def download_artifact(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: str, name: str,
-                      range: Annotated[str | None, Header()] = None) -> Response:
+                      request: Request) -> Response:
+    """GET the artifact's bytes, or HEAD its headers only. RFC 9110 Range, If-Range, If-Match and If-None-Match."""
     artifact = released(session, job_service.artifact(session, team=team, job_id=job_id, name=name))
-    return ranged_download(ctx.store, artifact, range)  # streamed from the store: no database connection held
+    return ranged_download(ctx, artifact, request)  # streamed from the store: no database connection held

@@ -176,3 +176,5 @@ class ArtifactRead(BaseModel):
     sha256: str
     media_type: str
     download_url: str
+    available: bool = True  # false once the stored object was found truncated or altered: downloads answer 410
+    unavailable_reason: str | None = None

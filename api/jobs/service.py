@@ -6,7 +6,7 @@ import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import Row, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -14,15 +14,18 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from ..core.context import ServiceContext
 from ..core.db import utcnow
-from ..core.errors import Conflict, InvalidField, NotFound
-from ..models import ApiKey, Artifact, Job, JobEvent, JobMetrics, JobStatus, Team
+from ..core.errors import Conflict, Gone, InvalidField, NotFound
+from ..core.storage import ArtifactStore
+from ..models import ApiKey, Artifact, BlockCheckpoint, Job, JobEvent, JobMetrics, JobStatus, Team
 from ..datasets.service import dataset_service
 from ..teams.service import check_key, key_prefix
+from ..teams.usage import usage_service
 from .estimate import check_budget, estimate_job
 from .model_source import check_dims, model_config
 from .schemas import JobCreate, JobRead, UploadedData
 
 RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
+MAX_EVENTS_PER_JOB = 5000  # past it, a job's oldest events are dropped (cancel/retry loops cannot grow it forever)
 PUBLISHING = "publishing"  # the stage after the library returned: uploading the artifact; a cancel is refused
 
 
@@ -39,6 +42,9 @@ def _transition(session: Session, job_id: str, from_statuses: tuple[JobStatus, .
 
 def add_event(session: Session, job_id: str, kind: str, message: str | None = None, **fields) -> None:
     session.add(JobEvent(job_id=job_id, kind=kind, message=message, **fields))
+    oldest_kept = (select(JobEvent.id).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
+                   .offset(MAX_EVENTS_PER_JOB - 1).limit(1).scalar_subquery())
+    session.execute(delete(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id < oldest_kept))
 
 
 def _progress_columns(job_id: ColumnElement) -> tuple[ColumnElement, ColumnElement, ColumnElement]:
@@ -61,7 +67,7 @@ _PROGRESS = select(*_progress_columns(bindparam("job_id", type_=Job.id.type)))
 # What `_read_row` reads: the job columns `_read` uses and the job's progress, named. Core rows, not ORM entities.
 _READ_COLUMNS = (Job.id, Job.status, Job.spec, Job.gpu_class, Job.priority, Job.attempts, Job.max_attempts,
                  Job.cancel_requested, Job.lease_owner, Job.current_block, Job.total_blocks, Job.error, Job.heartbeat_at,
-                 Job.stage, Job.estimate, Job.created_at, Job.started_at, Job.finished_at, Job.updated_at,
+                 Job.stage, Job.estimate, Job.created_at, Job.started_at, Job.finished_at, Job.updated_at, Job.deleted_at,
                  *(column.label(name) for column, name in zip(_progress_columns(Job.id),
                                                                 ("block_seconds", "last_loss", "epoch"))))
 # A status read, the request clients poll, in one round trip: the API key by its prefix, and the job if it belongs
@@ -75,14 +81,16 @@ _KEY_AND_JOB_WITH_PROGRESS = (
 
 class JobService:
     def submit(self, ctx: ServiceContext, session: Session, *, team: Team, body: JobCreate,
-               idempotency_key: str | None) -> tuple[Job, bool]:
-        """Returns (job, created). The job is enqueued only after its row has committed."""
+               idempotency_key: str | None, hub_config: dict | None = None) -> tuple[Job, bool]:
+        """Returns (job, created). The job is enqueued only after its row has committed. A hub model's config is
+        looked up by the caller (`model_source.hub_configs`), off the request threads."""
         digest = request_hash(body)
         if idempotency_key is not None:
             existing = self._by_idempotency_key(session, team, idempotency_key)
             if existing is not None:
                 return self._replay(existing, digest), False
-        model = self._validate(ctx, session, team, body)
+        model = self._validate(ctx, session, team, body, hub_config)
+        usage_service.check_submit(session, ctx.settings, team=team)
         gpu_class = body.gpu_class or ctx.settings.GPU_CLASSES[0]
         estimate = estimate_job(ctx.settings, session, team=team, body=body, gpu_class=gpu_class, model_config=model)
         check_budget(estimate, gpu_class, ctx.settings.budget(gpu_class), ctx.settings)  # before anything is written
@@ -107,18 +115,21 @@ class JobService:
         return session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == key))
 
     def _replay(self, job: Job, digest: str) -> Job:
+        if job.deleted_at is not None:
+            raise Gone(f"job {job.id}, submitted with this Idempotency-Key, was deleted")
         if job.request_hash != digest:
             raise InvalidField(("header", "Idempotency-Key"),
                                "this Idempotency-Key was already used with a different request body")
         return job
 
-    def _validate(self, ctx: ServiceContext, session: Session, team: Team, body: JobCreate) -> dict:
+    def _validate(self, ctx: ServiceContext, session: Session, team: Team, body: JobCreate,
+                  hub_config: dict | None) -> dict:
         """Raises InvalidField for a job that cannot run; returns the model's config.json."""
         settings = ctx.settings
         if body.gpu_class is not None and body.gpu_class not in settings.GPU_CLASSES:
             raise InvalidField(("body", "gpu_class"), f"unknown GPU class {body.gpu_class!r}; "
                                                       f"available: {', '.join(settings.GPU_CLASSES)}")
-        model = model_config(settings, body.model)
+        model = model_config(settings, body.model, hub_config)
         check_dims(model, body.config)
         for field in ("calibration", "evaluation"):
             spec = getattr(body, field)
@@ -137,6 +148,8 @@ class JobService:
         job = session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team.id))
         if job is None:
             raise NotFound(f"job {job_id} not found")
+        if job.deleted_at is not None:
+            raise Gone(f"job {job_id} was deleted")
         return job
 
     def status(self, engine: Engine, *, key: str | None, job_id: str) -> JobRead:
@@ -146,6 +159,8 @@ class JobService:
         check_key(key, row)
         if row.id is None:
             raise NotFound(f"job {job_id} not found")
+        if row.deleted_at is not None:
+            raise Gone(f"job {job_id} was deleted")
         return self._read_row(row)
 
     def list(self, session: Session, *, team: Team, status: str | None, gpu_class: str | None, limit: int,
@@ -153,7 +168,7 @@ class JobService:
         """A page of the team's jobs, newest first, as read models (jobs and their progress in one query, as rows:
         ORM entities would cost more CPU than the rest of the request), and the number of jobs matching the
         filters."""
-        where = [Job.team_id == team.id]
+        where = [Job.team_id == team.id, Job.deleted_at.is_(None)]
         if status is not None:
             where.append(Job.status == status)
         if gpu_class is not None:
@@ -209,6 +224,28 @@ class JobService:
         ctx.dispatcher.enqueue(job.id, job.gpu_class)
         return job
 
+    def delete(self, session: Session, store: ArtifactStore, *, team: Team, job_id: str) -> bool:
+        """Deletes a job: cancels it first if it is queued or running, then removes its artifact, checkpoints,
+        metrics and events. The row stays as a tombstone (status, times, `deleted_at`; GET answers 410) so that ids
+        and idempotency keys are never reused. Returns True when done, False when the job is still stopping: its
+        worker purges it when it stops (or the reaper, if the worker died)."""
+        job = self.get(session, team=team, job_id=job_id)
+        if job.status == JobStatus.RUNNING.value and job.stage == PUBLISHING:
+            session.rollback()
+            raise Conflict(f"job {job.id} is publishing its artifact and cannot be stopped; delete it once it has "
+                           "succeeded, in a few seconds")
+        if not JobStatus(job.status).terminal and not job.cancel_requested:
+            self.cancel(session, team=team, job_id=job_id)
+        stopped = session.execute(
+            update(Job).where(Job.id == job.id, Job.deleted_at.is_(None))
+            .values(deleted_at=utcnow(), updated_at=utcnow())
+            .returning(Job.status)).scalar_one_or_none()
+        session.commit()
+        if stopped is None or not JobStatus(stopped).terminal:
+            return False
+        purge_job(session, store, job.id)
+        return True
+
     def events(self, session: Session, *, job_id: str, after: int, limit: int = 500) -> list[JobEvent]:
         return list(session.scalars(
             select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)))
@@ -256,6 +293,17 @@ class JobService:
             estimate=job.estimate,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at,
         )
+
+
+def purge_job(session: Session, store: ArtifactStore, job_id: str) -> None:
+    """Removes a deleted, stopped job's objects, then their rows, events and metrics (the tombstone row stays)."""
+    uris = [*session.scalars(select(Artifact.uri).where(Artifact.job_id == job_id)),
+            *session.scalars(select(BlockCheckpoint.uri).where(BlockCheckpoint.job_id == job_id))]
+    for uri in uris:
+        store.delete(uri)
+    for model in (Artifact, BlockCheckpoint, JobEvent, JobMetrics):
+        session.execute(delete(model).where(model.job_id == job_id))
+    session.commit()
 
 
 job_service = JobService()

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import BigInteger, ForeignKey, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from ..core.db import Base, Timestamped, new_id
+from ..core.db import Base, Timestamped, UTCDateTime, new_id
 
 
 class Artifact(Timestamped, Base):
@@ -19,3 +21,5 @@ class Artifact(Timestamped, Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     media_type: Mapped[str] = mapped_column(String(100))
+    verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # stored bytes matched sha256
+    unavailable: Mapped[str | None] = mapped_column(Text, nullable=True)  # why the stored object cannot be served

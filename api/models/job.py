@@ -53,6 +53,7 @@ class Job(Timestamped, Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # resources, at submit
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)  # of a running job; "publishing": no cancel
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # a tombstone: objects removed
 
     @property
     def job_status(self) -> JobStatus:

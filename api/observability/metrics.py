@@ -151,18 +151,19 @@ class ServiceCollector(Collector):
         block_hist.add_metric([], buckets, total)
 
         online_after = now - timedelta(seconds=ONLINE_HEARTBEATS * settings.HEARTBEAT_SECONDS)
-        last_seen = GaugeMetricFamily(
-            "wkvq_worker_last_seen_seconds",
-            f"Seconds since a worker last announced itself (every WKVQ_HEARTBEAT_SECONDS); workers not seen for "
-            f"{int(WORKER_RETENTION.total_seconds())} s are left out", labels=["worker"])
-        online = 0
-        for worker_id, seen in workers:
-            last_seen.add_metric([worker_id], max((now - seen).total_seconds(), 0.0))
-            online += seen >= online_after
         online_family = GaugeMetricFamily(
             "wkvq_workers_online", f"Workers seen within the last {ONLINE_HEARTBEATS} heartbeat intervals")
-        online_family.add_metric([], online)
-        return [jobs, depth, running_family, waiting, job_hist, block_hist, last_seen, online_family]
+        online_family.add_metric([], sum(seen >= online_after for _, seen in workers))
+        families = [jobs, depth, running_family, waiting, job_hist, block_hist, online_family]
+        if settings.METRICS_WORKER_LABELS:  # a worker id names its host: not for an unauthenticated page by default
+            last_seen = GaugeMetricFamily(
+                "wkvq_worker_last_seen_seconds",
+                f"Seconds since a worker last announced itself (every WKVQ_HEARTBEAT_SECONDS); workers not seen for "
+                f"{int(WORKER_RETENTION.total_seconds())} s are left out", labels=["worker"])
+            for worker_id, seen in workers:
+                last_seen.add_metric([worker_id], max((now - seen).total_seconds(), 0.0))
+            families.append(last_seen)
+        return families
 
 
 def build_registry(ctx: ServiceContext) -> CollectorRegistry:

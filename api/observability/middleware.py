@@ -1,5 +1,8 @@
 """API request latency and counts by method, route template and status code (a plain ASGI middleware, so the
-Server-Sent Events stream is neither buffered nor cut; its observation is the whole stream's duration)."""
+Server-Sent Events stream is neither buffered nor cut; its observation is the whole stream's duration).
+
+/metrics is unauthenticated, so no label takes a value a client chooses: methods outside the standard set count as
+`other`, paths no route knows as `<unmatched>`, and the status is the integer the app answered."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 UNMATCHED = "<unmatched>"  # any path no route knows: one label value, whatever is scanned
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+OTHER_METHOD = "other"  # any other method (`XYZ123`, `get`, WebDAV's...): one label value
 
 
 class HttpMetrics:
@@ -22,8 +27,13 @@ class HttpMetrics:
                                 labels, registry=registry)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.latency.labels(method, route, str(status)).observe(seconds)
-        self.requests.labels(method, route, str(status)).inc()
+        labels = (method_label(method), route, str(int(status)))
+        self.latency.labels(*labels).observe(seconds)
+        self.requests.labels(*labels).inc()
+
+
+def method_label(method: str) -> str:
+    return method if method in STANDARD_METHODS else OTHER_METHOD
 
 
 def route_template(scope: Scope) -> str:
@@ -70,5 +80,8 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except BaseException:
+            status = 500  # also after the status line: the response was cut short (a download found corrupt)
+            raise
         finally:
             self.metrics.observe(scope["method"], route_template(scope), status, time.perf_counter() - start)

@@ -35,9 +35,21 @@ class OnlineWorker:
 
 
 @dataclass(frozen=True)
+class TeamShare:
+    team: str
+    weight: float
+    max_running: int | None
+    running: int
+    queued: int
+    share: float  # of all running jobs
+    fair_share: float  # of the pool its weight gives it among the teams with jobs
+
+
+@dataclass(frozen=True)
 class QueueSummary:
     classes: list[ClassLoad]
     workers: list[OnlineWorker]
+    teams: list[TeamShare]
 
 
 class QueueService:
@@ -61,7 +73,20 @@ class QueueService:
                              sum(name in (w.gpu_classes or []) for w in workers)) for name in names]
         return QueueSummary(classes, [
             OnlineWorker(w.id, list(w.gpu_classes or []), w.device, w.last_seen_at, w.current_job_id is not None,
-                         w.current_job_id if w.current_job_id in own else None) for w in workers])
+                         w.current_job_id if w.current_job_id in own else None) for w in workers],
+            self.team_shares(session))
+
+    def team_shares(self, session: Session) -> list[TeamShare]:
+        """Every team with queued or running jobs: what it runs against what its weight entitles it to."""
+        counts = {(t, s): n for t, s, n in session.execute(
+            select(Job.team_id, Job.status, func.count()).where(Job.status.in_(ACTIVE)).group_by(Job.team_id, Job.status))}
+        teams = list(session.scalars(select(Team).where(Team.id.in_({t for t, _ in counts})).order_by(Team.name)))
+        total_running = sum(n for (_, s), n in counts.items() if s == ACTIVE[1])
+        total_weight = sum(t.weight for t in teams)
+        return [TeamShare(t.name, t.weight, t.max_running, counts.get((t.id, ACTIVE[1]), 0),
+                          counts.get((t.id, ACTIVE[0]), 0),
+                          counts.get((t.id, ACTIVE[1]), 0) / total_running if total_running else 0.0,
+                          t.weight / total_weight) for t in teams]
 
 
 queue_service = QueueService()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -12,10 +13,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..core.db import utcnow
-from ..core.errors import Conflict, NotFound, Unauthorized
+from ..core.errors import Conflict, InvalidField, NotFound, Unauthorized
 from ..models import ApiKey, Team
 
 KEY_PREFIX = "wkvq"
+KEY_ID = re.compile(r"[0-9a-f]{1,32}")  # what create_key puts between the underscores (hex), so nothing else is queried
 # run on every request: built once (building and cache-keying a statement costs more CPU than running it)
 _KEY_AND_TEAM = (select(ApiKey, Team).join(Team, Team.id == ApiKey.team_id)
                  .where(ApiKey.prefix == bindparam("prefix")))
@@ -28,7 +30,7 @@ def _hash(key: str) -> str:
 def key_prefix(key: str | None) -> str:
     """The prefix by which a key is looked up; 401 for a malformed key."""
     parts = (key or "").split("_", 2)
-    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not KEY_ID.fullmatch(parts[1]):
         raise Unauthorized("missing or malformed API key (expected 'Authorization: Bearer wkvq_...')")
     return parts[1]
 
@@ -65,6 +67,26 @@ class TeamService:
         if team is None:
             raise NotFound(f"no team named {name!r}")
         return team
+
+    def configure(self, session: Session, *, name: str, weight: float | None = None, max_running: int | None = None,
+                  storage_quota_bytes: int | None = None) -> Team:
+        """Sets the given fair-share and quota settings of a team (None: unchanged); a max_running or
+        storage_quota_bytes of 0 clears it (no cap; the service default quota)."""
+        team = self.get_team(session, name=name)
+        if weight is not None:
+            if not weight > 0:
+                raise InvalidField(("weight",), "must be greater than 0")
+            team.weight = weight
+        for field, value in (("max_running", max_running), ("storage_quota_bytes", storage_quota_bytes)):
+            if value is not None:
+                if value < 0:
+                    raise InvalidField((field,), "must be 0 (none) or more")
+                setattr(team, field, value or None)
+        session.commit()
+        return team
+
+    def list_teams(self, session: Session) -> list[Team]:
+        return list(session.scalars(select(Team).order_by(Team.name)))
 
     def create_key(self, session: Session, *, team_name: str, name: str = "") -> IssuedKey:
         team = self.get_team(session, name=team_name)

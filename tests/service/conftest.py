@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Callable
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from api.core.config import Settings
@@ -14,6 +17,8 @@ from api.core.migrate import upgrade
 from api.main import create_app
 from api.teams.service import team_service
 from tests.conftest import fresh_pg_database
+
+from .processes import free_port
 
 # A job small enough for the CPU: the shipped tiny model, 4 windows of 64 tokens, one epoch, 5 blocks.
 TINY_JOB = {
@@ -25,7 +30,8 @@ TINY_JOB = {
 
 def service_settings(db_url: str, store: str, **overrides) -> Settings:
     values = dict(DATABASE_URL=db_url, STORAGE_URL=store, LEASE_SECONDS=6, HEARTBEAT_SECONDS=1, REAPER_SECONDS=1,
-                  POLL_SECONDS=0.2, MIN_UPLOAD_CHARS=200, MAX_UPLOAD_BYTES=64 * 1024, DEVICE="cpu")
+                  POLL_SECONDS=0.2, MIN_UPLOAD_CHARS=200, MAX_UPLOAD_BYTES=64 * 1024, DEVICE="cpu",
+                  KEEP_CHECKPOINTS=True)  # resume tests read them after success
     return Settings(_env_file=None, **(values | overrides))
 
 
@@ -55,6 +61,23 @@ def service(settings) -> ServiceContext:
 def client(service) -> TestClient:
     with TestClient(create_app(service)) as c:
         yield c
+
+
+@pytest.fixture
+def live_server(service) -> str:
+    """The app of `service` served by uvicorn on a free loopback port, in this process: real HTTP, with the
+    fixtures' database and store. Yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
 
 
 def team_key(ctx: ServiceContext, team: str) -> str:

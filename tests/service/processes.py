@@ -28,6 +28,7 @@ def service_env(db_url: str, store: Path, **extra: str) -> dict[str, str]:
         "WKVQ_DATABASE_URL": db_url, "WKVQ_STORAGE_URL": str(store), "WKVQ_LEASE_SECONDS": "6",
         "WKVQ_HEARTBEAT_SECONDS": "1", "WKVQ_REAPER_SECONDS": "1", "WKVQ_POLL_SECONDS": "0.2", "WKVQ_DEVICE": "cpu",
         "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+        "WKVQ_KEEP_CHECKPOINTS": "true",  # resume tests read them after success
     } | extra
 
 

@@ -185,9 +185,9 @@ class TestAuth:
 
     def test_every_v1_route_needs_a_key(self, client):
         routes = [(path, route) for path, route in api_routes() if path.startswith("/v1")]
-        assert len(routes) == 11
+        assert len(routes) == 14
         for template, route in routes:
-            path = template.format(job_id=NO_SUCH_ID, name="model.tar")
+            path = template.format(job_id=NO_SUCH_ID, name="model.tar", dataset_id=NO_SUCH_ID)
             for method in route.methods:
                 response = client.request(method, path)
                 assert response.status_code == 401, (method, path, response.text)
@@ -560,14 +560,15 @@ class TestHealth:
 class TestOpenAPI:
     V1_PATHS = {
         "/v1/jobs": {"get", "post"},
-        "/v1/jobs/{job_id}": {"get"},
+        "/v1/jobs/{job_id}": {"get", "delete"},
         "/v1/jobs/{job_id}/cancel": {"post"},
         "/v1/jobs/{job_id}/retry": {"post"},
         "/v1/jobs/{job_id}/events": {"get"},
         "/v1/jobs/{job_id}/metrics": {"get"},
         "/v1/jobs/{job_id}/artifacts": {"get"},
-        "/v1/jobs/{job_id}/artifacts/{name}": {"get"},
+        "/v1/jobs/{job_id}/artifacts/{name}": {"get", "head"},
         "/v1/datasets": {"get", "post"},
+        "/v1/datasets/{dataset_id}": {"delete"},
     }
 
     def test_lists_every_v1_path(self, client):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -187,6 +188,23 @@ def test_upload_calibration_cancel_and_retry(svc, api):
     assert api.metrics(job.id)["artifact"]["sha256"] == api.artifacts(job.id)[0].sha256
     again = cli(svc, "retry", job.id)
     assert again.returncode == 2 and "only failed or cancelled jobs can be retried (HTTP 409)" in again.stderr
+
+
+def test_delete_commands(svc, api):
+    dataset = DatasetRead.model_validate_json(ok(cli(svc, "upload", str(CALIB_TXT), "--json")).stdout)
+    job = api.submit({"model": {"source": "local", "name": "stories260k"}, "config": {"group_size": -1, "seqlen": 64},
+                      "calibration": {"source": "upload", "dataset_id": dataset.id}})
+    refused = cli(svc, "delete-dataset", dataset.id)
+    assert refused.returncode == 2 and "queued or running job" in refused.stderr
+    deleted = ok(cli(svc, "delete", job.id)).stdout
+    assert f"job {job.id} deleted" in deleted or "deleted once it has stopped" in deleted
+    with pytest.raises(ClientError, match="was deleted"):
+        api.get(job.id)
+    deadline = time.monotonic() + 60  # a running job first stops (at its next cancel check)
+    while (result := cli(svc, "delete-dataset", dataset.id)).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert f"dataset {dataset.id} deleted" in ok(result).stdout
+    assert dataset.id not in [d.id for d in api.datasets()]
 
 
 def test_python_api_errors(api):

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from api.core.context import ServiceContext
 from api.core.db import utcnow
@@ -261,6 +261,15 @@ def test_cancel_and_retry_buttons(web, sign_in):
     assert "badge-queued" in web.get(f"/dashboard/jobs/{job_id}").text
 
 
+def test_the_delete_button_removes_the_job(web, sign_in):
+    job_id = submit_api(web, sign_in("a"))
+    assert f'action="/dashboard/jobs/{job_id}/delete"' in web.get(f"/dashboard/jobs/{job_id}").text
+    response = web.post(f"/dashboard/jobs/{job_id}/delete")
+    assert response.status_code == 303 and response.headers["location"] == "/dashboard/jobs"
+    assert job_id not in web.get("/dashboard/jobs").text
+    assert web.get(f"/dashboard/jobs/{job_id}").status_code == 410
+
+
 # --------------------------------------------------------------------------------------------------------- new job
 
 
@@ -346,6 +355,44 @@ def test_static_files_are_served_locally(web):
     assert web.get("/dashboard/static/../endpoints.py").status_code == 404
 
 
+# --------------------------------------------------------------------------------------------------------- CSRF
+
+
+CROSS_SITE = [{"Origin": "https://evil.example"}, {"Origin": "https://testserver:8443"}, {"Origin": "null"},
+              {"Sec-Fetch-Site": "same-site"}, {"Sec-Fetch-Site": "cross-site", "Origin": "https://testserver"}]
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE)
+def test_cross_site_posts_change_nothing(web, sign_in, service, headers):
+    api = sign_in("a")
+    job_id = submit_api(web, api)
+    assert web.post("/dashboard/jobs/new", data=FORM, headers=headers).status_code == 403
+    assert web.post(f"/dashboard/jobs/{job_id}/cancel", headers=headers).status_code == 403
+    assert web.post("/dashboard/logout", headers=headers).status_code == 403
+    signin = web.post("/dashboard/signin", data={"api_key": team_key(service, "b")}, headers=headers)
+    assert signin.status_code == 403 and "set-cookie" not in signin.headers
+    assert "another site" in signin.text
+    assert [job["id"] for job in web.get("/v1/jobs", headers=api).json()["data"]] == [job_id]
+    assert web.get(f"/v1/jobs/{job_id}", headers=api).json()["status"] == "queued"
+    assert "Team <strong>a</strong>" in web.get("/dashboard/jobs").text
+
+
+@pytest.mark.parametrize("headers", [{}, {"Origin": "https://testserver"}, {"Sec-Fetch-Site": "same-origin"},
+                                     {"Sec-Fetch-Site": "none"}])
+def test_same_origin_and_non_browser_posts_are_accepted(web, sign_in, headers):
+    sign_in("a")
+    assert web.post("/dashboard/jobs/new", data=FORM | {"idempotency_key": ""}, headers=headers).status_code == 303
+
+
+def test_public_url_sets_the_accepted_origin(service, new_key):
+    service.settings.PUBLIC_URL = "https://wkvq.example.com/"
+    with TestClient(create_app(service), base_url="https://testserver", follow_redirects=False) as web:
+        data = {"api_key": new_key("a")}
+        assert web.post("/dashboard/signin", data=data, headers={"Origin": "https://testserver"}).status_code == 403
+        assert web.post("/dashboard/signin", data=data,
+                        headers={"Origin": "https://wkvq.example.com"}).status_code == 303
+
+
 # --------------------------------------------------------------------------------------------------------- browser
 
 
@@ -414,3 +461,62 @@ def test_browser_submits_a_job_and_watches_it_live(page, tmp_path):
         assert target.stat().st_size < 300_000
     finally:
         server.stop()
+
+
+ATTACK = """<!doctype html><html><body>
+<form id="job" method="post" action="{base}/dashboard/jobs/new">{fields}</form>
+<form id="signin" method="post" action="{base}/dashboard/signin"><input name="api_key" value="{key}"></form>
+<script>document.getElementById("{form}").submit()</script></body></html>"""
+
+
+@pytest.fixture
+def attacker_site():
+    """Serves one page (set `pages[path]`) on another port of 127.0.0.1: same site, other origin."""
+    import http.server
+    import threading
+
+    pages: dict[str, str] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pages.get(self.path, "").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", pages
+    server.shutdown()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_page_on_another_port_cannot_post_as_the_signed_in_team(page, live_server, service, attacker_site):
+    """The victim is signed in; a page of another origin on the same host (SameSite does not separate ports)
+    auto-submits the new-job form, then a sign-in form with the attacker's key. Neither takes effect."""
+    from playwright.sync_api import expect
+
+    victim, attacker = team_key(service, "victim"), team_key(service, "attacker")
+    page.goto(f"{live_server}/dashboard/signin")
+    page.fill("#api_key", victim)
+    page.click("button:has-text('Sign in')")
+    expect(page).to_have_url(re.compile(r"/dashboard/jobs$"))
+
+    origin, pages = attacker_site
+    fields = "".join(f'<input name="{k}" value="{v}">' for k, v in FORM.items())
+    for form in ("job", "signin"):
+        pages[f"/{form}"] = ATTACK.format(base=live_server, fields=fields, key=attacker, form=form)
+        with page.expect_response(lambda r: r.request.method == "POST") as posted:
+            page.goto(f"{origin}/{form}")
+        assert posted.value.status == 403
+        expect(page.locator("h1")).to_have_text("Refused")
+
+    with service.session() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+    page.goto(f"{live_server}/dashboard/jobs")
+    expect(page.locator("header")).to_contain_text("victim")

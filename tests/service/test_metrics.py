@@ -58,7 +58,8 @@ def labelled(samples: Samples, name: str) -> list[dict[str, str]]:
 
 @pytest.fixture
 def settings(db_url, tmp_path):
-    return service_settings(db_url, str(tmp_path / "store"), GPU_CLASSES=["default", "large"])
+    return service_settings(db_url, str(tmp_path / "store"), GPU_CLASSES=["default", "large"],
+                            METRICS_WORKER_LABELS=True)  # per-worker gauges are opt-in (worker ids name hosts)
 
 
 @pytest.fixture

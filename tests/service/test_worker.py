@@ -521,7 +521,7 @@ def test_celery_is_configured_for_long_tasks_acknowledged_when_done(tmp_path):
     # the worker enforces JOB_TIME_LIMIT_SECONDS itself (tests/service/test_cancel.py); Celery's limit is a backstop
     assert settings.JOB_TIME_LIMIT_SECONDS < config["task_time_limit"] <= settings.JOB_TIME_LIMIT_SECONDS + 600
 
-    app = create_celery(settings, runner=None)  # the runner is only called when a task runs
+    app = create_celery(settings, runner=None, gpu_classes=["default"])  # the runner is only called when a task runs
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.worker_prefetch_multiplier == 1 and app.conf.task_ignore_result
     assert app.conf.broker_transport_options["visibility_timeout"] > app.conf.task_time_limit
