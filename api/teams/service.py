@@ -74,8 +74,8 @@ class TeamService:
         storage_quota_bytes of 0 clears it (no cap; the service default quota)."""
         team = self.get_team(session, name=name)
         if weight is not None:
-            if not weight > 0:
-                raise InvalidField(("weight",), "must be greater than 0")
+            if not 0 < weight < float("inf"):
+                raise InvalidField(("weight",), "must be greater than 0 (and finite)")
             team.weight = weight
         for field, value in (("max_running", max_running), ("storage_quota_bytes", storage_quota_bytes)):
             if value is not None:
