@@ -195,3 +195,21 @@ def test_an_offline_service_refuses_hub_models_at_once(live_server, team_headers
     response = httpx.post(f"{live_server}/v1/jobs", json=HUB_JOB, headers=team_headers("a"), timeout=60)
     assert response.status_code == 422 and time.monotonic() - began < 1.0
     assert "offline" in response.json()["detail"][0]["msg"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_queue_message_only_wakes_the_worker(service, submit):
+    """Celery mode: a message for team a's job, while a is at its cap, runs team b's job instead; a's job stays
+    queued and, once the worker is free again, a new wake-up is sent for it (its own message was spent)."""
+    from .test_worker import RecordingDispatcher
+
+    running, waiting = submit("a"), submit("a")
+    configure(service, "a", max_running=1)
+    assert JobRunner(service, "w0").claim(running) is not None
+    other = submit("b")
+    service.dispatcher = RecordingDispatcher()
+    JobRunner(service, "w1").run_next(["default"], woken_by=waiting)
+    with service.session() as session:
+        status = dict(session.execute(select(Job.id, Job.status)).all())
+    assert (status[other], status[waiting], status[running]) == ("succeeded", "queued", "running")
+    assert service.dispatcher.sent == [(waiting, "default")]
