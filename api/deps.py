@@ -17,6 +17,7 @@ from .core.context import ServiceContext
 from .models import Team
 from .teams.service import team_service
 
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # carry no body to read, change nothing
 bearer = HTTPBearer(auto_error=False, description="a team API key: `Authorization: Bearer wkvq_...`")
 
 
@@ -90,15 +91,17 @@ class AuthenticatedFirst(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
-            if request.method not in ("GET", "HEAD", "OPTIONS"):
+            if request.method not in SAFE_METHODS:
                 credentials = await bearer(request)
-                await run_in_threadpool(_authenticate, request.app.state.ctx,
+                await run_in_threadpool(authenticate_key, request.app.state.ctx,
                                         credentials.credentials if credentials else None)
             return await handler(request)
 
         return route
 
 
-def _authenticate(ctx: ServiceContext, key: str | None) -> None:
+def authenticate_key(ctx: ServiceContext, key: str | None) -> Team:
+    """The team of `key` (401 otherwise), in a read session of its own: for checks made before a request's
+    dependencies run."""
     with ctx.read_session() as session:
-        team_service.authenticate(session, key)
+        return team_service.authenticate(session, key)

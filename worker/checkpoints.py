@@ -11,11 +11,11 @@ import hashlib
 from typing import Callable
 
 import torch
-from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
 from api.core.context import ServiceContext
 from api.core.storage import ArtifactStore
+from api.jobs.service import remove_objects
 from api.models import BlockCheckpoint
 from wkvq_core.checkpoint import decode_safetensors, encode_safetensors
 
@@ -74,12 +74,8 @@ class StorageCheckpoints:
         return decode_safetensors(data)
 
 
-
 def drop_checkpoints(ctx: ServiceContext, job_id: str) -> None:
-    """A succeeded job's block checkpoints: objects first, then rows (a crash in between leaves rows whose objects
-    are missing, which a later run treats as absent and recomputes)."""
+    """A succeeded job's block checkpoints, objects and rows."""
     with ctx.session() as session:
-        for uri in session.scalars(select(BlockCheckpoint.uri).where(BlockCheckpoint.job_id == job_id)):
-            ctx.store.delete(uri)
-        session.execute(delete(BlockCheckpoint).where(BlockCheckpoint.job_id == job_id))
+        remove_objects(session, ctx.store, BlockCheckpoint, job_id)
         session.commit()

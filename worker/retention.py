@@ -22,6 +22,11 @@ WORKDIR = re.compile(rf"^{WORKDIR_PREFIX}[0-9a-f]{{32}}-(\d+)-")
 TERMINAL = [s.value for s in JobStatus if s.terminal]
 
 
+def workdir_prefix(job_id: str) -> str:
+    """A job's scratch directory in the system temp dir, named after the process that owns it (`WORKDIR`)."""
+    return f"{WORKDIR_PREFIX}{job_id}-{os.getpid()}-"
+
+
 def purge_if_deleted(ctx: ServiceContext, job_id: str) -> None:
     with ctx.session() as session:
         job = session.get(Job, job_id)

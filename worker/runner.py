@@ -7,7 +7,6 @@ reaped) cannot overwrite the state of the job's new owner.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -36,7 +35,7 @@ from wkvq_core.progress import CalibrationCallbacks, CalibrationEvent, EventKind
 
 from .artifact_tar import write_reproducible_tar
 from .checkpoints import StorageCheckpoints, drop_checkpoints
-from .retention import WORKDIR_PREFIX, purge_if_deleted
+from .retention import purge_if_deleted, workdir_prefix
 from .lease import Lease, LeaseLost, fence
 from .logging import log_context
 from .retry import with_db_retry
@@ -44,11 +43,6 @@ from .retry import with_db_retry
 log = logging.getLogger(__name__)
 ARTIFACT_NAME = "model.tar"
 CANCEL_POLL_SECONDS = 0.5
-
-
-def workdir_prefix(job_id: str) -> str:
-    """A job's scratch directory in the system temp dir, named after the process that owns it (`workdirs.py`)."""
-    return f"{WORKDIR_PREFIX}{job_id}-{os.getpid()}-"
 
 
 def job_config(spec: dict[str, Any]) -> WKVQuantConfig:

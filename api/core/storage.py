@@ -28,6 +28,15 @@ class StoredObject:
     size: int
 
 
+def _digest(f: IO[bytes]) -> tuple[str, int]:
+    """(sha256, size) of what is left to read in `f`, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: f.read(CHUNK), b""):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
 class ArtifactStore:
     def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(url, **(options or {}))
@@ -47,13 +56,10 @@ class ArtifactStore:
         return path
 
     def put_file(self, local_path: str, key: str) -> StoredObject:
-        digest, size = hashlib.sha256(), 0
         with open(local_path, "rb") as f:
-            for chunk in iter(lambda: f.read(CHUNK), b""):
-                digest.update(chunk)
-                size += len(chunk)
+            sha256, size = _digest(f)
         self._move_into_place(key, lambda tmp: self.fs.put_file(local_path, tmp))
-        return StoredObject(self.uri(key), digest.hexdigest(), size)
+        return StoredObject(self.uri(key), sha256, size)
 
     def put_bytes(self, data: bytes, key: str) -> StoredObject:
         self._move_into_place(key, lambda tmp: self.fs.pipe_file(tmp, data))
@@ -101,11 +107,8 @@ class ArtifactStore:
 
     def sha256(self, uri: str) -> str:
         """The stored object's sha256, read in chunks."""
-        digest = hashlib.sha256()
         with self.open(uri) as f:
-            for chunk in iter(lambda: f.read(CHUNK), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+            return _digest(f)[0]
 
     def download(self, uri: str, local_path: str) -> None:
         self.fs.get_file(self._path_of(uri), local_path)

@@ -18,7 +18,7 @@ from fastapi.templating import Jinja2Templates
 
 from ..core.db import utcnow
 from ..core.errors import NotFound, Unauthorized
-from ..deps import SessionDep, released
+from ..deps import SAFE_METHODS, SessionDep, authenticate_key, released
 from ..models import Team
 from ..teams.service import team_service
 
@@ -26,7 +26,6 @@ HERE = Path(__file__).resolve().parent
 COOKIE = "wkvq_key"
 COOKIE_MAX_AGE = 7 * 24 * 3600
 SIGNIN = "/dashboard/signin"
-SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 HOME = "/dashboard/jobs"
 LOGOUT = "/dashboard/logout"
 SECURITY_HEADERS = {
@@ -102,18 +101,10 @@ def signed_in_team(request: Request, session: SessionDep) -> Team:
 
 
 def _check_cookie(request: Request) -> None:
-    ctx = request.app.state.ctx
-    with ctx.read_session() as session:
-        signed_in_team(request, session)
-
-
-def own_origin(request: Request) -> str:
-    """scheme://host[:port] of PUBLIC_URL, else of the request (its Host header, which a browser sets itself)."""
-    public = request.app.state.ctx.settings.PUBLIC_URL
-    if public:
-        parts = urlsplit(public)
-        return f"{parts.scheme}://{parts.netloc}".lower()
-    return f"{request.url.scheme}://{request.headers.get('host', '')}".lower()
+    try:
+        authenticate_key(request.app.state.ctx, request.cookies.get(COOKIE))
+    except Unauthorized:
+        raise SignInRequired() from None
 
 
 def cross_site(request: Request) -> bool:
@@ -126,8 +117,10 @@ def cross_site(request: Request) -> bool:
     origin = request.headers.get("origin")
     if origin is None:
         return False
-    if request.app.state.ctx.settings.PUBLIC_URL:
-        return origin.lower() != own_origin(request)
+    public_url = request.app.state.ctx.settings.PUBLIC_URL
+    if public_url:  # scheme, host and port
+        public = urlsplit(public_url)
+        return origin.lower() != f"{public.scheme}://{public.netloc}".lower()
     return urlsplit(origin.lower()).netloc != request.headers.get("host", "").lower()  # behind a TLS proxy too
 
 

@@ -36,12 +36,12 @@ async def submit_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, bo
         raise InvalidField(["header", "idempotency-key"], "Idempotency-Key must not be empty; omit the header instead")
     hub_config = await hub_configs.fetch(body.model) if isinstance(body.model, HubModel) else None
 
-    def submit() -> tuple[Job, bool, JobRead]:
+    def submit() -> tuple[bool, JobRead]:
         job, created = job_service.submit(ctx, session, team=team, body=body, idempotency_key=idempotency_key,
                                           hub_config=hub_config)
-        return job, created, released(session, job_service.read(session, job))
+        return created, released(session, job_service.read(session, job))
 
-    _, created, read = await run_in_threadpool(submit)
+    created, read = await run_in_threadpool(submit)
     if not created:
         response.status_code = status.HTTP_200_OK
     return read

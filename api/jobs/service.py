@@ -42,9 +42,14 @@ def _transition(session: Session, job_id: str, from_statuses: tuple[JobStatus, .
 
 def add_event(session: Session, job_id: str, kind: str, message: str | None = None, **fields) -> None:
     session.add(JobEvent(job_id=job_id, kind=kind, message=message, **fields))
-    oldest_kept = (select(JobEvent.id).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
-                   .offset(MAX_EVENTS_PER_JOB - 1).limit(1).scalar_subquery())
-    session.execute(delete(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id < oldest_kept))
+    session.execute(_PRUNE_EVENTS, {"job_id": job_id, "newer": MAX_EVENTS_PER_JOB - 1})
+
+
+# run with every event: built once (see _PROGRESS). Deletes a job's events older than its `newer`+1 newest.
+_PRUNE_EVENTS = delete(JobEvent).where(
+    JobEvent.job_id == bindparam("job_id"),
+    JobEvent.id < (select(JobEvent.id).where(JobEvent.job_id == bindparam("job_id")).order_by(JobEvent.id.desc())
+                   .offset(bindparam("newer")).limit(1).scalar_subquery()))
 
 
 def _progress_columns(job_id: ColumnElement) -> tuple[ColumnElement, ColumnElement, ColumnElement]:
@@ -295,13 +300,19 @@ class JobService:
         )
 
 
+def remove_objects(session: Session, store: ArtifactStore, model: type[Artifact | BlockCheckpoint], job_id: str) -> None:
+    """A job's stored objects of one kind, then their rows (uncommitted). A crash in between leaves rows whose
+    objects are missing: a download answers 410, a run recomputes the block."""
+    for uri in session.scalars(select(model.uri).where(model.job_id == job_id)).all():
+        store.delete(uri)
+    session.execute(delete(model).where(model.job_id == job_id))
+
+
 def purge_job(session: Session, store: ArtifactStore, job_id: str) -> None:
     """Removes a deleted, stopped job's objects, then their rows, events and metrics (the tombstone row stays)."""
-    uris = [*session.scalars(select(Artifact.uri).where(Artifact.job_id == job_id)),
-            *session.scalars(select(BlockCheckpoint.uri).where(BlockCheckpoint.job_id == job_id))]
-    for uri in uris:
-        store.delete(uri)
-    for model in (Artifact, BlockCheckpoint, JobEvent, JobMetrics):
+    for model in (Artifact, BlockCheckpoint):
+        remove_objects(session, store, model, job_id)
+    for model in (JobEvent, JobMetrics):
         session.execute(delete(model).where(model.job_id == job_id))
     session.commit()
 

@@ -20,11 +20,9 @@ class TeamUsage:
     stored_bytes: int
     quota_bytes: int | None  # None: no quota
 
-    def left(self) -> int | None:
-        return None if self.quota_bytes is None else self.quota_bytes - self.stored_bytes
 
-    def describe(self) -> str:
-        return f"{self.stored_bytes / 1e9:.3f} GB of {self.quota_bytes / 1e9:g} GB used"
+def _used(stored_bytes: int, quota: int) -> str:
+    return f"{stored_bytes / 1e9:.3f} GB of {quota / 1e9:g} GB used"
 
 
 def quota_bytes(settings: Settings, team: Team) -> int | None:
@@ -50,18 +48,24 @@ class UsageService:
 
     def check_upload(self, session: Session, settings: Settings, *, team: Team, size: int) -> None:
         """413 when `size` more bytes would not fit the team's quota."""
-        usage = self.team_usage(session, settings, team=team)
-        if usage.quota_bytes is not None and size > usage.left():
-            raise PayloadTooLarge(f"team {team.name}'s storage quota is full: {usage.describe()}, the upload has "
+        quota = quota_bytes(settings, team)
+        if quota is None:
+            return
+        stored = self.stored_bytes(session, team.id)
+        if stored + size > quota:
+            raise PayloadTooLarge(f"team {team.name}'s storage quota is full: {_used(stored, quota)}, the upload has "
                                   f"{size} bytes; delete jobs or datasets you no longer need (DELETE /v1/jobs/ID, "
                                   "DELETE /v1/datasets/ID)")
 
     def check_submit(self, session: Session, settings: Settings, *, team: Team) -> None:
         """409 when the team's quota is used up: the job's checkpoints and artifact would not fit."""
-        usage = self.team_usage(session, settings, team=team)
-        if usage.quota_bytes is not None and usage.left() <= 0:
-            raise Conflict(f"team {team.name}'s storage quota is full ({usage.describe()}); delete jobs or datasets "
-                           "you no longer need (DELETE /v1/jobs/ID, DELETE /v1/datasets/ID) before submitting")
+        quota = quota_bytes(settings, team)
+        if quota is None:
+            return
+        stored = self.stored_bytes(session, team.id)
+        if stored >= quota:
+            raise Conflict(f"team {team.name}'s storage quota is full ({_used(stored, quota)}); delete jobs or "
+                           "datasets you no longer need (DELETE /v1/jobs/ID, DELETE /v1/datasets/ID) before submitting")
 
 
 usage_service = UsageService()

@@ -186,7 +186,7 @@ def test_scratch_directories_of_killed_workers_are_removed_at_worker_start(tmp_p
     """A process makes a job's scratch directory as a worker does, then is killed with SIGKILL; the next worker
     start removes it and leaves the directory of a live worker alone."""
     job = uuid.uuid4().hex
-    script = ("import os, signal, tempfile; from worker.runner import workdir_prefix; "
+    script = ("import os, signal, tempfile; from worker.retention import workdir_prefix; "
               f"tempfile.mkdtemp(prefix=workdir_prefix({job!r}), dir={str(tmp_path)!r}); "
               "os.kill(os.getpid(), signal.SIGKILL)")
     killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
