@@ -16,7 +16,8 @@ import fsspec
 import httpx
 import pytest
 from fsspec.implementations.local import LocalFileSystem
-from sqlalchemy import create_engine, func, select
+from redis import Redis
+from sqlalchemy import create_engine, func, insert, select, text
 
 from api.core.context import ServiceContext
 from api.core.migrate import upgrade
@@ -43,6 +44,11 @@ def db_events(db_url: str, job_id: str) -> list[JobEvent]:
             return list(conn.execute(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
     finally:
         engine.dispose()
+
+
+def db_count(engine, model, *where) -> int:
+    with engine.connect() as conn:
+        return conn.scalar(select(func.count()).select_from(model).where(*where))
 
 
 def artifact_sha(api: httpx.Client, job_id: str) -> str:
@@ -97,6 +103,38 @@ def pg_pool(tmp_path):
             server.stop()
 
 
+class HeldWrites:
+    """Fault injection in Postgres: a trigger makes every UPDATE of the job's row, once its `current_block` has
+    reached `block`, wait for an advisory lock that this object holds until `release()`. The worker's transaction
+    that ended the block commits; its next write (heartbeat, event, stage, publishing) waits, uncommitted."""
+
+    LOCK = 240011
+
+    def __init__(self, db_url: str, job_id: str, block: int) -> None:
+        self.engine = create_engine(db_url, isolation_level="AUTOCOMMIT")
+        self.holder = self.engine.connect()
+        self.holder.execute(text(f"SELECT pg_advisory_lock({self.LOCK})"))
+        self.holder.execute(text(
+            "CREATE FUNCTION hold_job_writes() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN PERFORM pg_advisory_xact_lock_shared({self.LOCK}); RETURN NEW; END $$"))
+        self.holder.execute(text(
+            "CREATE TRIGGER hold_job_writes BEFORE UPDATE ON jobs FOR EACH ROW "
+            f"WHEN (OLD.id = '{job_id}' AND OLD.current_block >= {int(block)}) EXECUTE FUNCTION hold_job_writes()"))
+
+    def waiting(self) -> bool:
+        return bool(self.holder.scalar(text(
+            "SELECT count(*) FROM pg_locks JOIN pg_database ON pg_database.oid = pg_locks.database "
+            f"WHERE datname = current_database() AND locktype = 'advisory' AND objid = {self.LOCK} AND NOT granted")))
+
+    def release(self) -> None:
+        """The held write goes on, to find its client killed: it is rolled back, never committed."""
+        self.holder.execute(text(f"SELECT pg_advisory_unlock({self.LOCK})"))
+        self.holder.execute(text("DROP TRIGGER hold_job_writes ON jobs"))
+        self.holder.execute(text("DROP FUNCTION hold_job_writes()"))
+        self.holder.close()
+        self.engine.dispose()
+
+
 def worker_pid(job: dict) -> int:
     return int(job["worker"].split(":")[1])  # host:pid:label
 
@@ -111,12 +149,13 @@ class TestWorkerKilled:
             wait_for(lambda: any(e.kind == "epoch_end" and e.block == 2 for e in db_events(db_url, job_id)), 120,
                      "an epoch of block 2")
         else:  # every block calibrated; the worker is evaluating or packing the artifact
-            # evaluation runs block by block, so what is left after the last block takes well under a second:
-            # watch the database closely and freeze the worker the moment its last block ends
-            wait_for(lambda: any(e.kind == "block_end" and e.block == N_BLOCKS - 1 for e in db_events(db_url, job_id)),
-                     180, "the last block", poll=0.01)
-            os.kill(first.popen.pid, signal.SIGSTOP)
+            # what is left after the last block takes well under a second, less than a poll on a loaded machine:
+            # the database holds the worker's first write after it (no timing), and it is killed there
+            hold = HeldWrites(db_url, job_id, N_BLOCKS)
+            wait_for(lambda: hold.waiting(), 180, "the worker's first write after the last block")
         first.kill9()
+        if moment == "after_last_block":
+            hold.release()
         finished = job_state(api, job_id)["current_block"]
         assert job_state(api, job_id)["status"] == "running"
 
@@ -191,6 +230,58 @@ class TestRedisRestart:
                 redis.stop()
             for job_id in ids:
                 assert_never_ran_twice_at_once(db_events(db_url, job_id))
+
+
+class TestWakeUps:
+    def test_queued_jobs_are_woken_once_and_a_lost_message_still_runs(self, tmp_path):
+        """The reported storm: the reaper re-sent a wake-up and a log line for every queued job every lease period.
+        Here 200 jobs wait with no worker over several reaper rounds (each seen to end: it purges a tick event
+        the test adds to a deleted job); then every message is lost, and one wake-up brings a worker to them."""
+        redis = RedisServer(tmp_path)
+        broker = Redis(port=redis.port)
+        with fresh_pg_database() as db_url:
+            env = service_env(db_url, tmp_path / "store", WKVQ_DISPATCHER="celery", WKVQ_BROKER_URL=redis.url)
+            server, base = start_server(env, tmp_path, "--workers", "0")
+            api = client(base, admin_key(env, tmp_path, "team-a"))
+            engine = create_engine(db_url)
+            tomb = api.post("/v1/jobs", json=TINY_JOB).raise_for_status().json()["id"]
+            assert api.delete(f"/v1/jobs/{tomb}").status_code == 204
+
+            def reaper_rounds(n: int, at_least_seconds: float = 0.0) -> None:
+                """Returns after `n` more reaper rounds, and more while `at_least_seconds` have not passed (the
+                old reaper re-sent a queued job's wake-up once it had waited a lease)."""
+                start, rounds = time.monotonic(), 0
+                while rounds < n or time.monotonic() - start < at_least_seconds:
+                    with engine.begin() as conn:
+                        conn.execute(insert(JobEvent).values(job_id=tomb, kind="tick"))
+                    wait_for(lambda: not db_count(engine, JobEvent, JobEvent.job_id == tomb), 60, "a reaper round")
+                    rounds += 1
+
+            worker = None
+            try:
+                for _ in range(200):
+                    api.post("/v1/jobs", json=TINY_JOB).raise_for_status()
+                queue = "default"  # the GPU class's queue
+                reaper_rounds(1)
+                sent, lines = broker.llen(queue), len(server.output().splitlines())
+                reaper_rounds(3, at_least_seconds=2 * 6)  # past two leases (WKVQ_LEASE_SECONDS)
+                assert (broker.llen(queue), len(server.output().splitlines())) == (sent, lines) == (200, lines)
+
+                broker.flushall()  # every message lost
+                reaper_rounds(2)
+                lines = len(server.output().splitlines())
+                reaper_rounds(3, at_least_seconds=2 * 6)
+                assert broker.llen(queue) == 1 and len(server.output().splitlines()) == lines
+                assert "200 job(s) queued and no wake-up" in server.output()
+
+                worker = start_worker(env, tmp_path, "a")
+                wait_for(lambda: db_count(engine, Job, Job.status == "succeeded"), 240, "a job whose message was lost")
+            finally:
+                if worker is not None:
+                    worker.stop()
+                server.stop()
+                redis.stop()
+                engine.dispose()
 
 
 class TestDatabaseOutage:
