@@ -76,7 +76,7 @@ class ReaperThread(threading.Thread):
         while not self.stop.wait(self.ctx.settings.REAPER_SECONDS):
             try:
                 reap_expired(self.ctx)
-                wake_stranded(self.ctx, self.woken)
                 purge_deleted(self.ctx)
+                wake_stranded(self.ctx, self.woken)  # last: an unreachable broker holds up nothing else
             except Exception as exc:  # keep reaping after a database outage
                 log.warning("reaper: %s", exc)

@@ -79,6 +79,7 @@ class CeleryDispatcher:
 
     def waiting(self, gpu_class: str) -> int | None:
         with self.app.connection_for_read() as conn:  # Redis: the LLEN of the queue's lists
+            conn.ensure_connection(max_retries=1, timeout=2)
             return conn.default_channel.queue_declare(queue=gpu_class).message_count
 
 

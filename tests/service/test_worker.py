@@ -326,7 +326,10 @@ def test_worker_losing_its_lease_mid_run_stops_without_writing(client, service, 
             select(BlockCheckpoint.uri).where(BlockCheckpoint.job_id == job_id))}
     assert set((store_root(service) / "jobs" / job_id / "checkpoints").glob("*")) == recorded
     assert all(stale.token in path.name for path in recorded)
-    assert len(recorded) <= 2  # blocks 0 (and 1 if it was saved before the takeover)
+    # the blocks ended before the takeover, and one more whose checkpoint was saved but not yet its block_end (on a
+    # loaded machine the poll above may see block 1 late: a fixed count of 2 failed)
+    ended = [e for e in events(service, job_id) if e.kind == "block_end" and e.id <= mark]
+    assert len(recorded) <= len(ended) + 1
 
 
 # ----------------------------------------------------------------------------------------------- 3. reaper
