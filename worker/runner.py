@@ -23,9 +23,9 @@ from api.core.db import new_id, utcnow
 from api.core.redact import public_message
 from api.core.storage import StorageError
 from api.datasets.builtin import BUILTIN_TEXTS
+from api.jobs import states
 from api.jobs.estimate import job_wkvq_config
 from api.jobs.model_source import local_model_dir
-from api.jobs import states
 from api.jobs.service import PUBLISHING, add_event
 from api.models import Artifact, Dataset, Job, JobMetrics, JobStatus, Team
 from api.queue.fair_share import claim_order, over_cap

@@ -20,10 +20,10 @@ from ..models import ApiKey, Artifact, BlockCheckpoint, Job, JobEvent, JobMetric
 from ..datasets.service import dataset_service
 from ..teams.service import check_key, key_prefix
 from ..teams.usage import usage_service
+from . import states
 from .estimate import check_budget, estimate_job
 from .model_source import check_dims, model_config
 from .schemas import JobCreate, JobRead, UploadedData
-from . import states
 from .states import PUBLISHING, RETRYABLE  # noqa: F401  (re-exported: the dashboard and the worker use them)
 
 MAX_EVENTS_PER_JOB = 5000  # past it, a job's oldest events are dropped (cancel/retry loops cannot grow it forever)

@@ -30,7 +30,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from ..core.db import utcnow
 from ..models import Job, JobStatus
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (s.value for s in JobStatus)
+QUEUED, RUNNING, FAILED, CANCELLED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.FAILED.value,
+                                    JobStatus.CANCELLED.value)
 RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
 PUBLISHING = "publishing"  # the stage after the library returned: uploading the artifact; a cancel is refused
 
