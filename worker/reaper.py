@@ -1,16 +1,16 @@
-"""Requeues jobs whose worker stopped heartbeating (lease expired), up to the attempts cap; re-sends the wake-up
-of jobs that have waited in `queued` longer than a lease (a lost broker message must not strand a job)."""
+"""Requeues jobs whose worker stopped heartbeating (lease expired), up to the attempts cap; wakes a GPU class whose
+broker queue is empty while jobs of it are queued (a lost broker message must not strand a job)."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select
 
 from api.core.context import ServiceContext
 from api.core.db import utcnow
+from api.jobs import states
 from api.jobs.service import add_event
 from api.models import Job, JobStatus
 
@@ -25,41 +25,20 @@ def reap_expired(ctx: ServiceContext) -> list[str]:
     now = utcnow()
     with ctx.session() as session:
         expired = session.execute(
-            select(Job.id, Job.lease_token, Job.attempts, Job.max_attempts, Job.lease_owner, Job.gpu_class,
-                   Job.cancel_requested)
+            select(Job.id, Job.lease_token, Job.attempts, Job.max_attempts, Job.lease_owner, Job.gpu_class)
             .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)).all()
-        for job_id, token, attempts, max_attempts, owner, gpu_class, cancel in expired:
-            exhausted = attempts >= max_attempts
-            values = dict(lease_owner=None, lease_token=None, lease_expires_at=None, updated_at=now)
-            if cancel:  # an accepted cancel ends the job cancelled, whatever happened to its worker
-                values |= dict(status=JobStatus.CANCELLED.value, finished_at=now)
-            elif exhausted:
-                reason = (f"worker lost: the lease of {owner} expired on attempt {attempts} of {max_attempts}; "
-                          "retry the job to resume from its last checkpoint")
-                values |= dict(status=JobStatus.FAILED.value, error=reason, finished_at=now)
-            else:
-                values |= dict(status=JobStatus.QUEUED.value)
-            changed = session.execute(
-                update(Job).where(Job.id == job_id, Job.lease_token == token, Job.status == JobStatus.RUNNING.value)
-                .values(**values)).rowcount
-            if not changed:
-                continue
-            if cancel:
+        for job_id, token, attempts, max_attempts, owner, gpu_class in expired:
+            reason = (f"worker lost: the lease of {owner} expired on attempt {attempts} of {max_attempts}; "
+                      "retry the job to resume from its last checkpoint")
+            status = states.expire(session, job_id, token, now, reason)
+            if status == JobStatus.CANCELLED.value:  # an accepted cancel ends the job cancelled, whatever happened
                 add_event(session, job_id, "cancelled", f"the lease of {owner} expired while a cancel was pending")
-            elif exhausted:
-                add_event(session, job_id, "failed", values["error"])
-            else:
+            elif status == JobStatus.FAILED.value:
+                add_event(session, job_id, "failed", reason)
+            elif status == JobStatus.QUEUED.value:
                 add_event(session, job_id, "requeued", f"lease of {owner} expired; requeued (attempt {attempts} of "
                                                        f"{max_attempts} used)")
                 requeued.append((job_id, gpu_class))
-        stale = session.execute(
-            select(Job.id, Job.gpu_class).where(
-                Job.status == JobStatus.QUEUED.value,
-                Job.updated_at < now - timedelta(seconds=ctx.settings.LEASE_SECONDS))).all()
-        for job_id, gpu_class in stale:
-            session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-                            .values(updated_at=now))
-            requeued.append((job_id, gpu_class))
         session.commit()
     for job_id, gpu_class in requeued:
         ctx.dispatcher.enqueue(job_id, gpu_class)
@@ -67,15 +46,37 @@ def reap_expired(ctx: ServiceContext) -> list[str]:
     return [job_id for job_id, _ in requeued]
 
 
+def wake_stranded(ctx: ServiceContext, woken: dict[str, tuple]) -> list[str]:
+    """One wake-up for each GPU class whose broker queue is empty while jobs of it are queued (Redis lost its
+    messages, or they were spent while a team was at its cap), and none again until the class's queued jobs change
+    (`woken`, kept by the caller between rounds: class -> the queued jobs' count and latest update when woken).
+    Workers polling the database need none. Returns the classes woken."""
+    with ctx.session() as session:
+        queued = session.execute(
+            select(Job.gpu_class, func.count(), func.max(Job.updated_at), func.min(Job.id))
+            .where(Job.status == JobStatus.QUEUED.value).group_by(Job.gpu_class)).all()
+    sent = []
+    for gpu_class, count, changed_at, job_id in queued:
+        if woken.get(gpu_class) == (count, changed_at) or ctx.dispatcher.waiting(gpu_class) != 0:
+            continue
+        ctx.dispatcher.enqueue(job_id, gpu_class)
+        woken[gpu_class] = (count, changed_at)
+        sent.append(gpu_class)
+        log.info("%s: %d job(s) queued and no wake-up in the broker's queue; sent one", gpu_class, count)
+    return sent
+
+
 class ReaperThread(threading.Thread):
     def __init__(self, ctx: ServiceContext, stop: threading.Event) -> None:
         super().__init__(name="reaper", daemon=True)
         self.ctx, self.stop = ctx, stop
+        self.woken: dict[str, tuple] = {}
 
     def run(self) -> None:
         while not self.stop.wait(self.ctx.settings.REAPER_SECONDS):
             try:
                 reap_expired(self.ctx)
                 purge_deleted(self.ctx)
+                wake_stranded(self.ctx, self.woken)  # last: an unreachable broker holds up nothing else
             except Exception as exc:  # keep reaping after a database outage
                 log.warning("reaper: %s", exc)

@@ -23,6 +23,7 @@ from api.core.db import new_id, utcnow
 from api.core.redact import public_message
 from api.core.storage import StorageError
 from api.datasets.builtin import BUILTIN_TEXTS
+from api.jobs import states
 from api.jobs.estimate import job_wkvq_config
 from api.jobs.model_source import local_model_dir
 from api.jobs.service import PUBLISHING, add_event
@@ -92,9 +93,9 @@ class JobRunner:
 
     def _claim_values(self) -> dict[str, Any]:
         now = utcnow()
-        return dict(status=JobStatus.RUNNING.value, lease_owner=self.worker_id, lease_token=new_id(),
+        return dict(lease_owner=self.worker_id, lease_token=new_id(),
                     lease_expires_at=now + timedelta(seconds=self.ctx.settings.LEASE_SECONDS), heartbeat_at=now,
-                    attempts=Job.attempts + 1, stage=None, updated_at=now)
+                    attempts=Job.attempts + 1, stage=None)
 
     def claim(self, job_id: str) -> Lease | None:
         """Conditional UPDATE queued -> running; None if the job is not (or no longer) queued, or its team is at its
@@ -105,10 +106,8 @@ class JobRunner:
             team_id = session.scalar(select(Job.team_id).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value))
             if team_id is None:
                 return None
-            session.execute(update(Team).where(Team.id == team_id).values(last_claim_at=values["updated_at"]))
-            claimed = session.execute(
-                update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value).values(**values)).rowcount
-            if not claimed or over_cap(session, team_id):
+            session.execute(update(Team).where(Team.id == team_id).values(last_claim_at=values["heartbeat_at"]))
+            if not states.claim(session, job_id, **values) or over_cap(session, team_id):
                 session.rollback()
                 return None
             session.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=utcnow()))
@@ -202,8 +201,8 @@ class JobRunner:
     def _finish(self, lease: Lease, status: JobStatus, kind: str, message: str) -> None:
         def write() -> None:
             with self.ctx.session() as session:
-                if fence(session, lease, status=status.value, error=message if status == JobStatus.FAILED else None,
-                         finished_at=utcnow(), lease_token=None, lease_expires_at=None):
+                if states.finish(session, lease.job_id, lease.token, status,
+                                 error=message if status == JobStatus.FAILED else None):
                     add_event(session, lease.job_id, kind, message)
                 session.commit()
 
@@ -249,7 +248,7 @@ class JobRunner:
         one after it is refused (409). Fenced by the lease like every other write."""
         def write() -> tuple[bool, bool, str | None]:
             with self.ctx.session() as session:
-                if fence(session, lease, Job.cancel_requested.is_(False), stage=PUBLISHING):
+                if states.enter_publishing(session, lease.job_id, lease.token):
                     add_event(session, lease.job_id, "stage", PUBLISHING)
                     session.commit()
                     return True, False, lease.token
@@ -269,8 +268,7 @@ class JobRunner:
     def _publish(self, lease: Lease, stored, metrics: dict[str, Any]) -> None:
         """One transaction: artifact row, metrics, status succeeded (fenced)."""
         with self.ctx.session() as session:
-            if not fence(session, lease, status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), error=None,
-                         lease_token=None, lease_expires_at=None):
+            if not states.finish(session, lease.job_id, lease.token, JobStatus.SUCCEEDED, error=None):
                 session.rollback()
                 raise LeaseLost()
             previous = session.scalar(select(Artifact).where(Artifact.job_id == lease.job_id, Artifact.name == ARTIFACT_NAME))

@@ -20,6 +20,9 @@ class JobDispatcher(Protocol):
     def ping(self) -> None:
         """Raises when the broker cannot be reached."""
 
+    def waiting(self, gpu_class: str) -> int | None:
+        """Wake-ups waiting in the broker's queue of `gpu_class`; None where workers poll the database instead."""
+
 
 class LocalDispatcher:
     """Embedded mode: workers poll the database; `enqueue` only wakes the in-process ones early."""
@@ -31,6 +34,9 @@ class LocalDispatcher:
         self.wakeup.set()
 
     def ping(self) -> None:
+        return None
+
+    def waiting(self, gpu_class: str) -> int | None:
         return None
 
 
@@ -70,6 +76,11 @@ class CeleryDispatcher:
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
+
+    def waiting(self, gpu_class: str) -> int | None:
+        with self.app.connection_for_read() as conn:  # Redis: the LLEN of the queue's lists
+            conn.ensure_connection(max_retries=1, timeout=2)
+            return conn.default_channel.queue_declare(queue=gpu_class).message_count
 
 
 def make_dispatcher(settings: Settings) -> JobDispatcher:

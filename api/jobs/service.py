@@ -6,7 +6,7 @@ import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import Row, and_, bindparam, case, delete, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, case, delete, func, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -20,24 +20,17 @@ from ..models import ApiKey, Artifact, BlockCheckpoint, Job, JobEvent, JobMetric
 from ..datasets.service import dataset_service
 from ..teams.service import check_key, key_prefix
 from ..teams.usage import usage_service
+from . import states
 from .estimate import check_budget, estimate_job
 from .model_source import check_dims, model_config
 from .schemas import JobCreate, JobRead, UploadedData
+from .states import PUBLISHING, RETRYABLE  # noqa: F401  (re-exported: the dashboard and the worker use them)
 
-RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
 MAX_EVENTS_PER_JOB = 5000  # past it, a job's oldest events are dropped (cancel/retry loops cannot grow it forever)
-PUBLISHING = "publishing"  # the stage after the library returned: uploading the artifact; a cancel is refused
 
 
 def request_hash(body: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-
-
-def _transition(session: Session, job_id: str, from_statuses: tuple[JobStatus, ...], **values) -> bool:
-    """Conditional UPDATE: changes the job only if it is in one of `from_statuses`."""
-    return bool(session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_([s.value for s in from_statuses]))
-        .values(updated_at=utcnow(), **values)).rowcount)
 
 
 def add_event(session: Session, job_id: str, kind: str, message: str | None = None, **fields) -> None:
@@ -186,25 +179,21 @@ class JobService:
 
     def cancel(self, session: Session, *, team: Team, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one stops within seconds, wherever it is, and ends
-        `cancelled` (keeping its checkpoints). One conditional UPDATE, the converse of the worker's (which enters
-        stage "publishing" only while no cancel is requested): a job publishing its artifact can no longer be
-        cancelled (Conflict), and an accepted cancel always ends `cancelled`. Asking again while a cancel is pending
-        changes nothing and adds no event."""
+        `cancelled` (keeping its checkpoints). One conditional UPDATE (`states.cancel`), the converse of the worker's
+        switch to stage "publishing": a job publishing its artifact can no longer be cancelled (Conflict), and an
+        accepted cancel always ends `cancelled`. Asking again while a cancel is pending changes nothing and adds no
+        event."""
         job = self.get(session, team=team, job_id=job_id)
-        queued = Job.status == JobStatus.QUEUED.value
-        changed = session.execute(
-            update(Job).where(Job.id == job.id, or_(queued, and_(
-                Job.status == JobStatus.RUNNING.value, Job.cancel_requested.is_(False),
-                func.coalesce(Job.stage, "") != PUBLISHING)))
-            .values(status=case((queued, JobStatus.CANCELLED.value), else_=Job.status),
-                    finished_at=case((queued, utcnow()), else_=Job.finished_at), cancel_requested=True,
-                    updated_at=utcnow())).rowcount
-        status, cancel_requested, stage = session.execute(
-            select(Job.status, Job.cancel_requested, Job.stage).where(Job.id == job.id)).one()
+        changed = states.cancel(session, job.id)
+        status, cancel_requested, stage, deleted_at = session.execute(
+            select(Job.status, Job.cancel_requested, Job.stage, Job.deleted_at).where(Job.id == job.id)).one()
         if changed and status == JobStatus.CANCELLED.value:
             add_event(session, job.id, "cancelled", "cancelled before it started")
         elif changed:
             add_event(session, job.id, "cancel_requested", "will stop at its next cancel check, within seconds")
+        elif deleted_at is not None:
+            session.rollback()
+            raise Gone(f"job {job.id} was deleted")
         elif status == JobStatus.RUNNING.value and stage == PUBLISHING:
             session.rollback()
             raise Conflict(f"job {job.id} is publishing its artifact and can no longer be cancelled")
@@ -218,10 +207,9 @@ class JobService:
     def retry(self, ctx: ServiceContext, session: Session, *, team: Team, job_id: str) -> Job:
         """Requeue a failed or cancelled job; it resumes from its last block checkpoint."""
         job = self.get(session, team=team, job_id=job_id)
-        if not _transition(session, job.id, RETRYABLE, status=JobStatus.QUEUED.value, attempts=0, cancel_requested=False,
-                           error=None, lease_owner=None, lease_token=None, lease_expires_at=None, finished_at=None,
-                           stage=None):
+        if not states.retry(session, job.id):
             session.rollback()
+            job = self.get(session, team=team, job_id=job_id)  # Gone if a delete came first
             raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
         add_event(session, job.id, "retried", "requeued; resumes from the last block checkpoint")
         session.commit()
@@ -230,23 +218,22 @@ class JobService:
         return job
 
     def delete(self, session: Session, store: ArtifactStore, *, team: Team, job_id: str) -> bool:
-        """Deletes a job: cancels it first if it is queued or running, then removes its artifact, checkpoints,
-        metrics and events. The row stays as a tombstone (status, times, `deleted_at`; GET answers 410) so that ids
-        and idempotency keys are never reused. Returns True when done, False when the job is still stopping: its
-        worker purges it when it stops (or the reaper, if the worker died)."""
+        """Deletes a job: stops it if it is queued or running (`states.delete`, one UPDATE with the deletion), then
+        removes its artifact, checkpoints, metrics and events. The row stays as a tombstone (status, times,
+        `deleted_at`; GET answers 410) so that ids and idempotency keys are never reused. Returns True when done,
+        False when the job is still stopping: its worker purges it when it stops (or the reaper, if the worker
+        died)."""
         job = self.get(session, team=team, job_id=job_id)
-        if job.status == JobStatus.RUNNING.value and job.stage == PUBLISHING:
+        status = states.delete(session, job.id)
+        if status is None:
             session.rollback()
+            job = self.get(session, team=team, job_id=job_id)  # Gone if another delete came first
             raise Conflict(f"job {job.id} is publishing its artifact and cannot be stopped; delete it once it has "
                            "succeeded, in a few seconds")
-        if not JobStatus(job.status).terminal and not job.cancel_requested:
-            self.cancel(session, team=team, job_id=job_id)
-        stopped = session.execute(
-            update(Job).where(Job.id == job.id, Job.deleted_at.is_(None))
-            .values(deleted_at=utcnow(), updated_at=utcnow())
-            .returning(Job.status)).scalar_one_or_none()
+        if status == JobStatus.RUNNING.value:  # a stopped job's events go with the purge
+            add_event(session, job.id, "cancel_requested", "deleted; will stop at its next cancel check")
         session.commit()
-        if stopped is None or not JobStatus(stopped).terminal:
+        if not JobStatus(status).terminal:
             return False
         purge_job(session, store, job.id)
         return True

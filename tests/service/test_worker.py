@@ -30,7 +30,7 @@ from tests.conftest import EVAL_TEXT
 from tests.service.conftest import TINY_JOB, service_settings
 from wkvq_core.config import KVQuantConfig, kv_config
 from worker.celery_app import create_celery
-from worker.reaper import reap_expired
+from worker.reaper import reap_expired, wake_stranded
 from worker.runner import ARTIFACT_NAME, JobRunner, Lease, job_config
 
 Headers = dict[str, str]
@@ -79,6 +79,9 @@ class RecordingDispatcher:
 
     def ping(self) -> None:
         return None
+
+    def waiting(self, gpu_class: str) -> int:
+        return 0  # an empty broker queue: every message sent was spent or lost
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -323,7 +326,10 @@ def test_worker_losing_its_lease_mid_run_stops_without_writing(client, service, 
             select(BlockCheckpoint.uri).where(BlockCheckpoint.job_id == job_id))}
     assert set((store_root(service) / "jobs" / job_id / "checkpoints").glob("*")) == recorded
     assert all(stale.token in path.name for path in recorded)
-    assert len(recorded) <= 2  # blocks 0 (and 1 if it was saved before the takeover)
+    # the blocks ended before the takeover, and one more whose checkpoint was saved but not yet its block_end (on a
+    # loaded machine the poll above may see block 1 late: a fixed count of 2 failed)
+    ended = [e for e in events(service, job_id) if e.kind == "block_end" and e.id <= mark]
+    assert len(recorded) <= len(ended) + 1
 
 
 # ----------------------------------------------------------------------------------------------- 3. reaper
@@ -340,11 +346,10 @@ def test_reaper_requeues_fails_and_resends(client, service, headers, job_body, s
         past = utcnow() - timedelta(seconds=1)
         set_job(ctx, ids["expired"], lease_expires_at=past)
         set_job(ctx, ids["exhausted"], lease_expires_at=past, attempts=3)
-        set_job(ctx, ids["waiting"], updated_at=utcnow() - timedelta(seconds=settings.LEASE_SECONDS + 1))
         alive_before = job_row(ctx, ids["alive"])
 
-        assert sorted(reap_expired(ctx)) == sorted([ids["expired"], ids["waiting"]])
-        assert sorted(dispatcher.sent) == sorted([(ids["expired"], "large"), (ids["waiting"], "large")])
+        assert reap_expired(ctx) == [ids["expired"]]
+        assert dispatcher.sent == [(ids["expired"], "large")]
 
         expired = job_row(ctx, ids["expired"])
         assert (expired.status, expired.lease_token, expired.lease_owner, expired.lease_expires_at) == \
@@ -366,17 +371,20 @@ def test_reaper_requeues_fails_and_resends(client, service, headers, job_body, s
                ("running", leases["alive"].token, alive_before.lease_expires_at, alive_before.updated_at)
         assert "requeued" not in kinds(events(ctx, ids["alive"]))
 
-        waiting = job_row(ctx, ids["waiting"])
-        assert waiting.status == "queued" and waiting.updated_at > utcnow() - timedelta(seconds=5)
-        assert job_row(ctx, ids["fresh"]).status == "queued"
+        assert job_row(ctx, ids["waiting"]).status == job_row(ctx, ids["fresh"]).status == "queued"
 
-        # Nothing left to do: no resend storm, and the stale worker of `expired` is fenced off.
-        assert reap_expired(ctx) == [] and len(dispatcher.sent) == 2
+        # The broker's queues are empty (messages lost): one wake-up per class, then none until its queue changes.
+        woken: dict = {}
+        assert sorted(wake_stranded(ctx, woken)) == ["default", "large"]
+        assert sorted(dispatcher.sent[1:]) == sorted([(min(ids["expired"], ids["waiting"]), "large"),
+                                                      (ids["fresh"], "default")])
+        assert reap_expired(ctx) == [] and wake_stranded(ctx, woken) == [] and len(dispatcher.sent) == 3
         assert JobRunner(ctx, "w-expired").fenced_update(leases["expired"], current_block=1) is False
 
         # The requeued job is claimed again (attempt 2); the exhausted one waits for a manual retry.
         lease = JobRunner(ctx, "w9").claim(ids["expired"])
         assert lease is not None and job_row(ctx, ids["expired"]).attempts == 2
+        assert wake_stranded(ctx, woken) == ["large"]  # its class's queued jobs changed
         assert JobRunner(ctx, "w9").claim(ids["exhausted"]) is None
     finally:
         ctx.close()
