@@ -21,7 +21,7 @@ from ..datasets.service import dataset_service
 from ..teams.service import check_key, key_prefix
 from ..teams.usage import usage_service
 from .estimate import check_budget, estimate_job
-from .model_source import check_dims, model_config
+from .model_source import check_dims, check_hub_data, model_config
 from .schemas import JobCreate, JobRead, UploadedData
 
 RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
@@ -136,6 +136,7 @@ class JobService:
                                                       f"available: {', '.join(settings.GPU_CLASSES)}")
         model = model_config(settings, body.model, hub_config)
         check_dims(model, body.config)
+        check_hub_data(body)
         for field in ("calibration", "evaluation"):
             spec = getattr(body, field)
             if isinstance(spec, UploadedData):
