@@ -92,9 +92,11 @@ class UsageService:
             return None
         return f"team {team.name}'s storage quota is full: {_used(stored, reserved, quota)}"
 
-    def check_upload(self, session: Session, settings: Settings, *, team: Team, size: int) -> None:
-        """413 when `size` more bytes would not fit the team's quota. Locks the team (`lock_team`)."""
-        lock_team(session, team)
+    def check_upload(self, session: Session, settings: Settings, *, team: Team, size: int, lock: bool = True) -> None:
+        """413 when `size` more bytes would not fit the team's quota. Locks the team (`lock_team`) unless told not
+        to (a first check, before the upload is stored)."""
+        if lock:
+            lock_team(session, team)
         if (over := self._over_quota(session, settings, team, size)) is not None:
             raise PayloadTooLarge(f"{over}, the upload has {size} bytes; delete jobs or datasets you no longer need "
                                   "(DELETE /v1/jobs/ID, DELETE /v1/datasets/ID)")
