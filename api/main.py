@@ -12,7 +12,7 @@ from sqlalchemy.exc import DataError, OperationalError
 
 from .core.config import Settings
 from .core.context import ServiceContext
-from .core.errors import InvalidField, ServiceError
+from .core.errors import InvalidField, ServiceError, TooManyRequests
 from .core.limits import BodyLimits, validation_error
 from .core.redact import public_message
 from .core.storage import StorageError
@@ -33,6 +33,8 @@ def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
     else:
         detail = exc.message
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    if isinstance(exc, TooManyRequests):
+        headers = {"Retry-After": str(exc.retry_after)}
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
 

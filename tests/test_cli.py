@@ -345,6 +345,21 @@ def test_quantize_unreadable_calibration_file(runs, tmp_path, monkeypatch):
     assert list(runs.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["wkvq-data", "wkvq-data/store"])
+def test_quantize_hf_spec_never_reads_a_local_directory(tmp_path, monkeypatch, name):
+    """`hf:NAME` is a hub dataset, also where the working directory holds a directory NAME (the service's data
+    directory, every team's uploads, in a worker's): the run stops at the hub instead of reading it."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wkvq-data" / "store").mkdir(parents=True)
+    (tmp_path / "wkvq-data" / "store" / "train.txt").write_text(CALIB_TEXT.read_text())
+    spec = f"hf:{name}:train"
+    result = invoke("quantize", "--model", TINY_MODEL, "--calib", spec, "--out", tmp_path / "out", "--group-size", -1,
+                    "--seqlen", SEQLEN, "--eval", spec, "--dry-run")
+    assert_clean_failure(result, spec, "Hugging Face hub")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_eval_chmod_000_data_file(tmp_path, eval_head):
     data = tmp_path / "locked.txt"

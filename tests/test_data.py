@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -5,12 +7,42 @@ from wkvq_core.data import calibration_samples, eval_windows, load_text
 from wkvq_core.errors import DataError
 
 
-def test_hf_spec_loads_through_datasets(tmp_path):
-    """`hf:NAME:SPLIT[:FIELD]` goes through `datasets.load_dataset`; NAME may be a local dataset directory."""
-    (tmp_path / "train.txt").write_text("first line\nsecond line\n")
-    assert load_text(f"hf:{tmp_path}:train") == "first line\n\nsecond line"
+def cached_hub_dataset(monkeypatch, cache: Path, repo_id: str) -> Path:
+    """A snapshot of hub dataset `repo_id` in a hub cache at `cache` (as `snapshot_download` leaves one); returns
+    the snapshot directory."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    storage = cache / f"datasets--{repo_id.replace('/', '--')}"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text("0" * 40)
+    snapshot = storage / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def test_hf_spec_loads_the_hub_snapshot_through_datasets(tmp_path, monkeypatch):
+    """`hf:NAME:SPLIT[:FIELD]`: the hub dataset's snapshot (here already in the hub cache, offline) goes through
+    `datasets.load_dataset`."""
+    snapshot = cached_hub_dataset(monkeypatch, tmp_path / "hub", "some-org/notes")
+    (snapshot / "train.txt").write_text("first line\nsecond line\n")
+    assert load_text("hf:some-org/notes:train") == "first line\n\nsecond line"
     with pytest.raises(DataError, match="no field 'body'"):
-        load_text(f"hf:{tmp_path}:default:train:body")
+        load_text("hf:some-org/notes:default:train:body")
+
+
+def test_hf_spec_never_reads_a_local_directory(tmp_path, monkeypatch):
+    """A hub name that is also a local directory (relative to the cwd, as the service's data directory is) names
+    the hub dataset only: the directory's text is never read."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wkvq-data" / "store").mkdir(parents=True)
+    (tmp_path / "wkvq-data" / "store" / "train.txt").write_text("another team's secret text\n")
+    for spec in ("hf:wkvq-data:train", "hf:wkvq-data/store:train", f"hf:{tmp_path}/wkvq-data:train",
+                 "hf:./wkvq-data:train", "hf:../wkvq-data:train"):
+        with pytest.raises(DataError, match="Hugging Face") as raised:
+            load_text(spec)
+        assert "secret" not in str(raised.value)
 
 
 def test_hf_spec_offline_or_malformed_is_a_clear_error():

@@ -1,7 +1,9 @@
 """Calibration / evaluation text -> fixed-length token windows.
 
 A text SPEC is a local UTF-8 file, a local directory (its *.txt files, sorted), or
-`hf:NAME[:CONFIG]:SPLIT[:FIELD]` loaded with `datasets` (rows joined with blank lines, FIELD defaults to "text").
+`hf:NAME[:CONFIG]:SPLIT[:FIELD]`: the hub dataset NAME, fetched into the hub cache by `huggingface_hub` and loaded
+from that snapshot with `datasets` (rows joined with blank lines, FIELD defaults to "text"). NAME is only ever a hub
+id: a local directory of that name is never read.
 """
 
 from __future__ import annotations
@@ -35,15 +37,33 @@ def _load_hf(spec: str) -> str:
         raise DataError(f"{spec}: expected hf:NAME[:CONFIG]:SPLIT[:FIELD]")
     import datasets
 
+    snapshot = hub_snapshot(spec, name)
     try:
-        rows = datasets.load_dataset(name, config, split=split)
-    except (ConnectionError, OSError) as exc:
-        raise DataError(f"{spec}: cannot load dataset from the Hugging Face hub (offline or unknown name)") from exc
-    except ValueError as exc:
+        rows = datasets.load_dataset(snapshot, config, split=split)
+    except ValueError as exc:  # an unknown config or split
         raise DataError(f"{spec}: {exc}") from exc
     if field not in rows.column_names:
         raise DataError(f"{spec}: no field {field!r}; fields are {', '.join(rows.column_names)}")
     return "\n\n".join(str(row) for row in rows[field])
+
+
+def hub_snapshot(spec: str, name: str) -> str:
+    """The local snapshot of hub dataset `name`, downloaded into the hub cache (or found there when offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        raise DataError(f"{spec}: {name!r} is not a Hugging Face dataset id ({exc})") from None
+    try:
+        return snapshot_download(repo_id=name, repo_type="dataset")
+    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
+        raise DataError(f"{spec}: no such dataset on the Hugging Face hub ({type(exc).__name__})") from None
+    except Exception as exc:  # offline mode, not in the cache, DNS, proxy, timeouts: all mean the same to the user
+        raise DataError(f"{spec}: cannot load dataset from the Hugging Face hub (offline or unreachable, and not in "
+                        f"the hub cache: {type(exc).__name__})") from None
 
 
 def load_text(spec: str) -> str:

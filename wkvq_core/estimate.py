@@ -232,6 +232,31 @@ def eval_windows_for_chars(chars: int, seqlen: int, chars_per_token: float = CHA
     return int(chars / chars_per_token) // seqlen
 
 
+# upper bounds of what a stored object holds besides its tensors: a checkpoint's header; an artifact's headers,
+# config, metrics, manifest and tar framing
+CHECKPOINT_OVERHEAD, ARTIFACT_OVERHEAD = 64 << 10, 1 << 20
+
+
+def estimate_storage(model_config: dict[str, Any], config: WKVQuantConfig) -> dict[str, int]:
+    """Upper bounds of the bytes a run stores: its block checkpoints (the learned fp32 tensors of every block) and
+    its artifact's packed weights (`wkvq_core.artifact`: codes, fp16 scales and zeros per group, fp16 everything
+    else, fp32 K scale and shift), with their overheads. Tokenizer files are not included."""
+    shape = ModelShape.from_config(model_config)
+    clip, smooth = calibration_parameter_count(shape, config)
+    checkpoints = shape.layers * ((clip + smooth) * 4 + CHECKPOINT_OVERHEAD)
+    bits = config.weight.bits if config.weight.enabled else FP_BITS
+    linears = 0
+    for out_features, in_features in shape.linears().values():
+        if bits == FP_BITS:
+            linears += out_features * in_features * 2
+        else:
+            groups = math.ceil(in_features / _group(in_features, config.weight.group_size))
+            linears += out_features * ((in_features * bits + 7) // 8 + 2 * groups * 2)
+    per_layer = linears + 2 * (shape.kv_dim + shape.hidden) + 2 * shape.hidden * 2 + 2 * shape.kv_dim * 4
+    artifact = shape.layers * per_layer + shape.resident_params * 2 + ARTIFACT_OVERHEAD
+    return {"checkpoints": checkpoints, "artifact": artifact}
+
+
 def rtn_mode_count(config: WKVQuantConfig) -> int:
     return int(config.weight.enabled or config.act_bits != FP_BITS) + int(config.kv.enabled)
 

@@ -22,7 +22,7 @@ from api.core.context import ServiceContext
 from api.core.errors import ServiceError
 from api.core.migrate import upgrade
 from api.teams.service import team_service
-from api.teams.usage import usage_service
+from api.teams.usage import per_minute_limit, queued_limit, usage_service
 from wkvq_client.cli import app as client_app
 from wkvq_core.cli import app as core_app
 
@@ -214,26 +214,33 @@ def set_team(
     max_running: Annotated[Optional[int], typer.Option(help="jobs running at once, at most; 0: no cap")] = None,
     storage_quota_gb: Annotated[Optional[float], typer.Option(
         help="datasets, artifacts and checkpoints kept, in GB; 0: the service default (WKVQ_TEAM_STORAGE_QUOTA_GB)")] = None,
+    max_queued: Annotated[Optional[int], typer.Option(
+        help="jobs queued at once, at most; 0: the service default (WKVQ_TEAM_MAX_QUEUED)")] = None,
+    submissions_per_minute: Annotated[Optional[int], typer.Option(
+        help="jobs submitted in any minute, at most; 0: the service default (WKVQ_TEAM_SUBMISSIONS_PER_MINUTE)")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Set a team's fair-share weight, running-job cap and storage quota."""
+    """Set a team's fair-share weight, running-job cap, storage quota and submission limits."""
     quota = None if storage_quota_gb is None else round(storage_quota_gb * 1e9)
     _admin(lambda ctx, s: team_service.configure(s, name=team, weight=weight, max_running=max_running,
-                                                 storage_quota_bytes=quota), data_dir)
+                                                 storage_quota_bytes=quota, max_queued=max_queued,
+                                                 max_submissions_per_minute=submissions_per_minute), data_dir)
     list_teams(data_dir)
 
 
 @admin.command("list-teams")
 def list_teams(data_dir: DataDir = None) -> None:
-    """Teams with their weight, running cap, storage quota and what they use now."""
+    """Teams with their weight, running cap, storage quota, submission limits and what they use now."""
     def read(ctx, session):
-        return [(team, usage_service.team_usage(session, ctx.settings, team=team))
+        return [(team, usage_service.team_usage(session, ctx.settings, team=team),
+                 queued_limit(ctx.settings, team), per_minute_limit(ctx.settings, team))
                 for team in team_service.list_teams(session)]
 
-    table = Table("team", "weight", "max running", "running", "queued", "storage used", "quota")
-    for team, usage in _admin(read, data_dir):
+    table = Table("team", "weight", "max running", "running", "queued / max", "per minute", "storage used", "quota")
+    for team, usage, queued_cap, per_minute in _admin(read, data_dir):
         table.add_row(team.name, f"{team.weight:g}", str(team.max_running or "–"), str(usage.running),
-                      str(usage.queued), f"{usage.stored_bytes / 1e9:.3f} GB",
+                      f"{usage.queued} / {queued_cap or '–'}", str(per_minute or "–"),
+                      f"{usage.stored_bytes / 1e9:.3f} GB",
                       f"{usage.quota_bytes / 1e9:g} GB" if usage.quota_bytes is not None else "none")
     out.print(table)
 

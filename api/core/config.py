@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     # What a team may keep in the store (datasets, artifacts, checkpoints) unless `wkvq admin set-team` says
     # otherwise; unset: no quota
     TEAM_STORAGE_QUOTA_GB: float | None = Field(500, gt=0)
+    # Per team, unless `wkvq admin set-team` says otherwise: jobs queued at once and jobs submitted in any minute,
+    # at most (429 with Retry-After beyond); unset: no limit
+    TEAM_MAX_QUEUED: int | None = Field(200, ge=1)
+    TEAM_SUBMISSIONS_PER_MINUTE: int | None = Field(60, ge=1)
     # Block checkpoints of a succeeded job are deleted once its artifact is published (False: kept for audits)
     KEEP_CHECKPOINTS: bool = False
     DEVICE: str = "auto"

@@ -39,6 +39,16 @@ class PayloadTooLarge(ServiceError):
     status_code = 413
 
 
+class TooManyRequests(ServiceError):
+    """A 429 with a Retry-After header of `retry_after` seconds."""
+
+    status_code = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class InvalidField(ServiceError):
     """A 422 shaped like FastAPI's validation errors: `loc` names the field, `message` the reason."""
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError, field_validator
 from sqlalchemy.orm import Session
 
 from ..core.context import ServiceContext
-from ..core.errors import InvalidField, PayloadTooLarge
+from ..core.errors import Conflict, InvalidField, PayloadTooLarge, TooManyRequests
 from ..datasets.service import dataset_service
 from ..jobs.model_source import local_models
 from ..jobs.schemas import BUILTIN_DATASETS, JobCreate, QuantConfig
@@ -124,6 +124,8 @@ def submit_form(ctx: ServiceContext, session: Session, team: Team, form: JobForm
         return None, {field_for(exc.loc): exc.message}
     except PayloadTooLarge as exc:
         return None, {"file": exc.message}
+    except (Conflict, TooManyRequests) as exc:  # a full quota or queue, too many submissions: no field to correct
+        return None, {"form": exc.message}
     return job, {}
 
 

@@ -35,13 +35,14 @@ class DatasetService:
         if len(text.strip()) < settings.MIN_UPLOAD_CHARS:
             raise InvalidField(LOC, f"calibration text too short: {len(text.strip())} characters, "
                                     f"at least {settings.MIN_UPLOAD_CHARS} needed")
-        usage_service.check_upload(session, settings, team=team, size=len(data))
+        usage_service.check_upload(session, settings, team=team, size=len(data), lock=False)  # before it is stored
         dataset_id = new_id()
         stored = store.put_bytes(data, f"datasets/{team.id}/{dataset_id}.txt")
-        row = Dataset(id=dataset_id, team_id=team.id, filename=_safe_filename(filename), uri=stored.uri,
-                      sha256=stored.sha256, size=stored.size, chars=len(text))
-        session.add(row)
-        try:
+        try:  # again, with the row in one transaction: concurrent uploads are checked one after another
+            usage_service.check_upload(session, settings, team=team, size=stored.size)
+            row = Dataset(id=dataset_id, team_id=team.id, filename=_safe_filename(filename), uri=stored.uri,
+                          sha256=stored.sha256, size=stored.size, chars=len(text))
+            session.add(row)
             session.commit()
         except BaseException:
             session.rollback()

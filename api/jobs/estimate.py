@@ -8,19 +8,23 @@ from sqlalchemy.orm import Session
 
 from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig, kv_config
 from wkvq_core.errors import ConfigError
-from wkvq_core.estimate import (ResourceEstimate, estimate_resources, eval_windows_for_chars, format_bytes,
-                                format_seconds)
+from wkvq_core.estimate import (ResourceEstimate, estimate_resources, estimate_storage, eval_windows_for_chars,
+                                format_bytes, format_seconds)
 
 from ..core.config import GpuBudget, Settings
 from ..core.errors import InvalidField
 from ..datasets.builtin import BUILTIN_TEXTS
 from ..datasets.service import dataset_service
 from ..models import Team
-from .schemas import BuiltinData, HubData, JobCreate, UploadedData
+from .model_source import local_model_dir
+from .schemas import BuiltinData, HubData, JobCreate, LocalModel, UploadedData
 
 # A hub evaluation text is not read at submit: assume the size of WikiText-2's test split (~1.3 M characters).
 HUB_EVAL_CHARS = 1_300_000
 LOC = ("body", "config")
+# A hub model's tokenizer files are not looked up at submit: what an artifact's tokenizer is assumed to take at most
+HUB_TOKENIZER_BYTES = 32_000_000
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def job_wkvq_config(spec_config: dict[str, Any]) -> WKVQuantConfig:
@@ -62,7 +66,22 @@ def estimate_job(settings: Settings, session: Session, *, team: Team, body: JobC
     except ConfigError as exc:
         raise InvalidField(LOC, str(exc)) from None
     estimate.inputs["eval_text"] = source
+    estimate.breakdown["storage"] = {**estimate_storage(model_config, config),
+                                     "tokenizer": _tokenizer_bytes(settings, body)}
     return estimate
+
+
+def _tokenizer_bytes(settings: Settings, body: JobCreate) -> int:
+    """What the artifact copies from the model besides its weights: a local model's other files."""
+    if not isinstance(body.model, LocalModel):
+        return HUB_TOKENIZER_BYTES
+    files = local_model_dir(settings, body.model.name).iterdir()
+    return sum(f.stat().st_size for f in files if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def reserved_bytes(estimate: ResourceEstimate) -> int:
+    """The store bytes a job reserves at submit: its checkpoints and artifact, estimated."""
+    return int(sum(estimate.breakdown["storage"].values()))
 
 
 def check_budget(estimate: ResourceEstimate, gpu_class: str, budget: GpuBudget, settings: Settings) -> None:

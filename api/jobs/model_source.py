@@ -17,7 +17,7 @@ from wkvq_core.errors import ConfigError
 
 from ..core.config import Settings
 from ..core.errors import InvalidField
-from .schemas import HubModel, LocalModel
+from .schemas import HubData, HubModel, JobCreate, LocalModel
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # as wkvq_core.model (no torch import here)
 LOC = ("body", "model")
@@ -99,6 +99,18 @@ def _hub_config(spec: HubModel) -> Path:
 def _unreachable(spec: HubModel, reason: str) -> InvalidField:
     return InvalidField((*LOC, "id"), f"{spec.id}: the model hub is unreachable from this service ({reason}); "
                                       "put the model in the models directory and use source 'local'")
+
+
+def check_hub_data(body: JobCreate) -> None:
+    """422 for a hub dataset while this service runs offline (HF_HUB_OFFLINE): its job could only fail."""
+    from huggingface_hub import constants
+
+    for role in ("calibration", "evaluation"):
+        spec = getattr(body, role)
+        if isinstance(spec, HubData) and constants.HF_HUB_OFFLINE:
+            raise InvalidField(("body", role, "name"),
+                               f"{spec.name}: the dataset hub is unreachable from this service (it runs offline, "
+                               "HF_HUB_OFFLINE); upload the text (POST /v1/datasets) and use source 'upload'")
 
 
 def read_config(path: Path) -> dict[str, Any]:

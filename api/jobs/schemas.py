@@ -46,10 +46,23 @@ class UploadedData(Strict):
 
 class HubData(Strict):
     source: Literal["hf"]
-    name: str = Field(pattern=HUB_ID_PATTERN, max_length=200, examples=["wikitext"])
+    name: str = Field(pattern=HUB_ID_PATTERN, max_length=200, examples=["wikitext"],
+                      description="a Hugging Face dataset id, fetched from the hub (never a local path)")
     config: str | None = Field(None, pattern=NAME_PATTERN, examples=["wikitext-2-raw-v1"])
     split: str = Field("train", pattern=NAME_PATTERN)
     field: str = Field("text", pattern=NAME_PATTERN)
+
+    @field_validator("name")
+    @classmethod
+    def _hub_id(cls, name: str) -> str:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(name)
+        except HFValidationError as exc:
+            raise ValueError(f"not a Hugging Face dataset id: {exc}") from None
+        return name
 
     @model_validator(mode="after")
     def _field_needs_config(self) -> HubData:

@@ -21,8 +21,8 @@ from ..datasets.service import dataset_service
 from ..teams.service import check_key, key_prefix
 from ..teams.usage import usage_service
 from . import states
-from .estimate import check_budget, estimate_job
-from .model_source import check_dims, model_config
+from .estimate import check_budget, estimate_job, reserved_bytes
+from .model_source import check_dims, check_hub_data, model_config
 from .schemas import JobCreate, JobRead, UploadedData
 from .states import PUBLISHING, RETRYABLE  # noqa: F401  (re-exported: the dashboard and the worker use them)
 
@@ -88,13 +88,15 @@ class JobService:
             if existing is not None:
                 return self._replay(existing, digest), False
         model = self._validate(ctx, session, team, body, hub_config)
-        usage_service.check_submit(session, ctx.settings, team=team)
         gpu_class = body.gpu_class or ctx.settings.GPU_CLASSES[0]
         estimate = estimate_job(ctx.settings, session, team=team, body=body, gpu_class=gpu_class, model_config=model)
         check_budget(estimate, gpu_class, ctx.settings.budget(gpu_class), ctx.settings)  # before anything is written
+        reserve = reserved_bytes(estimate)
+        usage_service.check_submit(session, ctx.settings, team=team, reserve=reserve)  # holds the team until commit
         job = Job(team_id=team.id, spec=body.model_dump(mode="json", exclude={"gpu_class", "priority"}),
                   gpu_class=gpu_class, priority=body.priority, max_attempts=ctx.settings.MAX_ATTEMPTS,
-                  idempotency_key=idempotency_key, request_hash=digest, estimate=estimate.to_dict())
+                  idempotency_key=idempotency_key, request_hash=digest, estimate=estimate.to_dict(),
+                  reserved_bytes=reserve)
         session.add(job)
         try:
             session.flush()
@@ -129,6 +131,7 @@ class JobService:
                                                       f"available: {', '.join(settings.GPU_CLASSES)}")
         model = model_config(settings, body.model, hub_config)
         check_dims(model, body.config)
+        check_hub_data(body)
         for field in ("calibration", "evaluation"):
             spec = getattr(body, field)
             if isinstance(spec, UploadedData):

@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from ..core.db import Base, Timestamped, UTCDateTime, new_id
@@ -54,6 +54,8 @@ class Job(Timestamped, Base):
     estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # resources, at submit
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)  # of a running job; "publishing": no cancel
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # a tombstone: objects removed
+    # store bytes held for the job's checkpoints and artifact while it is queued or running (`api.teams.usage`)
+    reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     @property
     def job_status(self) -> JobStatus:

@@ -18,4 +18,7 @@ class Team(Timestamped, Base):
     weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
     max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
     storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # None: the service default
+    # submission limits (`api.teams.usage`); None: the service default
+    max_queued: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_submissions_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_claim_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

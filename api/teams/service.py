@@ -69,15 +69,18 @@ class TeamService:
         return team
 
     def configure(self, session: Session, *, name: str, weight: float | None = None, max_running: int | None = None,
-                  storage_quota_bytes: int | None = None) -> Team:
-        """Sets the given fair-share and quota settings of a team (None: unchanged); a max_running or
-        storage_quota_bytes of 0 clears it (no cap; the service default quota)."""
+                  storage_quota_bytes: int | None = None, max_queued: int | None = None,
+                  max_submissions_per_minute: int | None = None) -> Team:
+        """Sets the given fair-share, quota and submission-limit settings of a team (None: unchanged); a max_running
+        of 0 clears it (no cap), a storage_quota_bytes, max_queued or max_submissions_per_minute of 0 the team's own
+        value (the service default applies)."""
         team = self.get_team(session, name=name)
         if weight is not None:
             if not 0 < weight < float("inf"):
                 raise InvalidField(("weight",), "must be greater than 0 (and finite)")
             team.weight = weight
-        for field, value in (("max_running", max_running), ("storage_quota_bytes", storage_quota_bytes)):
+        for field, value in (("max_running", max_running), ("storage_quota_bytes", storage_quota_bytes),
+                             ("max_queued", max_queued), ("max_submissions_per_minute", max_submissions_per_minute)):
             if value is not None:
                 if value < 0:
                     raise InvalidField((field,), "must be 0 (none) or more")

@@ -1,16 +1,28 @@
 """What a team holds in the shared pool: running and queued jobs, and bytes kept in the store (datasets, artifacts,
-block checkpoints) against its storage quota."""
+block checkpoints) or reserved by its queued and running jobs, against its storage quota; its submission limits.
+
+Every check that admits bytes or a job runs in the transaction that records them, after `lock_team`: concurrent
+uploads and submissions of a team are checked one after another (Postgres queues them on the team row; SQLite
+serialises writers), so that together they never pass a limit."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from wkvq_core.estimate import format_bytes
+
 from ..core.config import Settings
-from ..core.errors import Conflict, PayloadTooLarge
+from ..core.db import utcnow
+from ..core.errors import Conflict, PayloadTooLarge, TooManyRequests
 from ..models import Artifact, BlockCheckpoint, Dataset, Job, JobStatus, Team
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+QUEUE_FULL_RETRY_SECONDS = 60  # Retry-After when the team's queue is full: no one knows when a job will start
 
 
 @dataclass(frozen=True)
@@ -21,8 +33,22 @@ class TeamUsage:
     quota_bytes: int | None  # None: no quota
 
 
-def _used(stored_bytes: int, quota: int) -> str:
-    return f"{stored_bytes / 1e9:.3f} GB of {quota / 1e9:g} GB used"
+def _used(stored_bytes: int, reserved_bytes: int, quota: int) -> str:
+    return (f"{format_bytes(stored_bytes)} used and {format_bytes(reserved_bytes)} reserved by queued and running "
+            f"jobs, of a {format_bytes(quota)} quota")
+
+
+def lock_team(session: Session, team: Team) -> None:
+    """Serialises the team's admissions until the transaction ends (see the module's docstring)."""
+    session.execute(update(Team).where(Team.id == team.id).values(id=Team.id))
+
+
+def queued_limit(settings: Settings, team: Team) -> int | None:
+    return team.max_queued or settings.TEAM_MAX_QUEUED
+
+
+def per_minute_limit(settings: Settings, team: Team) -> int | None:
+    return team.max_submissions_per_minute or settings.TEAM_SUBMISSIONS_PER_MINUTE
 
 
 def quota_bytes(settings: Settings, team: Team) -> int | None:
@@ -39,33 +65,66 @@ class UsageService:
             select(func.sum(Artifact.size)).where(Artifact.job_id.in_(of_team)),
             select(func.sum(BlockCheckpoint.size)).where(BlockCheckpoint.job_id.in_(of_team))))
 
+    def reserved_bytes(self, session: Session, team_id: str) -> int:
+        """What the team's queued and running jobs reserved at submit, less what each already stores."""
+        reserved = dict(session.execute(select(Job.id, Job.reserved_bytes).where(
+            Job.team_id == team_id, Job.status.in_(ACTIVE), Job.reserved_bytes > 0)).all())
+        stored: dict[str, int] = {}
+        for model in (Artifact, BlockCheckpoint):
+            for job_id, size in session.execute(select(model.job_id, func.sum(model.size))
+                                                .where(model.job_id.in_(reserved)).group_by(model.job_id)):
+                stored[job_id] = stored.get(job_id, 0) + int(size or 0)
+        return sum(max(size - stored.get(job_id, 0), 0) for job_id, size in reserved.items())
+
     def team_usage(self, session: Session, settings: Settings, *, team: Team) -> TeamUsage:
         counts = dict(session.execute(select(Job.status, func.count()).where(
-            Job.team_id == team.id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
-            .group_by(Job.status)).all())
+            Job.team_id == team.id, Job.status.in_(ACTIVE)).group_by(Job.status)).all())
         return TeamUsage(counts.get(JobStatus.RUNNING.value, 0), counts.get(JobStatus.QUEUED.value, 0),
                          self.stored_bytes(session, team.id), quota_bytes(settings, team))
 
-    def check_upload(self, session: Session, settings: Settings, *, team: Team, size: int) -> None:
-        """413 when `size` more bytes would not fit the team's quota."""
+    def _over_quota(self, session: Session, settings: Settings, team: Team, size: int) -> str | None:
+        """Why `size` more bytes do not fit the team's quota (None: they fit)."""
         quota = quota_bytes(settings, team)
         if quota is None:
-            return
-        stored = self.stored_bytes(session, team.id)
-        if stored + size > quota:
-            raise PayloadTooLarge(f"team {team.name}'s storage quota is full: {_used(stored, quota)}, the upload has "
-                                  f"{size} bytes; delete jobs or datasets you no longer need (DELETE /v1/jobs/ID, "
-                                  "DELETE /v1/datasets/ID)")
+            return None
+        stored, reserved = self.stored_bytes(session, team.id), self.reserved_bytes(session, team.id)
+        if stored + reserved + size <= quota:
+            return None
+        return f"team {team.name}'s storage quota is full: {_used(stored, reserved, quota)}"
 
-    def check_submit(self, session: Session, settings: Settings, *, team: Team) -> None:
-        """409 when the team's quota is used up: the job's checkpoints and artifact would not fit."""
-        quota = quota_bytes(settings, team)
-        if quota is None:
-            return
-        stored = self.stored_bytes(session, team.id)
-        if stored >= quota:
-            raise Conflict(f"team {team.name}'s storage quota is full ({_used(stored, quota)}); delete jobs or "
-                           "datasets you no longer need (DELETE /v1/jobs/ID, DELETE /v1/datasets/ID) before submitting")
+    def check_upload(self, session: Session, settings: Settings, *, team: Team, size: int, lock: bool = True) -> None:
+        """413 when `size` more bytes would not fit the team's quota. Locks the team (`lock_team`) unless told not
+        to (a first check, before the upload is stored)."""
+        if lock:
+            lock_team(session, team)
+        if (over := self._over_quota(session, settings, team, size)) is not None:
+            raise PayloadTooLarge(f"{over}, the upload has {size} bytes; delete jobs or datasets you no longer need "
+                                  "(DELETE /v1/jobs/ID, DELETE /v1/datasets/ID)")
+
+    def check_submit(self, session: Session, settings: Settings, *, team: Team, reserve: int) -> None:
+        """429 (with Retry-After) past the team's queued-job or per-minute submission limit; 409 when the job's
+        checkpoints and artifact (`reserve` bytes, estimated) would not fit the quota. Locks the team."""
+        lock_team(session, team)
+        per_minute = per_minute_limit(settings, team)
+        if per_minute is not None:
+            since = utcnow() - timedelta(minutes=1)
+            recent = session.execute(select(func.count(), func.min(Job.created_at)).where(
+                Job.team_id == team.id, Job.created_at > since)).one()
+            if recent[0] >= per_minute:
+                wait = math.ceil((recent[1] - since).total_seconds())
+                raise TooManyRequests(f"team {team.name} submitted {recent[0]} jobs in the last minute, its limit "
+                                      f"is {per_minute}; try again in {wait} s", retry_after=max(wait, 1))
+        queued_cap = queued_limit(settings, team)
+        if queued_cap is not None:
+            queued = session.scalar(select(func.count()).select_from(Job).where(
+                Job.team_id == team.id, Job.status == JobStatus.QUEUED.value))
+            if queued >= queued_cap:
+                raise TooManyRequests(f"team {team.name} has {queued} jobs queued, its limit is {queued_cap}; submit "
+                                      "more once some have started", retry_after=QUEUE_FULL_RETRY_SECONDS)
+        if (over := self._over_quota(session, settings, team, reserve)) is not None:
+            raise Conflict(f"{over}; this job reserves {format_bytes(reserve)} for its checkpoints and artifact. "
+                           "Delete jobs or datasets you no longer need (DELETE /v1/jobs/ID, DELETE /v1/datasets/ID) "
+                           "before submitting")
 
 
 usage_service = UsageService()

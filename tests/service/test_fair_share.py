@@ -133,10 +133,11 @@ def test_admin_sets_weights_caps_and_quotas(tmp_path):
     env = service_env(f"sqlite:///{tmp_path}/wkvq.db", tmp_path / "store")
     assert wkvq(env, "admin", "create-team", "a", cwd=tmp_path).returncode == 0
     result = wkvq(env, "admin", "set-team", "a", "--weight", "2.5", "--max-running", "3", "--storage-quota-gb", "1.5",
-                  cwd=tmp_path)
+                  "--max-queued", "7", "--submissions-per-minute", "9", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     row = next(line for line in result.stdout.splitlines() if line.strip("│ ").startswith("a "))
-    assert [cell.strip() for cell in row.strip("│").split("│")] == ["a", "2.5", "3", "0", "0", "0.000 GB", "1.5 GB"]
+    assert [cell.strip() for cell in row.strip("│").split("│")] == ["a", "2.5", "3", "0", "0 / 7", "9", "0.000 GB",
+                                                                    "1.5 GB"]
     refused = wkvq(env, "admin", "set-team", "a", "--weight", "0", cwd=tmp_path)
     assert refused.returncode == 2 and "must be greater than 0" in refused.stdout
 

@@ -150,9 +150,16 @@ def test_the_storage_quota_refuses_uploads_and_submissions_clearly(service, api)
     assert first.status_code == 201
     second = api.post("/v1/datasets", files={"file": ("more.txt", TEXT.encode())})
     assert second.status_code == 413 and "storage quota is full" in second.json()["detail"]
-    job_id = submit(api)  # room left: 100 bytes
+    refused = api.post("/v1/jobs", json=TINY_JOB)  # 100 bytes left: not the room its checkpoints and artifact need
+    assert refused.status_code == 409 and "DELETE /v1/jobs/ID" in refused.json()["detail"]
+    with service.session() as session:
+        team_service.configure(session, name="a", storage_quota_bytes=0)  # the service default: room for a job
+    job_id = submit(api)
+    reserve = sum(api.get(f"/v1/jobs/{job_id}").json()["estimate"]["breakdown"]["storage"].values())
     set_job(service, job_id, status="succeeded")
-    give_objects(service, job_id)  # now over
+    give_objects(service, job_id)
+    with service.session() as session:  # room for one job's reservation besides the dataset: full with the job's objects
+        team_service.configure(session, name="a", storage_quota_bytes=len(TEXT) + reserve)
     refused = api.post("/v1/jobs", json=TINY_JOB)
     assert refused.status_code == 409 and "DELETE /v1/jobs/ID" in refused.json()["detail"]
     assert api.delete(f"/v1/jobs/{job_id}").status_code == 204

@@ -460,9 +460,13 @@ def assert_failed_cleanly(client: TestClient, headers: Headers, service: Service
     return job["error"]
 
 
-def test_unreachable_hub_dataset_fails_the_job_readably(client, service, headers):
+def test_unreachable_hub_dataset_fails_the_job_readably(client, service, headers, monkeypatch):
+    from huggingface_hub import constants
+
     calibration = {"source": "hf", "name": "wikitext", "config": "wikitext-2-raw-v1", "split": "train"}
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the API believes the hub reachable...
     job_id = submit(client, headers, copy.deepcopy(TINY_JOB) | {"calibration": calibration})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # ...the worker cannot reach it
     JobRunner(service, "w1").run(job_id)
     error = assert_failed_cleanly(client, headers, service, job_id)
     assert "hf:wikitext:wikitext-2-raw-v1:train" in error
