@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     HEARTBEAT_SECONDS: float = 10.0
     REAPER_SECONDS: float = 15.0
     POLL_SECONDS: float = 1.0
+    # Open event streams (GET /v1/jobs/{id}/events) a team, and one API key, may hold in each API process; beyond: 429
+    MAX_STREAMS_PER_TEAM: int = Field(50, ge=1)
+    MAX_STREAMS_PER_KEY: int = Field(20, ge=1)
     MAX_ATTEMPTS: int = 3
     # Wall-clock limit of one attempt of a job, in every mode: past it the worker stops the job at its next cancel
     # check and fails it ("time limit of N s exceeded"), keeping its checkpoints for a retry. Celery's hard

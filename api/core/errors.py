@@ -7,6 +7,7 @@ from typing import Sequence
 
 class ServiceError(Exception):
     status_code = 400
+    headers: dict[str, str] | None = None  # of the response
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
