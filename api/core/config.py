@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     # Any other request body (a job spec, a form): refused (413) before it is read when it declares more
     MAX_BODY_BYTES: int = Field(64 * 1024, ge=1024)
     MIN_UPLOAD_CHARS: int = 1000
+    # `wkvq serve` closes a connection that has not sent a complete request line and headers this long after it
+    # opened or after its last response (slowloris); a 408 if it sent part of one
+    REQUEST_HEAD_TIMEOUT_SECONDS: float = Field(10, gt=0)
     # What a team may keep in the store (datasets, artifacts, checkpoints) unless `wkvq admin set-team` says
     # otherwise; unset: no quota
     TEAM_STORAGE_QUOTA_GB: float | None = Field(500, gt=0)
