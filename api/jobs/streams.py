@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
+import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -21,6 +21,8 @@ from ..core.errors import ServiceError, Unauthorized
 from ..models import ApiKey, Job, JobEvent
 from ..teams.service import check_key, key_prefix
 from .service import job_service
+
+log = logging.getLogger(__name__)
 
 STREAM_THREADS = 2  # the poller and the streams' event reads: a few short queries, whatever the number of streams
 RETRY_AFTER_SECONDS = 10
@@ -56,12 +58,13 @@ class StreamHub:
     async def watch(self, team_id: str, key: str, job_id: str) -> AsyncIterator[Watch]:
         """Registers a stream for as long as the block runs; TooManyStreams (429) beyond the caps."""
         settings = self.ctx.settings
-        if sum(w.key == key for w in self.watches) >= settings.MAX_STREAMS_PER_KEY:
-            raise TooManyStreams(f"this API key has {settings.MAX_STREAMS_PER_KEY} event streams open, the most this "
-                                 f"server allows; close one, or poll GET /v1/jobs/{{id}}")
-        if sum(w.team_id == team_id for w in self.watches) >= settings.MAX_STREAMS_PER_TEAM:
-            raise TooManyStreams(f"your team has {settings.MAX_STREAMS_PER_TEAM} event streams open, the most this "
-                                 f"server allows; close one, or poll GET /v1/jobs/{{id}}")
+        by_key = sum(w.key == key for w in self.watches)
+        by_team = sum(w.team_id == team_id for w in self.watches)
+        for holder, held, cap in (("this API key", by_key, settings.MAX_STREAMS_PER_KEY),
+                                  ("your team", by_team, settings.MAX_STREAMS_PER_TEAM)):
+            if held >= cap:
+                raise TooManyStreams(f"{holder} has {cap} event streams open, the most this server allows; close one, "
+                                     f"or poll GET /v1/jobs/{{id}}")
         watch = Watch(team_id, key, job_id)
         self.watches.add(watch)
         loop = asyncio.get_running_loop()
@@ -82,13 +85,17 @@ class StreamHub:
     async def _poll(self) -> None:
         while self.watches:
             watches = list(self.watches)
-            jobs, valid_keys = await anyio.to_thread.run_sync(self._read, watches, limiter=self.limiter)
-            for watch in watches:
-                status, newest = jobs.get(watch.job_id, (None, 0))
-                seen = (status, newest, status is None, watch.key not in valid_keys)
-                if seen != (watch.status, watch.newest_event, watch.gone, watch.revoked):
-                    watch.status, watch.newest_event, watch.gone, watch.revoked = seen
-                    watch.changed.set()
+            try:
+                jobs, valid_keys = await anyio.to_thread.run_sync(self._read, watches, limiter=self.limiter)
+            except Exception:  # the database is away: the streams wait, and the next round tries again
+                log.warning("event stream poll failed", exc_info=True)
+            else:
+                for watch in watches:
+                    status, newest = jobs.get(watch.job_id, (None, 0))
+                    seen = (status, newest, status is None, watch.key not in valid_keys)
+                    if seen != (watch.status, watch.newest_event, watch.gone, watch.revoked):
+                        watch.status, watch.newest_event, watch.gone, watch.revoked = seen
+                        watch.changed.set()
             await asyncio.sleep(self.ctx.settings.POLL_SECONDS)
 
     def _read(self, watches: list[Watch]) -> tuple[dict[str, tuple[str, int]], set[str]]:
