@@ -23,18 +23,16 @@ def settings(db_url, tmp_path):
                             MAX_STREAMS_PER_KEY=PER_KEY, MAX_STREAMS_PER_TEAM=PER_TEAM)
 
 
-def open_stream(base: str, job_id: str, key: str) -> tuple[socket.socket, bytes]:
-    """A socket on the job's event stream, and the response head read from it."""
+def open_streams(base: str, job_id: str, key: str, count: int = 1) -> list[tuple[socket.socket, bytes]]:
+    """`count` sockets on the job's event stream, all requested before any answer is read, and the response head
+    read from each."""
     address = urlsplit(base)
-    sock = socket.create_connection((address.hostname, address.port), timeout=60)
-    sock.sendall(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: {address.netloc}\r\n"
-                 f"Authorization: Bearer {key}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed after {head!r}"
-        head += chunk
-    return sock, head
+    request = (f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: {address.netloc}\r\n"
+               f"Authorization: Bearer {key}\r\n\r\n").encode()
+    sockets = [socket.create_connection((address.hostname, address.port), timeout=120) for _ in range(count)]
+    for sock in sockets:
+        sock.sendall(request)
+    return [(sock, read_until(sock, b"\r\n\r\n", b"")) for sock in sockets]
 
 
 def read_until(sock: socket.socket, marker: bytes, received: bytes) -> bytes:
@@ -62,10 +60,8 @@ def test_a_team_at_its_stream_cap_leaves_other_teams_fast(live_server, service):
         job_id, others_job = submit(http, keys[0]), submit(http, other)
         try:
             for key in keys[:2]:
-                for _ in range(PER_KEY):
-                    sock, head = open_stream(live_server, job_id, key)
-                    sockets.append((sock, head))
-                    assert head.startswith(b"HTTP/1.1 200"), head
+                sockets += open_streams(live_server, job_id, key, PER_KEY)
+            assert all(head.startswith(b"HTTP/1.1 200") for _, head in sockets), {head for _, head in sockets}
 
             for path in ["/healthz", "/v1/jobs", f"/v1/jobs/{others_job}"] * 3:
                 started = time.monotonic()
@@ -78,15 +74,14 @@ def test_a_team_at_its_stream_cap_leaves_other_teams_fast(live_server, service):
                                     headers={"Authorization": f"Bearer {key}"})
                 assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0, refused.text
                 assert refused.json()["detail"].startswith(cap), refused.text
-            sock, head = open_stream(live_server, others_job, other)  # the caps are per team
-            sockets.append((sock, head))
-            assert head.startswith(b"HTTP/1.1 200"), head
+            sockets += open_streams(live_server, others_job, other)  # the caps are per team
+            assert sockets[-1][1].startswith(b"HTTP/1.1 200"), sockets[-1][1]
 
             closed, _ = sockets.pop(0)
             closed.close()
             deadline = time.monotonic() + 60  # the server notices the closed connection, then frees its place
             while True:
-                sock, head = open_stream(live_server, job_id, keys[0])
+                [(sock, head)] = open_streams(live_server, job_id, keys[0])
                 if head.startswith(b"HTTP/1.1 200"):
                     sockets.append((sock, head))
                     break
