@@ -91,7 +91,8 @@ def delete_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: 
     return Response(status_code=status.HTTP_204_NO_CONTENT if done else status.HTTP_202_ACCEPTED)
 
 
-async def stream_slot(request: Request, key: ApiKeyDep, job: Annotated[Job, Depends(owned_job)]) -> AsyncIterator[Watch]:
+async def stream_slot(request: Request, key: ApiKeyDep,
+                      job: Annotated[Job, Depends(owned_job)]) -> AsyncIterator[Watch]:
     """The stream's place among the open ones, held until its response has ended; 429 beyond the caps."""
     async with request.app.state.streams.watch(job.team_id, key, job.id) as watch:
         yield watch
