@@ -12,7 +12,7 @@ from sqlalchemy.exc import DataError, OperationalError
 
 from .core.config import Settings
 from .core.context import ServiceContext
-from .core.errors import InvalidField, ServiceError, TooManyRequests
+from .core.errors import InvalidField, ServiceError
 from .core.limits import BodyLimits, validation_error
 from .core.redact import public_message
 from .core.storage import StorageError
@@ -20,6 +20,7 @@ from .dashboard import router as dashboard_router
 from .datasets.endpoints import router as datasets_router
 from .health.endpoints import router as health_router
 from .jobs.endpoints import router as jobs_router
+from .jobs.streams import StreamHub
 from .observability import install_metrics
 
 
@@ -32,9 +33,7 @@ def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         detail = [{"loc": exc.loc, "msg": exc.message, "type": "value_error"}]
     else:
         detail = exc.message
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-    if isinstance(exc, TooManyRequests):
-        headers = {"Retry-After": str(exc.retry_after)}
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else exc.headers
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
 
@@ -70,6 +69,7 @@ def create_app(ctx: ServiceContext | None = None) -> FastAPI:
                   generate_unique_id_function=_operation_id,
                   description="Post-training W4KV4 quantization jobs for LLaMA-family models, by team.")
     app.state.ctx = ctx
+    app.state.streams = StreamHub(ctx)
     v1 = APIRouter(prefix="/v1")
     v1.include_router(jobs_router)
     v1.include_router(datasets_router)

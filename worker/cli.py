@@ -92,6 +92,7 @@ def serve(
     """Run the API (and, in the embedded local mode, in-process workers and the reaper)."""
     import uvicorn
 
+    from api.core.server import http_protocol
     from api.main import create_app
 
     from .local import LocalWorker
@@ -118,13 +119,15 @@ def serve(
             runner = JobRunner(ctx, _worker_id(f"local-{i}"))
             PresenceThread(ctx, runner, settings.GPU_CLASSES, settings.DEVICE, stop).start()
             LocalWorker(runner, settings.GPU_CLASSES, stop, ctx.dispatcher.wakeup).start()
+    http = http_protocol(settings.REQUEST_HEAD_TIMEOUT_SECONDS)
     try:
         if processes > 1:  # each process builds its own app (api_app); this one supervises them and reaps
             os.environ["WKVQ_DATA_DIR"] = str(settings.DATA_DIR)  # the same state as this process's settings
-            uvicorn.run("worker.cli:api_app", factory=True, workers=processes, host=host, port=port,
+            uvicorn.run("worker.cli:api_app", factory=True, workers=processes, host=host, port=port, http=http,
                         log_level="info", log_config=None)
         else:
-            uvicorn.run(create_app(ctx), host=host, port=port, log_level="info", log_config=None)  # our handler
+            uvicorn.run(create_app(ctx), host=host, port=port, http=http, log_level="info",
+                        log_config=None)  # our handler
     finally:
         stop.set()
 

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     HEARTBEAT_SECONDS: float = 10.0
     REAPER_SECONDS: float = 15.0
     POLL_SECONDS: float = 1.0
+    # Open event streams (GET /v1/jobs/{id}/events) a team, and one API key, may hold in each API process; beyond: 429
+    MAX_STREAMS_PER_TEAM: int = Field(50, ge=1)
+    MAX_STREAMS_PER_KEY: int = Field(20, ge=1)
     MAX_ATTEMPTS: int = 3
     # Wall-clock limit of one attempt of a job, in every mode: past it the worker stops the job at its next cancel
     # check and fails it ("time limit of N s exceeded"), keeping its checkpoints for a retry. Celery's hard
@@ -109,6 +112,9 @@ class Settings(BaseSettings):
     # Any other request body (a job spec, a form): refused (413) before it is read when it declares more
     MAX_BODY_BYTES: int = Field(64 * 1024, ge=1024)
     MIN_UPLOAD_CHARS: int = 1000
+    # `wkvq serve` closes a connection that has not sent a complete request line and headers this long after it
+    # opened or after its last response (slowloris); a 408 if it sent part of one
+    REQUEST_HEAD_TIMEOUT_SECONDS: float = Field(10, gt=0)
     # What a team may keep in the store (datasets, artifacts, checkpoints) unless `wkvq admin set-team` says
     # otherwise; unset: no quota
     TEAM_STORAGE_QUOTA_GB: float | None = Field(500, gt=0)

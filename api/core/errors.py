@@ -7,6 +7,7 @@ from typing import Sequence
 
 class ServiceError(Exception):
     status_code = 400
+    headers: dict[str, str] | None = None  # of the response
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -47,6 +48,7 @@ class TooManyRequests(ServiceError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class InvalidField(ServiceError):

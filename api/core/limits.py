@@ -1,6 +1,6 @@
 """Limits before work: a request body over its route's limit is refused (413) by its declared Content-Length before
 any of it is read, or by counting the bytes as they arrive when there is none; validation errors never echo large
-inputs back."""
+inputs back, nor numbers JSON cannot hold."""
 
 from __future__ import annotations
 
@@ -38,13 +38,18 @@ class BodyLimits:
 def _short(error: dict[str, Any]) -> dict[str, Any]:
     if "input" not in error:
         return error
-    shown = json.dumps(jsonable_encoder(error["input"]), default=str)
-    if len(shown) <= ECHOED_INPUT_BYTES:
-        return error
-    return {k: v for k, v in error.items() if k not in ("input", "ctx")} | {
-        "input_omitted": f"{type(error['input']).__name__} of {len(shown)} bytes as JSON"}
+    try:
+        shown = json.dumps(jsonable_encoder(error["input"]), default=str, allow_nan=False)
+    except ValueError:  # NaN or ±Infinity (Python's json reads them, and 1e400 as inf): no JSON number holds it
+        omitted = f"{type(error['input']).__name__} holding NaN or Infinity, which JSON cannot represent"
+    else:
+        if len(shown) <= ECHOED_INPUT_BYTES:
+            return error
+        omitted = f"{type(error['input']).__name__} of {len(shown)} bytes as JSON"
+    return {k: v for k, v in error.items() if k not in ("input", "ctx")} | {"input_omitted": omitted}
 
 
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422 body (`detail`: a list of errors), with inputs over ECHOED_INPUT_BYTES left out."""
+    """FastAPI's 422 body (`detail`: a list of errors), with inputs over ECHOED_INPUT_BYTES or holding NaN or
+    Infinity left out."""
     return JSONResponse({"detail": jsonable_encoder([_short(e) for e in exc.errors()])}, status_code=422)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$", re.IGNORECASE)  # a range unit is case-insensitive
 ENTITY_TAG = re.compile(r'(W/)?"([^"]*)"')
+POSITION_DIGITS = 18  # a byte position with more significant digits lies past any stored object
 
 
 class PreconditionFailed(ServiceError):
@@ -46,6 +47,13 @@ class CorruptedStream(Exception):
     """The streamed bytes do not match the recorded sha256: the response is cut before its last chunk."""
 
 
+def _position(digits: str) -> int:
+    """A byte position as sent (leading zeros allowed); one too long for int() to parse counts as 10**18, past the
+    end of every object."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= POSITION_DIGITS else 10**POSITION_DIGITS
+
+
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(start, end inclusive) of one valid, satisfiable range; None for the whole file: no Range, an invalid one
     (RFC 9110 says to ignore it), several ranges or another unit. Raises RangeNotSatisfiable."""
@@ -56,12 +64,12 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first:
         if not last:
             return None  # "bytes=-": invalid
-        length = int(last)
+        length = _position(last)
         if not length or not size:
             raise RangeNotSatisfiable()
         return max(size - length, 0), size - 1
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _position(first)
+    end = _position(last) if last else size - 1
     if last and end < start:
         return None  # invalid, not unsatisfiable
     if start >= size:

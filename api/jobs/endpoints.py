@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import functools
 from typing import Annotated, AsyncIterator
 
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from ..core.errors import InvalidField, Unauthorized
+from ..core.errors import InvalidField
 from ..deps import AuthenticatedFirst, ApiKeyDep, ContextDep, CurrentTeam, SessionDep, released
 from ..models import Job, JobStatus
 from ..teams.service import team_service
@@ -18,6 +17,7 @@ from .download import ranged_download
 from .model_source import hub_configs
 from .schemas import ArtifactRead, HubModel, JobCreate, JobEventRead, JobList, JobRead
 from .service import job_service
+from .streams import Watch
 from .urls import artifact_url
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=AuthenticatedFirst)
@@ -91,35 +91,38 @@ def delete_job(ctx: ContextDep, session: SessionDep, team: CurrentTeam, job_id: 
     return Response(status_code=status.HTTP_204_NO_CONTENT if done else status.HTTP_202_ACCEPTED)
 
 
+async def stream_slot(request: Request, key: ApiKeyDep,
+                      job: Annotated[Job, Depends(owned_job)]) -> AsyncIterator[Watch]:
+    """The stream's place among the open ones, held until its response has ended; 429 beyond the caps."""
+    async with request.app.state.streams.watch(job.team_id, key, job.id) as watch:
+        yield watch
+
+
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
-            responses={200: {"description": "text/event-stream of JobEventRead; ends when the job has ended"}})
-async def job_events(ctx: ContextDep, key: ApiKeyDep, job: Annotated[Job, Depends(owned_job)],
+            responses={200: {"description": "text/event-stream of JobEventRead; ends when the job has ended"},
+                       429: {"description": "the team or key has its most streams open; Retry-After"}})
+async def job_events(request: Request, watch: Annotated[Watch, Depends(stream_slot)],
                      last_event_id: Annotated[int, Header(ge=0, le=2**62)] = 0) -> AsyncIterator[ServerSentEvent]:
-    """Each poll round re-checks the key: a key revoked while the stream is open ends it (`end`, unauthorized)."""
-    after, poll = last_event_id, ctx.settings.POLL_SECONDS
-
-    def fetch():
-        with ctx.session() as s:
-            try:
-                team_service.authenticate(s, key)
-            except Unauthorized:
-                return None, None
-            return job_service.events(s, job_id=job.id, after=after), JobStatus(s.get(type(job), job.id).status)
-
+    """Woken by the process's stream poller (`streams.py`) when the job or the key changes: a key revoked while the
+    stream is open ends it (`end`, unauthorized) within a poll round."""
+    streams, after = request.app.state.streams, last_event_id
     while True:
-        events, state = await run_in_threadpool(fetch)
-        if state is None:
+        if watch.revoked:
             yield ServerSentEvent(data={"status": "unauthorized"}, event="end")
             return
-        for event in events:
-            after = event.id
-            yield ServerSentEvent(data=JobEventRead.model_validate(event).model_dump(mode="json"), event=event.kind,
-                                  id=str(event.id))
-        if not events and state.terminal:
-            yield ServerSentEvent(data={"status": state.value}, event="end")
+        if watch.newest_event > after:
+            events = await streams.events(watch.job_id, after)
+            for event in events:
+                after = event.id
+                yield ServerSentEvent(data=JobEventRead.model_validate(event).model_dump(mode="json"),
+                                      event=event.kind, id=str(event.id))
+            if events:
+                continue  # more than one read's worth may be waiting
+        if watch.gone or (watch.status is not None and JobStatus(watch.status).terminal):
+            yield ServerSentEvent(data={"status": "deleted" if watch.gone else watch.status}, event="end")
             return
-        if not events:
-            await asyncio.sleep(poll)
+        await watch.changed.wait()
+        watch.changed.clear()
 
 
 @router.get("/{job_id}/metrics")

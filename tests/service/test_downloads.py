@@ -207,6 +207,29 @@ def test_invalid_range_is_ignored_unsatisfiable_is_416(stored):
         assert response.headers["content-range"] == f"bytes */{len(DATA)}"
 
 
+def test_range_positions_too_long_for_int_are_past_the_end(stored):
+    """Positions of more than 4300 digits (Python's int() limit): on both routes, GET and HEAD, a start past the end
+    is 416, a suffix or an end past it means the whole rest, and leading zeros are only zeros."""
+    signin = stored.http.post("/dashboard/signin", data={"api_key": stored.key})
+    cookie = signin.headers["set-cookie"].split(";", 1)[0]  # Secure: httpx keeps it off plain http by itself
+    huge, zeros = "9" * 5000, "0" * 5000
+    expected = {f"bytes={huge}-": (416, None), f"bytes={huge}-{huge}": (416, None),
+                f"bytes=-{huge}": (206, (0, len(DATA) - 1)), f"bytes=10-{huge}": (206, (10, len(DATA) - 1)),
+                f"bytes={zeros}10-{zeros}19": (206, (10, 19))}
+    for url, headers in ((stored.url, stored.headers),
+                         (f"/dashboard/jobs/{stored.job_id}/artifacts/model.tar", {"Cookie": cookie})):
+        for value, (status, span) in expected.items():
+            for method in ("GET", "HEAD"):
+                response = stored.http.request(method, url, headers=headers | {"Range": value})
+                assert response.status_code == status, (url, method, value[:20], response.text[:200])
+                if span is None:
+                    assert response.headers["content-range"] == f"bytes */{len(DATA)}"
+                    continue
+                start, end = span
+                assert response.headers["content-range"] == f"bytes {start}-{end}/{len(DATA)}"
+                assert response.content == (DATA[start:end + 1] if method == "GET" else b"")
+
+
 def test_head_answers_the_headers_of_get(stored):
     get = stored.http.get(stored.url, headers=stored.headers)
     head = stored.http.head(stored.url, headers=stored.headers)

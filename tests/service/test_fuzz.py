@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import quote
 
@@ -50,6 +51,48 @@ def test_no_operation_answers_5xx(service, client, team_headers):
                                                .decode("latin-1").strip()}
             response = case.call(headers=sent)
             assert response.status_code < 500, (mode, case.method, case.formatted_path, case.body, response.text[:500])
+
+        no_server_error()
+
+
+# Words Python's json reads as numbers no JSON number holds (1e400: inf); JSON generators never produce them
+NON_FINITE = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+MARK = "wkvq-fuzz-non-finite"
+
+
+def _places(value: Any, path: tuple = ()) -> list[tuple]:
+    """Every place in a JSON value: the value itself, and each member and item, recursively."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [path] + [place for key, item in items for place in _places(item, (*path, key))]
+
+
+def _replaced(value: Any, path: tuple, new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+def test_non_finite_numbers_answer_no_5xx(service, client, team_headers):
+    """Every operation with a JSON body: a generated body (valid or not) with one of its values, or the whole body,
+    replaced by NaN, ±Infinity or 1e400, sent as raw JSON."""
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(service))
+    headers = team_headers("fuzz") | {"Content-Type": "application/json"}
+    operations = [op for op in (result.ok() for result in schema.get_all_operations())
+                  if op.body and any(body.media_type == "application/json" for body in op.body)]
+    assert operations
+
+    for operation in operations:
+
+        @given(case=operation.as_strategy(media_type="application/json"), word=NON_FINITE, data=st.data())
+        @settings(max_examples=EXAMPLES_PER_OPERATION * 4, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def no_server_error(case, word, data):
+            place = data.draw(st.sampled_from(_places(case.body)))
+            body = json.dumps(_replaced(case.body, place, MARK)).replace(json.dumps(MARK), word)
+            response = client.request(case.method, case.formatted_path, content=body, headers=headers)
+            assert response.status_code < 500, (case.method, case.formatted_path, body, response.text[:500])
 
         no_server_error()
 

@@ -1,10 +1,11 @@
 """Small promises, each over a real HTTP server (uvicorn in-process, `live_server`) on SQLite and Postgres:
-bounded /metrics labels, no empty Idempotency-Key, no 5xx for values Postgres cannot hold, event streams that end on
-key revocation, no deployment paths or worker hostnames in what teams or anonymous scrapers read, and no absolute URL
-taken from the Host header."""
+bounded /metrics labels, no empty Idempotency-Key, no 5xx for values Postgres cannot hold nor for NaN and Infinity,
+event streams that end on key revocation, no deployment paths or worker hostnames in what teams or anonymous scrapers
+read, and no absolute URL taken from the Host header."""
 
 from __future__ import annotations
 
+import json
 import random
 import string
 import tempfile
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from api.core.db import utcnow
 from api.core.redact import public_message
@@ -92,6 +94,42 @@ def test_nul_characters_and_huge_numbers_are_client_errors(live_server, service,
         assert signin.status_code == 401 and "malformed" in signin.text
         api.cookies.set("wkvq_key", team_key(service, "a"))
         assert api.get("/dashboard/jobs", params={"page": 2**64}).status_code == 422
+
+
+# ------------------------------------------------------------------------------------------------ NaN, Infinity
+
+# Python's json reads NaN, Infinity and -Infinity, and 1e400 as inf; no JSON number holds them (`...` = TINY_JOB's)
+NON_FINITE_BODIES = {
+    '{"model": ..., "calibration": ..., "priority": NaN}': ["body", "priority"],
+    '{"model": ..., "calibration": ..., "priority": 1e400}': ["body", "priority"],
+    '{"model": ..., "calibration": ..., "config": {"nsamples": NaN}}': ["body", "config", "nsamples"],
+    '{"model": ..., "calibration": ..., "config": {"epochs": Infinity}}': ["body", "config", "epochs"],
+    '{"model": NaN, "calibration": ...}': ["body", "model"],
+    '{"model": ..., "calibration": ..., "extra": [-Infinity]}': ["body", "extra"],
+    "NaN": ["body"],
+}
+
+
+def test_non_finite_numbers_are_422_naming_the_field(live_server, service, team_headers):
+    """Raw JSON bodies with NaN, ±Infinity and 1e400 answer a 422 (strict JSON) naming the field, and create no job;
+    the dashboard's new-job form refuses the same words in its number fields with its own 422 page."""
+    headers = team_headers("a") | {"Content-Type": "application/json"}
+    with httpx.Client(base_url=live_server, timeout=30) as http:
+        for template, loc in NON_FINITE_BODIES.items():
+            body = template.replace('"model": ...', '"model": ' + json.dumps(TINY_JOB["model"])).replace(
+                '"calibration": ...', '"calibration": ' + json.dumps(TINY_JOB["calibration"]))
+            response = http.post("/v1/jobs", content=body, headers=headers)
+            assert response.status_code == 422, (body, response.text)
+            detail = json.loads(response.text, parse_constant=lambda word: pytest.fail(f"{word} in {response.text}"))
+            assert loc in [error["loc"][:len(loc)] for error in detail["detail"]], (body, detail)
+        assert http.get("/v1/jobs", headers=headers).json()["count"] == 0
+        signin = http.post("/dashboard/signin", data={"api_key": headers["Authorization"].removeprefix("Bearer ")})
+        cookie = {"Cookie": signin.headers["set-cookie"].split(";", 1)[0], "Origin": live_server}
+        for field, word in (("nsamples", "NaN"), ("epochs", "Infinity"), ("seqlen", "1e400"), ("seed", "-inf")):
+            form = {"model": "stories260k", "preset": "W4KV4", "calib_source": "builtin", field: word}
+            response = http.post("/dashboard/jobs/new", data=form, headers=cookie)
+            assert response.status_code == 422 and "text/html" in response.headers["content-type"], response.text
+        assert http.get("/v1/jobs", headers=headers).json()["count"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ event stream
