@@ -25,7 +25,7 @@ from api.core.storage import StorageError
 from api.datasets.builtin import BUILTIN_TEXTS
 from api.jobs.estimate import job_wkvq_config
 from api.jobs.model_source import local_model_dir
-from api.jobs.service import PUBLISHING, add_event
+from api.jobs.service import DONE, PUBLISHING, add_event
 from api.models import Artifact, Dataset, Job, JobMetrics, JobStatus, Team
 from api.queue.fair_share import claim_order, over_cap
 from wkvq_core.config import WKVQuantConfig
@@ -269,7 +269,7 @@ class JobRunner:
     def _publish(self, lease: Lease, stored, metrics: dict[str, Any]) -> None:
         """One transaction: artifact row, metrics, status succeeded (fenced)."""
         with self.ctx.session() as session:
-            if not fence(session, lease, status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), error=None,
+            if not fence(session, lease, status=JobStatus.SUCCEEDED.value, stage=DONE, finished_at=utcnow(), error=None,
                          lease_token=None, lease_expires_at=None):
                 session.rollback()
                 raise LeaseLost()

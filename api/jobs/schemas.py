@@ -137,7 +137,8 @@ class JobRead(BaseModel):
     epoch: int | None = Field(None, description="epochs finished in the block being calibrated (of config.epochs)")
     stage: str | None = Field(None, description="the stage the latest attempt is in, or ended in: loading, baselines, "
                                                 "calibrating, evaluating, writing, publishing (a job publishing its "
-                                                "artifact can no longer be cancelled); null before it starts")
+                                                "artifact can no longer be cancelled), done (succeeded); null before "
+                                                "it starts")
     worker: str | None
     error: str | None
     estimate: dict[str, Any] | None = Field(

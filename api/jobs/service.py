@@ -27,6 +27,7 @@ from .schemas import JobCreate, JobRead, UploadedData
 RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
 MAX_EVENTS_PER_JOB = 5000  # past it, a job's oldest events are dropped (cancel/retry loops cannot grow it forever)
 PUBLISHING = "publishing"  # the stage after the library returned: uploading the artifact; a cancel is refused
+DONE = "done"  # the stage of a succeeded job
 
 
 def request_hash(body: JobCreate) -> str:
