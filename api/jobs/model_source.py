@@ -128,8 +128,9 @@ def model_config(settings: Settings, spec: LocalModel | HubModel, hub_config: di
 def check_dims(config: dict[str, Any], quant: QuantConfig) -> None:
     """Fills in the model-aware defaults of the fields the request left out (group_size, seqlen), then checks what
     a run checks: group sizes must divide the inputs of every quantized linear and the head dim; seqlen must fit."""
-    try:
-        linear_inputs(config), head_dim(config)
+    try:  # a config without the dims is the model's fault, not a field's
+        linear_inputs(config)
+        head_dim(config)
     except ConfigError as exc:
         raise InvalidField(LOC, str(exc)) from None
     for field, resolve in (("group_size", resolve_group_size), ("seqlen", resolve_seqlen)):
