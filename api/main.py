@@ -18,6 +18,7 @@ from .core.redact import public_message
 from .core.storage import StorageError
 from .dashboard import router as dashboard_router
 from .datasets.endpoints import router as datasets_router
+from .docs_ui import install_docs
 from .health.endpoints import router as health_router
 from .jobs.endpoints import router as jobs_router
 from .jobs.streams import StreamHub
@@ -66,7 +67,7 @@ def create_app(ctx: ServiceContext | None = None) -> FastAPI:
             ctx.close()
 
     app = FastAPI(title="WKVQuant calibration service", version="1.0.0", lifespan=lifespan,
-                  generate_unique_id_function=_operation_id,
+                  generate_unique_id_function=_operation_id, docs_url=None, redoc_url=None,  # install_docs
                   description="Post-training W4KV4 quantization jobs for LLaMA-family models, by team.")
     app.state.ctx = ctx
     app.state.streams = StreamHub(ctx)
@@ -76,6 +77,7 @@ def create_app(ctx: ServiceContext | None = None) -> FastAPI:
     app.include_router(v1)
     app.include_router(health_router)
     app.include_router(dashboard_router)
+    install_docs(app)
     app.add_middleware(BodyLimits, max_body=ctx.settings.MAX_BODY_BYTES, max_upload=ctx.settings.MAX_UPLOAD_BYTES,
                        upload_paths=frozenset({"/v1/datasets", "/dashboard/jobs/new"}))
     install_metrics(app, ctx)  # outermost: it also counts the requests refused by the limits

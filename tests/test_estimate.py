@@ -242,3 +242,26 @@ def test_dry_run_json_and_device_kinds(tmp_path, monkeypatch):
     bad = dry_run("--estimate-for", "tpu")
     assert bad.exit_code == 2 and "--estimate-for must be one of cpu, a100-80gb, h100-80gb, h200" in bad.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--group-size", "128"], "group_size 128 does not divide the model's hidden_size 576"),
+    (["--kv-group-size", "5"], "kv_group_size 5 does not divide head_dim 64"),
+    (["--seqlen", "9000"], "seqlen 9000 exceeds the model's max_position_embeddings 8192"),
+])
+def test_dry_run_refuses_what_the_run_refuses(tmp_path, monkeypatch, options, message):
+    """SmolLM2-135M's shape (config.json only): the dry run makes the checks the real run makes when it builds the
+    quantized layers, and its default group size (64) is one the run accepts."""
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "smollm2-shape"
+    model.mkdir()
+    config = json.loads((TINY_MODEL / "config.json").read_text()) | {
+        "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "head_dim": 64, "num_hidden_layers": 30, "vocab_size": 49152, "max_position_embeddings": 8192}
+    (model / "config.json").write_text(json.dumps(config))
+    args = ["quantize", "--model", str(model), "--calib", "no-such-file", "--out", "never-written", "--dry-run"]
+    refused = CliRunner().invoke(app, [*args, *options])
+    assert refused.exit_code == 2 and message in refused.stderr, refused.output
+    accepted = CliRunner().invoke(app, [*args, "--json"])
+    assert accepted.exit_code == 0, accepted.output
+    assert not (tmp_path / "never-written").exists()

@@ -14,7 +14,7 @@ from api.core.migrate import alembic_config, downgrade, upgrade
 from api.models import Job, JobEvent, Team
 
 TABLES = {"teams", "api_keys", "datasets", "jobs", "artifacts", "block_checkpoints", "job_events", "job_metrics",
-          "workers"}
+          "workers", "dashboard_sessions"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -203,14 +203,17 @@ def submit(
     eval_spec: Annotated[Optional[str], typer.Option("--eval", help="Held-out text (same SPEC forms).")] = None,
     w_bits: Annotated[int, typer.Option("--w-bits", help="Weight bits (2-8, 16 = off).")] = 4,
     kv_bits: Annotated[int, typer.Option("--kv-bits", help="KV-cache bits (2-8, 16 = off).")] = 4,
-    group_size: Annotated[int, typer.Option("--group-size", help="Weight group along the input dim; -1 = per row.")
-                          ] = 128,
+    group_size: Annotated[Optional[int], typer.Option(
+        "--group-size", help="Weight group along the input dim; -1 = per row (default: the server picks the largest of "
+                             "128, 64, 32 dividing the model's linears, else -1).", show_default=False)] = None,
     kv_group_size: Annotated[Optional[int], typer.Option(help="KV quantization group (default: head_dim).")] = None,
     crr_k: Annotated[int, typer.Option(help="Blocks in the cross-block reconstruction loss.")] = 5,
     loss: Annotated[Loss, typer.Option(help="mae (WKVQuant) or mse (OmniQuant with k=1).")] = Loss.mae,
     epochs: int = 5,
     nsamples: int = 128,
-    seqlen: int = 2048,
+    seqlen: Annotated[Optional[int], typer.Option(help="Tokens per calibration window (default: 2048, or the model's "
+                                                       "max_position_embeddings if smaller).", show_default=False)
+                      ] = None,
     seed: int = 0,
     lwc: Annotated[bool, typer.Option(help="Learnable weight clipping.")] = True,
     smoothing: Annotated[bool, typer.Option(help="2D KV smoothing.")] = True,
@@ -244,9 +247,11 @@ def submit(
         body: dict[str, Any] = {
             "model": model_body,
             "calibration": data_spec(calib, "--calib", upload),
-            "config": {"w_bits": w_bits, "kv_bits": kv_bits, "group_size": group_size, "kv_group_size": kv_group_size,
-                       "crr_k": crr_k, "loss": loss.value, "epochs": epochs, "nsamples": nsamples, "seqlen": seqlen,
-                       "seed": seed, "lwc": lwc, "smoothing": smoothing, "poq": poq, "method": method},
+            "config": {"w_bits": w_bits, "kv_bits": kv_bits, "kv_group_size": kv_group_size, "crr_k": crr_k,
+                       "loss": loss.value, "epochs": epochs, "nsamples": nsamples, "seed": seed, "lwc": lwc,
+                       "smoothing": smoothing, "poq": poq, "method": method}
+                      | {name: value for name, value in (("group_size", group_size), ("seqlen", seqlen))
+                         if value is not None},  # left out: the server's defaults for the model
             "priority": priority,
         }
         if eval_spec is not None:

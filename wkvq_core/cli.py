@@ -13,8 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import (DEFAULT_METHOD, METHODS, CalibConfig, CRRLoss, EvalMode, WeightQuantConfig, WKVQuantConfig,
-                     kv_config, resolve_seqlen)
+from .config import (DEFAULT_METHOD, FP_BITS, METHODS, CalibConfig, CRRLoss, EvalMode, WeightQuantConfig,
+                     WKVQuantConfig, check_kv_group_size, kv_config, resolve_group_size, resolve_seqlen)
 from .errors import WKVQError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="WKVQuant: W4 + KV4 post-training quantization.")
@@ -23,7 +23,9 @@ out = Console()
 
 WBits = Annotated[int, typer.Option("--w-bits", help="Weight bits (2-8, 16 = off).")]
 KVBits = Annotated[int, typer.Option("--kv-bits", help="KV-cache bits (2-8, 16 = off).")]
-GroupSize = Annotated[int, typer.Option("--group-size", help="Weight group size along the input dim; -1 = per row.")]
+GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="Weight group size along the input dim; -1 = per "
+                                                 "row (default: the largest of 128, 64, 32 dividing every linear's "
+                                                 "input dim, else -1).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 SEQLEN_DEFAULT = "default: 2048, or the model's max_position_embeddings if smaller"
 
@@ -199,7 +201,7 @@ def quantize(
     eval_data: Annotated[Optional[str], typer.Option("--eval", help="Held-out text for the metrics table.")] = None,
     w_bits: WBits = 4,
     kv_bits: KVBits = 4,
-    group_size: GroupSize = 128,
+    group_size: GroupSize = None,
     kv_group_size: Annotated[Optional[int], typer.Option(help="KV quantization group (default: head_dim).")] = None,
     crr_k: Annotated[int, typer.Option(help="Blocks in the cross-block reconstruction loss.")] = 5,
     loss: Annotated[CRRLoss, typer.Option(help="mae (WKVQuant) or mse (OmniQuant with k=1).")] = CRRLoss.MAE,
@@ -243,7 +245,11 @@ def quantize(
         _check_dir_option("--checkpoint-dir", checkpoint_dir)
     try:
         model = _model_source(model)
-        seqlen = resolve_seqlen(seqlen, model_config(model, revision))  # before calibrating
+        # from config.json, before calibrating: the dry run refuses what the run would
+        seqlen = resolve_seqlen(seqlen, model_config(model, revision))
+        group_size = resolve_group_size(group_size, model_config(model, revision)) if w_bits != FP_BITS else -1
+        if kv_bits != FP_BITS:
+            check_kv_group_size(kv_group_size, model_config(model, revision))
         config = _build_config(**locals())
         if dry_run:
             _print_estimate(model, revision, config, eval_data, device, estimate_for, as_json)
@@ -277,7 +283,7 @@ def evaluate(
     mode: Annotated[str, typer.Option(help="fp, w, wkv or all.")] = "all",
     w_bits: WBits = 4,
     kv_bits: KVBits = 4,
-    group_size: GroupSize = 128,
+    group_size: GroupSize = None,
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -308,6 +314,7 @@ def evaluate(
             net, tokenizer = load_model(model)
             if modes == [EvalMode.FP]:  # nothing quantized: bit options do not apply
                 w_bits = kv_bits = 16
+            group_size = resolve_group_size(group_size, model_config(model)) if w_bits != FP_BITS else -1
             config = _build_config(w_bits=w_bits, kv_bits=kv_bits, group_size=group_size)
             prepare_model_(net, config)
         windows = eval_windows(tokenize(tokenizer, load_text(data)), seqlen)

@@ -50,6 +50,56 @@ def check_seqlen(seqlen: int, model_config: dict[str, Any]) -> None:
         raise ConfigError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {max_len}")
 
 
+DEFAULT_GROUP_SIZES = (128, 64, 32)  # smaller groups would cost more in scales and zeros than they save
+
+
+def linear_inputs(model_config: dict[str, Any]) -> dict[str, int]:
+    """The input dims of the quantized linears: hidden_size (q, k, v, o, gate, up) and intermediate_size (down)."""
+    dims = {name: model_config.get(name) for name in ("hidden_size", "intermediate_size")}
+    if not all(isinstance(dim, int) and dim > 0 for dim in dims.values()):
+        raise ConfigError("model config lacks hidden_size / intermediate_size")
+    return dims
+
+
+def default_group_size(model_config: dict[str, Any]) -> int:
+    """The largest of DEFAULT_GROUP_SIZES that divides every quantized linear's input, else -1 (one group per row)."""
+    dims = linear_inputs(model_config).values()
+    return next((size for size in DEFAULT_GROUP_SIZES if all(dim % size == 0 for dim in dims)), -1)
+
+
+def check_group_size(group_size: int, model_config: dict[str, Any]) -> None:
+    """The check a real run makes when it builds the quantized linears (weight_clip), from config.json alone."""
+    if group_size < 1:  # -1: one group per row; other values are refused by WeightQuantConfig
+        return
+    for name, dim in linear_inputs(model_config).items():
+        if dim % group_size:
+            raise ConfigError(f"group_size {group_size} does not divide the model's {name} {dim} (use a divisor, "
+                              f"or -1 for one group per row; default: {default_group_size(model_config)})")
+
+
+def head_dim(model_config: dict[str, Any]) -> int:
+    hidden, heads = model_config.get("hidden_size"), model_config.get("num_attention_heads")
+    dim = model_config.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int)
+                                           and heads > 0 else None)
+    if not isinstance(dim, int) or dim <= 0:
+        raise ConfigError("model config lacks head_dim (or hidden_size and num_attention_heads)")
+    return dim
+
+
+def check_kv_group_size(kv_group_size: int | None, model_config: dict[str, Any]) -> None:
+    """The check a real run makes when it builds the attention layers (kv_quant), from config.json alone."""
+    if kv_group_size is not None and head_dim(model_config) % kv_group_size:
+        raise ConfigError(f"kv_group_size {kv_group_size} does not divide head_dim {head_dim(model_config)}")
+
+
+def resolve_group_size(group_size: int | None, model_config: dict[str, Any]) -> int:
+    """`group_size` checked against the model; None: default_group_size."""
+    if group_size is None:
+        return default_group_size(model_config)
+    check_group_size(group_size, model_config)
+    return group_size
+
+
 def resolve_seqlen(seqlen: int | None, model_config: dict[str, Any]) -> int:
     """`seqlen` checked against the model's context; None: DEFAULT_SEQLEN, or the context when it is shorter."""
     if seqlen is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import OperationalError
 
@@ -50,6 +52,12 @@ def _settings(data_dir: Path | None = None) -> Settings:
     except ValueError as exc:
         out.print(f"error: invalid settings: {exc}")
         raise typer.Exit(2) from None
+
+
+def shown(text: str) -> str:
+    """`text` as printed to the admin's terminal: Rich markup escaped, control characters (ANSI escapes of names
+    stored before names were checked) written as \\xNN."""
+    return escape("".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text))
 
 
 def _worker_id(label: str) -> str:
@@ -182,7 +190,7 @@ def _run_worker(settings: Settings, queues: list[str], device: str) -> None:
     from .retention import remove_stale_workdirs
     from .runner import JobRunner
 
-    worker_id = _worker_id(f"{'+'.join(queues)}:gpu{device}")
+    worker_id = _worker_id(f"{'+'.join(queues)}:{device if device == 'cpu' else f'gpu{device}'}")
     configure_logging(settings.LOG_FORMAT, worker_id=worker_id)
     log.info("database: %s; artifact store: %s", settings.database_display, settings.STORAGE_URL)
     ctx = ServiceContext.from_settings(settings)
@@ -207,20 +215,32 @@ def _run_worker(settings: Settings, queues: list[str], device: str) -> None:
 def create_team(name: str, data_dir: DataDir = None) -> None:
     """Create a team."""
     _admin(lambda ctx, s: team_service.create_team(s, name=name), data_dir)
-    out.print(f"team {name} created")
+    out.print(f"team {shown(name)} created")
+
+
+MAX_RUNNING = 2**31 - 1  # the column's integer
+MAX_QUOTA_GB = 9e9  # 9e18 bytes: the column's 64-bit integer
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a number of GB")
+    return value
 
 
 @admin.command("set-team")
 def set_team(
     team: str,
     weight: Annotated[Optional[float], typer.Option(help="share of the pool relative to other teams (default 1)")] = None,
-    max_running: Annotated[Optional[int], typer.Option(help="jobs running at once, at most; 0: no cap")] = None,
+    max_running: Annotated[Optional[int], typer.Option(
+        min=0, max=MAX_RUNNING, help="jobs running at once, at most; 0: no cap")] = None,
     storage_quota_gb: Annotated[Optional[float], typer.Option(
+        min=0, max=MAX_QUOTA_GB, callback=_finite,
         help="datasets, artifacts and checkpoints kept, in GB; 0: the service default (WKVQ_TEAM_STORAGE_QUOTA_GB)")] = None,
     max_queued: Annotated[Optional[int], typer.Option(
-        help="jobs queued at once, at most; 0: the service default (WKVQ_TEAM_MAX_QUEUED)")] = None,
+        min=0, max=MAX_RUNNING, help="jobs queued at once, at most; 0: the service default (WKVQ_TEAM_MAX_QUEUED)")] = None,
     submissions_per_minute: Annotated[Optional[int], typer.Option(
-        help="jobs submitted in any minute, at most; 0: the service default (WKVQ_TEAM_SUBMISSIONS_PER_MINUTE)")] = None,
+        min=0, max=MAX_RUNNING, help="jobs submitted in any minute, at most; 0: the service default (WKVQ_TEAM_SUBMISSIONS_PER_MINUTE)")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Set a team's fair-share weight, running-job cap, storage quota and submission limits."""
@@ -241,7 +261,7 @@ def list_teams(data_dir: DataDir = None) -> None:
 
     table = Table("team", "weight", "max running", "running", "queued / max", "per minute", "storage used", "quota")
     for team, usage, queued_cap, per_minute in _admin(read, data_dir):
-        table.add_row(team.name, f"{team.weight:g}", str(team.max_running or "–"), str(usage.running),
+        table.add_row(shown(team.name), f"{team.weight:g}", str(team.max_running or "–"), str(usage.running),
                       f"{usage.queued} / {queued_cap or '–'}", str(per_minute or "–"),
                       f"{usage.stored_bytes / 1e9:.3f} GB",
                       f"{usage.quota_bytes / 1e9:g} GB" if usage.quota_bytes is not None else "none")
@@ -260,7 +280,7 @@ def create_key(team: str, name: Annotated[str, typer.Option(help="a label for th
 def revoke_key(prefix: str, data_dir: DataDir = None) -> None:
     """Revoke the key with this visible PREFIX (the part after `wkvq_`)."""
     _admin(lambda ctx, s: team_service.revoke_key(s, prefix=prefix), data_dir)
-    out.print(f"key {prefix} revoked")
+    out.print(f"key {shown(prefix)} revoked")
 
 
 @admin.command("list-keys")
@@ -269,7 +289,7 @@ def list_keys(data_dir: DataDir = None) -> None:
     rows = _admin(lambda ctx, s: team_service.list_keys(s), data_dir)
     table = Table("team", "prefix", "name", "created", "revoked")
     for key, team in rows:
-        table.add_row(team.name, key.prefix, key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
+        table.add_row(shown(team.name), key.prefix, shown(key.name), f"{key.created_at:%Y-%m-%d %H:%M}",
                       f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "")
     out.print(table)
 
@@ -283,7 +303,7 @@ def _admin(action, data_dir: Path | None):
         with ctx.session() as session:
             return action(ctx, session)
     except ServiceError as exc:
-        out.print(f"error: {exc.message}")
+        out.print(f"error: {shown(exc.message)}")
         raise typer.Exit(2) from None
     finally:
         ctx.close()

@@ -26,7 +26,7 @@ from api.datasets.builtin import BUILTIN_TEXTS
 from api.jobs import states
 from api.jobs.estimate import job_wkvq_config
 from api.jobs.model_source import local_model_dir
-from api.jobs.service import PUBLISHING, add_event
+from api.jobs.service import DONE, PUBLISHING, add_event
 from api.models import Artifact, Dataset, Job, JobMetrics, JobStatus, Team
 from api.queue.fair_share import claim_order, over_cap
 from wkvq_core.config import WKVQuantConfig
@@ -268,7 +268,7 @@ class JobRunner:
     def _publish(self, lease: Lease, stored, metrics: dict[str, Any]) -> None:
         """One transaction: artifact row, metrics, status succeeded (fenced)."""
         with self.ctx.session() as session:
-            if not states.finish(session, lease.job_id, lease.token, JobStatus.SUCCEEDED, error=None):
+            if not states.finish(session, lease.job_id, lease.token, JobStatus.SUCCEEDED, stage=DONE, error=None):
                 session.rollback()
                 raise LeaseLost()
             previous = session.scalar(select(Artifact).where(Artifact.job_id == lease.job_id, Artifact.name == ARTIFACT_NAME))

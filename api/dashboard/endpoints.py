@@ -1,11 +1,13 @@
 """The dashboard's pages: thin routes over job_service, dataset_service, team_service and queue_service.
 
-Signed in by a team API key kept in an HttpOnly, Secure, SameSite=Strict cookie; forms that change state are POST.
+Signed in by a team API key, exchanged for a session token (api/dashboard/sessions.py) kept in an HttpOnly,
+SameSite=Strict cookie (Secure when served over https); forms that change state are POST.
 Live parts are htmx fragments polled while a job is queued or running."""
 
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
@@ -17,10 +19,11 @@ from ..jobs.download import ranged_download
 from ..jobs.service import job_service
 from ..models import JobStatus, Team
 from ..queue.service import queue_service
-from ..teams.service import team_service
 from .forms import JobForm, form_context, submit_form
+from .sessions import end_session, session_team, start_session
 from .views import job_detail, job_row
-from .web import HERE, HOME, LOGOUT, SIGNIN, DashboardRoute, DashboardTeam, clear_cookie, render, safe_next, set_cookie
+from .web import (COOKIE, HERE, HOME, LOGOUT, SIGNED_IN, SIGNIN, DashboardRoute, DashboardTeam, clear_cookie,
+                  over_https, render, safe_next, set_cookie)
 
 router = APIRouter(tags=["dashboard"], include_in_schema=False, route_class=DashboardRoute)
 
@@ -65,19 +68,34 @@ def signin(request: Request, session: SessionDep, api_key: Annotated[str, Form()
            next: Annotated[str, Form()] = HOME) -> Response:
     key = api_key.strip()
     try:
-        team_service.authenticate(session, key)
+        token = start_session(session, key)
     except Unauthorized as exc:
         message = exc.message if key.startswith("wkvq_") else "paste a team API key; it starts with wkvq_"
         return render(request, "signin.html", {"next": safe_next(next), "error": message}, status_code=401)
-    response = see_other(safe_next(next))
-    set_cookie(response, key)
+    response = see_other(f"{SIGNED_IN}?next={quote(safe_next(next), safe='/')}")
+    set_cookie(request, response, token)
     return response
 
 
+@router.get(SIGNED_IN)
+def signin_check(request: Request, session: SessionDep, next: str | None = None) -> Response:
+    """On to `next` if the browser sent the new cookie back; otherwise say why the sign-in did not stick."""
+    try:
+        session_team(session, request.cookies.get(COOKIE))
+    except Unauthorized:
+        reason = ("this page was opened over http, and the cookie is Secure because WKVQ_PUBLIC_URL is https: open "
+                  "the dashboard at that address" if over_https(request) and request.url.scheme != "https"
+                  else "allow cookies for this site, then sign in again")
+        return render(request, "signin.html", {"next": safe_next(next), "error": "The key was accepted, but this "
+                      f"browser did not keep the sign-in cookie: {reason}."}, status_code=401)
+    return see_other(safe_next(next))
+
+
 @router.post(LOGOUT)
-def logout() -> Response:
+def logout(request: Request, session: SessionDep) -> Response:
+    end_session(session, request.cookies.get(COOKIE))
     response = see_other(SIGNIN)
-    clear_cookie(response)
+    clear_cookie(request, response)
     return response
 
 

@@ -23,6 +23,7 @@ PRESETS = {"W4KV4": (4, 4), "W4": (4, 16), "W4KV8": (4, 8)}  # (w_bits, kv_bits)
 PRESET_LABELS = {"W4KV4": "W4KV4 (4-bit weights, 4-bit KV cache)", "W4": "W4 (4-bit weights, fp16 KV cache)",
                  "W4KV8": "W4KV8 (4-bit weights, 8-bit KV cache)"}
 NUMBER_FIELDS = ("group_size", "nsamples", "seqlen", "epochs", "crr_k", "seed")
+MODEL_DEFAULTS = ("group_size", "seqlen")  # left empty: the API picks them for the model (model_source.check_dims)
 CALIBRATION_SOURCES = ("builtin", "dataset", "file")
 PLACEHOLDER_ID = "0" * 32  # stands for a file not uploaded yet while the rest of the form is validated
 
@@ -55,12 +56,13 @@ class JobForm(BaseModel):
         defaults = QuantConfig()
         models = local_models(ctx.settings)
         return cls(model=models[0] if models else "", gpu_class=ctx.settings.GPU_CLASSES[0],
-                   idempotency_key=uuid.uuid4().hex, **{f: str(getattr(defaults, f)) for f in NUMBER_FIELDS})
+                   idempotency_key=uuid.uuid4().hex,
+                   **{f: str(getattr(defaults, f)) for f in NUMBER_FIELDS if f not in MODEL_DEFAULTS})
 
     def body(self, dataset_id: str) -> dict[str, Any]:
         w_bits, kv_bits = PRESETS.get(self.preset, (None, None))
         config: dict[str, Any] = {"w_bits": w_bits, "kv_bits": kv_bits}
-        config.update({f: getattr(self, f) for f in NUMBER_FIELDS})
+        config.update({f: value for f in NUMBER_FIELDS if (value := getattr(self, f)) not in (None, "")})
         if self.calib_source == "builtin":
             calibration = {"source": "builtin", "name": self.builtin_name}
         else:

@@ -76,7 +76,8 @@ def estimate_summary(estimate: dict[str, Any] | None) -> dict[str, Any] | None:
     ]}
 
 
-def metric_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+def metric_summary(metrics: dict[str, Any] | None, whole_run: float | None = None) -> dict[str, Any] | None:
+    """Perplexities against their baselines and facts of the run; `whole_run`: started to finished, in seconds."""
     if not metrics:
         return None
     evaluation, run = metrics.get("eval") or {}, metrics.get("run") or {}
@@ -95,7 +96,9 @@ def metric_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     if evaluation.get("tokens"):
         facts.append(("Evaluation tokens", f"{evaluation['tokens']:,}"))
     if run.get("seconds") is not None:
-        facts.append(("Calibration time", duration(run["seconds"])))
+        facts.append(("Calibration with per-block evaluation", duration(run["seconds"])))  # wkvq_core.calibrate
+    if whole_run is not None:
+        facts.append(("Whole run", duration(whole_run)))
     if run.get("peak_memory_bytes") is not None:
         facts.append(("Peak memory", filesize(run["peak_memory_bytes"])))
     if run.get("resumed_blocks"):
@@ -126,7 +129,8 @@ def job_detail(session: Session, *, team: Team, job_id: str) -> dict[str, Any]:
         "epoch": current_epoch(job, events),
         "device": worker.device if worker else None,
         "chart": loss_chart_svg(loss_points(events)),
-        "metrics": metric_summary(metrics),
+        "metrics": metric_summary(metrics, (job.finished_at - job.started_at).total_seconds()
+                                  if job.finished_at and job.started_at else None),
         "estimate": estimate_summary(job.estimate),
         "artifacts": job_service.artifacts(session, team=team, job_id=job.id),
         "events": events[::-1][:EVENT_LOG_LIMIT],

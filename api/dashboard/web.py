@@ -18,14 +18,14 @@ from fastapi.templating import Jinja2Templates
 
 from ..core.db import utcnow
 from ..core.errors import NotFound, Unauthorized
-from ..deps import SAFE_METHODS, SessionDep, authenticate_key, released
+from ..deps import SAFE_METHODS, SessionDep, released
 from ..models import Team
-from ..teams.service import team_service
+from .sessions import SESSION_SECONDS, session_team
 
 HERE = Path(__file__).resolve().parent
-COOKIE = "wkvq_key"
-COOKIE_MAX_AGE = 7 * 24 * 3600
+COOKIE = "wkvq_session"
 SIGNIN = "/dashboard/signin"
+SIGNED_IN = "/dashboard/signin/check"  # where a sign-in lands first: tells whether the browser kept the cookie
 HOME = "/dashboard/jobs"
 LOGOUT = "/dashboard/logout"
 SECURITY_HEADERS = {
@@ -93,7 +93,7 @@ class SignInRequired(Exception):
 
 def signed_in_team(request: Request, session: SessionDep) -> Team:
     try:
-        team = team_service.authenticate(session, request.cookies.get(COOKIE))
+        team = session_team(session, request.cookies.get(COOKIE))
     except Unauthorized:
         raise SignInRequired() from None
     request.state.team = team  # for the page header
@@ -102,7 +102,8 @@ def signed_in_team(request: Request, session: SessionDep) -> Team:
 
 def _check_cookie(request: Request) -> None:
     try:
-        authenticate_key(request.app.state.ctx, request.cookies.get(COOKIE))
+        with request.app.state.ctx.read_session() as session:
+            session_team(session, request.cookies.get(COOKIE))
     except Unauthorized:
         raise SignInRequired() from None
 
@@ -136,16 +137,24 @@ def sign_in_redirect(request: Request) -> Response:
     else:
         response = RedirectResponse(target, status_code=303)
     if COOKIE in request.cookies:  # expired or revoked: forget it
-        clear_cookie(response)
+        clear_cookie(request, response)
     return response
 
 
-def set_cookie(response: Response, key: str) -> None:
-    response.set_cookie(COOKIE, key, max_age=COOKIE_MAX_AGE, path="/", secure=True, httponly=True, samesite="strict")
+def over_https(request: Request) -> bool:
+    """Whether browsers reach the dashboard over https (WKVQ_PUBLIC_URL, else this request): only then is the
+    cookie Secure, which a browser drops when it was set over http."""
+    public_url = request.app.state.ctx.settings.PUBLIC_URL
+    return (urlsplit(public_url).scheme if public_url else request.url.scheme) == "https"
 
 
-def clear_cookie(response: Response) -> None:
-    response.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+def set_cookie(request: Request, response: Response, token: str) -> None:
+    response.set_cookie(COOKIE, token, max_age=SESSION_SECONDS, path="/", secure=over_https(request), httponly=True,
+                        samesite="strict")
+
+
+def clear_cookie(request: Request, response: Response) -> None:
+    response.delete_cookie(COOKIE, path="/", secure=over_https(request), httponly=True, samesite="strict")
 
 
 class DashboardRoute(APIRoute):

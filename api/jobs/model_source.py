@@ -12,12 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from wkvq_core.config import check_seqlen
+from wkvq_core.config import (check_kv_group_size, head_dim, linear_inputs, resolve_group_size,
+                              resolve_seqlen)
 from wkvq_core.errors import ConfigError
 
 from ..core.config import Settings
 from ..core.errors import InvalidField
-from .schemas import HubData, HubModel, JobCreate, LocalModel
+from .schemas import FP_BITS, HubData, HubModel, JobCreate, LocalModel, QuantConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # as wkvq_core.model (no torch import here)
 LOC = ("body", "model")
@@ -136,23 +137,24 @@ def model_config(settings: Settings, spec: LocalModel | HubModel, hub_config: di
     return config
 
 
-def check_dims(config: dict[str, Any], quant) -> None:
-    """Group sizes must divide the inputs of every quantized linear and the head dim; seqlen must fit the model."""
-    hidden, inter = config.get("hidden_size"), config.get("intermediate_size")
-    heads = config.get("num_attention_heads")
-    head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
-    if not all(isinstance(x, int) and x > 0 for x in (hidden, inter, head_dim)):
-        raise InvalidField(LOC, "model config lacks hidden_size / intermediate_size / head_dim")
-    if quant.w_bits != 16 and quant.group_size != -1:
-        for name, dim in (("hidden_size", hidden), ("intermediate_size", inter)):
-            if dim % quant.group_size:
-                raise InvalidField(("body", "config", "group_size"),
-                                   f"group_size {quant.group_size} does not divide the model's {name} {dim} "
-                                   "(use a divisor, or -1 for one group per row)")
-    if quant.kv_bits != 16 and quant.kv_group_size is not None and head_dim % quant.kv_group_size:
-        raise InvalidField(("body", "config", "kv_group_size"),
-                           f"kv_group_size {quant.kv_group_size} does not divide head_dim {head_dim}")
-    try:
-        check_seqlen(quant.seqlen, config)  # the same check and message as `wkvq quantize` / `wkvq eval`
+def check_dims(config: dict[str, Any], quant: QuantConfig) -> None:
+    """Fills in the model-aware defaults of the fields the request left out (group_size, seqlen), then checks what
+    a run checks: group sizes must divide the inputs of every quantized linear and the head dim; seqlen must fit."""
+    try:  # a config without the dims is the model's fault, not a field's
+        linear_inputs(config)
+        head_dim(config)
     except ConfigError as exc:
-        raise InvalidField(("body", "config", "seqlen"), str(exc)) from None
+        raise InvalidField(LOC, str(exc)) from None
+    for field, resolve in (("group_size", resolve_group_size), ("seqlen", resolve_seqlen)):
+        chosen = getattr(quant, field) if field in quant.model_fields_set else None
+        if field == "group_size" and quant.w_bits == FP_BITS:
+            continue  # not used
+        try:
+            setattr(quant, field, resolve(chosen, config))
+        except ConfigError as exc:  # the same checks and messages as `wkvq quantize`
+            raise InvalidField(("body", "config", field), str(exc)) from None
+    if quant.kv_bits != FP_BITS:
+        try:
+            check_kv_group_size(quant.kv_group_size, config)
+        except ConfigError as exc:
+            raise InvalidField(("body", "config", "kv_group_size"), str(exc)) from None

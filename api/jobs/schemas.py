@@ -85,13 +85,15 @@ class QuantConfig(Strict):
 
     w_bits: int = 4
     kv_bits: int = 4
-    group_size: int = Field(128, ge=-1, le=65536, description="weight group along the input dim; -1 = per row")
+    group_size: int = Field(128, ge=-1, le=65536, description="weight group along the input dim; -1 = per row; left "
+                                                              "out: the largest of 128, 64, 32 dividing every "
+                                                              "linear's input dim of the model, else -1")
     kv_group_size: int | None = Field(None, ge=1, le=1024, description="KV channels per group; null = head_dim")
     crr_k: int = Field(5, ge=1, le=64)
     loss: Literal["mae", "mse"] = "mae"
     epochs: int = Field(5, ge=0, le=50)
     nsamples: int = Field(128, ge=1, le=4096)
-    seqlen: int = Field(2048, ge=16, le=32768)
+    seqlen: int = Field(2048, ge=16, le=32768, description="left out: 2048, or the model's context if shorter")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     lwc: bool = True
     smoothing: bool = True
@@ -150,7 +152,8 @@ class JobRead(BaseModel):
     epoch: int | None = Field(None, description="epochs finished in the block being calibrated (of config.epochs)")
     stage: str | None = Field(None, description="the stage the latest attempt is in, or ended in: loading, baselines, "
                                                 "calibrating, evaluating, writing, publishing (a job publishing its "
-                                                "artifact can no longer be cancelled); null before it starts")
+                                                "artifact can no longer be cancelled), done (succeeded); null before "
+                                                "it starts")
     worker: str | None
     error: str | None
     estimate: dict[str, Any] | None = Field(

@@ -24,7 +24,7 @@ from . import states
 from .estimate import check_budget, estimate_job, reserved_bytes
 from .model_source import check_dims, check_hub_data, model_config
 from .schemas import JobCreate, JobRead, UploadedData
-from .states import PUBLISHING, RETRYABLE  # noqa: F401  (re-exported: the dashboard and the worker use them)
+from .states import DONE, PUBLISHING, RETRYABLE  # noqa: F401  (re-exported: the dashboard and the worker use them)
 
 MAX_EVENTS_PER_JOB = 5000  # past it, a job's oldest events are dropped (cancel/retry loops cannot grow it forever)
 

@@ -34,6 +34,7 @@ QUEUED, RUNNING, FAILED, CANCELLED = (JobStatus.QUEUED.value, JobStatus.RUNNING.
                                     JobStatus.CANCELLED.value)
 RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
 PUBLISHING = "publishing"  # the stage after the library returned: uploading the artifact; a cancel is refused
+DONE = "done"  # the stage of a succeeded job
 
 NOT_DELETED = Job.deleted_at.is_(None)
 NO_CANCEL = Job.cancel_requested.is_(False)

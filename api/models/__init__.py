@@ -4,6 +4,7 @@ from ..core.db import Base
 from .api_key import ApiKey
 from .artifact import Artifact
 from .block_checkpoint import BlockCheckpoint
+from .dashboard_session import DashboardSession
 from .dataset import Dataset
 from .job import Job, JobStatus
 from .job_event import JobEvent
@@ -11,4 +12,4 @@ from .job_metrics import JobMetrics
 from .team import Team
 from .worker import Worker
 
-__all__ = ["ApiKey", "Artifact", "Base", "BlockCheckpoint", "Dataset", "Job", "JobEvent", "JobMetrics", "JobStatus", "Team", "Worker"]
+__all__ = ["ApiKey", "Artifact", "Base", "BlockCheckpoint", "DashboardSession", "Dataset", "Job", "JobEvent", "JobMetrics", "JobStatus", "Team", "Worker"]

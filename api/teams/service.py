@@ -17,6 +17,7 @@ from ..core.errors import Conflict, InvalidField, NotFound, Unauthorized
 from ..models import ApiKey, Team
 
 KEY_PREFIX = "wkvq"
+TEAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # printed by the admin CLI and the dashboard: no markup
 KEY_ID = re.compile(r"[0-9a-f]{1,32}")  # what create_key puts between the underscores (hex), so nothing else is queried
 # run on every request: built once (building and cache-keying a statement costs more CPU than running it)
 _KEY_AND_TEAM = (select(ApiKey, Team).join(Team, Team.id == ApiKey.team_id)
@@ -53,6 +54,9 @@ class IssuedKey:
 
 class TeamService:
     def create_team(self, session: Session, *, name: str) -> Team:
+        if not TEAM_NAME.fullmatch(name):
+            raise InvalidField(("name",), f"team name {name!r} is not valid: 1 to 100 letters, digits, '.', '_' or "
+                                          "'-', starting with a letter or digit")
         team = Team(name=name)
         session.add(team)
         try:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import pytest
 import uvicorn
@@ -63,21 +64,28 @@ def client(service) -> TestClient:
         yield c
 
 
-@pytest.fixture
-def live_server(service) -> str:
-    """The app of `service` served by uvicorn on a free loopback port, in this process: real HTTP, with the
-    fixtures' database and store. Yields the base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+@contextmanager
+def served(service: ServiceContext, host: str = "127.0.0.1") -> Iterator[str]:
+    """The app of `service` served by uvicorn on a free port of `host`, in this process. Yields the base URL."""
+    port = free_port(host)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://{host}:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server(service) -> str:
+    """The app of `service` served by uvicorn on a free loopback port, in this process: real HTTP, with the
+    fixtures' database and store. Yields the base URL."""
+    with served(service) as base:
+        yield base
 
 
 def team_key(ctx: ServiceContext, team: str) -> str:

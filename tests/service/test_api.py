@@ -492,7 +492,7 @@ class TestFinishedJob:
     def test_run_download_and_events(self, client, team_a, team_b, finished):
         job_url = f"/v1/jobs/{finished['id']}"
         job = client.get(job_url, headers=team_a).json()
-        assert (job["status"], job["error"]) == ("succeeded", None), job
+        assert (job["status"], job["error"], job["stage"]) == ("succeeded", None, "done"), job
         assert (job["total_blocks"], job["current_block"], job["progress"]) == (5, 5, 1.0)
         assert job["attempts"] == 1 and job["last_loss"] is not None
 

@@ -9,10 +9,14 @@ import hashlib
 import os
 import html as html_lib
 import re
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -22,10 +26,10 @@ from api.core.db import utcnow
 from api.dashboard.charts import LossPoint, loss_chart_svg, loss_points
 from api.jobs.service import add_event
 from api.main import create_app
-from api.models import ApiKey, Artifact, Job, JobEvent, JobMetrics, Worker
+from api.models import ApiKey, Artifact, DashboardSession, Job, JobEvent, JobMetrics, Worker
 from api.teams.service import team_service
 
-from .conftest import TINY_JOB, team_key
+from .conftest import TINY_JOB, served, team_key
 from .processes import REPO, admin_key, service_env, start_server
 
 POLYLINE = re.compile(r'<polyline class="loss" data-block="(\d+)" points="([^"]*)"')
@@ -94,6 +98,7 @@ def finish_with_artifact(service: ServiceContext, job_id: str, data: bytes) -> s
     with service.session() as session:
         job = session.get(Job, job_id)
         job.status, job.current_block, job.total_blocks, job.finished_at = "succeeded", 5, 5, utcnow()
+        job.started_at = job.finished_at - timedelta(seconds=75)
         session.add(Artifact(job_id=job_id, name="model.tar", uri=stored.uri, sha256=stored.sha256, size=stored.size,
                              media_type="application/x-tar"))
         session.add(JobMetrics(job_id=job_id, metrics=METRICS | {"artifact": {"name": "model.tar", "size": stored.size,
@@ -111,16 +116,61 @@ def field_error(html: str, field: str) -> str | None:
 # --------------------------------------------------------------------------------------------------------- sign-in
 
 
-def test_sign_in_sets_a_strict_secure_httponly_cookie(web, new_key):
-    response = web.post("/dashboard/signin", data={"api_key": new_key("a"), "next": "/dashboard/queue"})
-    assert response.status_code == 303 and response.headers["location"] == "/dashboard/queue"
+def test_sign_in_sets_a_strict_secure_httponly_session_cookie(web, new_key):
+    key = new_key("a")
+    response = web.post("/dashboard/signin", data={"api_key": key, "next": "/dashboard/queue"})
+    assert response.status_code == 303 and response.headers["location"] == "/dashboard/signin/check?next=/dashboard/queue"
     cookie = response.headers["set-cookie"]
-    assert cookie.startswith("wkvq_key=wkvq_")
+    assert cookie.startswith("wkvq_session=") and key not in cookie and key.split("_", 2)[2] not in cookie
     flags = {part.strip().lower() for part in cookie.split(";")[1:]}
-    assert {"httponly", "secure", "samesite=strict", "path=/"} <= flags
+    assert {"httponly", "secure", "samesite=strict", "path=/"} <= flags  # served over https
+    assert web.get(response.headers["location"]).headers["location"] == "/dashboard/queue"
     page = web.get("/dashboard/jobs")
     assert page.status_code == 200 and "Team <strong>a</strong>" in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
+
+
+@contextmanager
+def signed_in_browser(base: str, key: str) -> Iterator[httpx.Client]:
+    """An HTTP client signed in to the dashboard at `base` (http: the cookie is not Secure there)."""
+    with httpx.Client(base_url=base, timeout=30) as browser:
+        response = browser.post("/dashboard/signin", data={"api_key": key})
+        assert response.status_code == 303 and "secure" not in response.headers["set-cookie"].lower()
+        assert browser.get(response.headers["location"]).headers["location"] == "/dashboard/jobs"
+        yield browser
+
+
+def test_a_copied_cookie_stops_working_after_sign_out(live_server, service):
+    key = team_key(service, "a")
+    with signed_in_browser(live_server, key) as browser, httpx.Client(base_url=live_server, timeout=30) as thief:
+        cookie = browser.cookies["wkvq_session"]
+        assert key.split("_", 2)[2] not in cookie  # the cookie is not the API key
+        thief.cookies.set("wkvq_session", cookie)
+        assert thief.get("/dashboard/jobs").status_code == 200
+        assert browser.post("/dashboard/logout").status_code == 303
+        signed_out = thief.get("/dashboard/jobs")
+        assert signed_out.status_code == 303 and signed_out.headers["location"].startswith("/dashboard/signin")
+        assert thief.get("/v1/jobs", headers={"Authorization": f"Bearer {cookie}"}).status_code == 401
+    with service.session() as session:  # stored hashed only
+        assert session.scalar(select(func.count()).select_from(DashboardSession)
+                              .where(DashboardSession.token_hash == hashlib.sha256(cookie.encode()).hexdigest(),
+                                     DashboardSession.revoked_at.is_not(None))) == 1
+
+
+def test_the_pager_keeps_the_status_filter(live_server, service):
+    key = team_key(service, "a")
+    headers = {"Authorization": f"Bearer {key}"}
+    with signed_in_browser(live_server, key) as browser:
+        ids = [browser.post("/v1/jobs", json=TINY_JOB, headers=headers).json()["id"] for _ in range(4)]
+        for job_id in ids[:3]:
+            assert browser.post(f"/v1/jobs/{job_id}/cancel", headers=headers).status_code == 200
+        first = browser.get("/dashboard/jobs", params={"status": "cancelled", "size": 2}).text
+        assert "1–2 of 3" in first
+        older = html_lib.unescape(re.search(r'href="([^"]*)">Older', first).group(1))
+        second = browser.get(older).text
+        assert "3–3 of 3" in second and ids[3] not in second
+        newer = html_lib.unescape(re.search(r'href="([^"]*)">← Newer', second).group(1))
+        assert "1–2 of 3" in browser.get(newer).text
 
 
 @pytest.mark.parametrize("key, message", [("wkvq_000000000000_nope", "invalid API key"), ("hello", "starts with wkvq_")])
@@ -133,14 +183,14 @@ def test_a_bad_key_shows_an_error_and_sets_no_cookie(web, new_key, key, message)
 
 def test_next_is_only_followed_within_the_dashboard(web, new_key):
     response = web.post("/dashboard/signin", data={"api_key": new_key("a"), "next": "https://evil.example/"})
-    assert response.headers["location"] == "/dashboard/jobs"
+    assert web.get(response.headers["location"]).headers["location"] == "/dashboard/jobs"
 
 
 def test_logout_clears_the_cookie(web, sign_in):
     sign_in("a")
     response = web.post("/dashboard/logout")
     assert response.status_code == 303 and response.headers["location"] == "/dashboard/signin"
-    assert re.match(r'wkvq_key="?"?;', response.headers["set-cookie"]) and "Max-Age=0" in response.headers["set-cookie"]
+    assert re.match(r'wkvq_session="?"?;', response.headers["set-cookie"]) and "Max-Age=0" in response.headers["set-cookie"]
     assert web.get("/dashboard/jobs").headers["location"].startswith("/dashboard/signin")
 
 
@@ -163,7 +213,7 @@ def test_a_revoked_key_signs_out(web, service, sign_in):
         for prefix in session.scalars(select(ApiKey.prefix)):
             team_service.revoke_key(session, prefix=prefix)
     response = web.get("/dashboard/jobs")
-    assert response.status_code == 303 and 'wkvq_key=""' in response.headers["set-cookie"]
+    assert response.status_code == 303 and 'wkvq_session=""' in response.headers["set-cookie"]
 
 
 # --------------------------------------------------------------------------------------------------------- jobs
@@ -230,6 +280,9 @@ def test_a_finished_job_shows_metrics_and_downloads_by_cookie(web, sign_in, serv
     assert 'data-status="succeeded"' in html and "hx-trigger" not in html.split('id="job-live"')[1][:300]
     assert html.count('class="ppl-row"') == 3 and "12.000" in html and "+1.500" in html
     assert "Δ vs RTN" in html and "15.250" in html and "-3.250" in html and "-0.250" in html  # RTN baselines
+    assert "RTN, job's KV options" in html and "attention-sink tokens" in html  # not `wkvq eval`'s plain RTN
+    assert "Calibration with per-block evaluation</th><td class=\"num\">12 s" in html  # not "Calibration time"
+    assert "Whole run</th><td class=\"num\">1 min 15 s" in html
     assert "4.0× smaller" in html and "3.0 MiB" in html and sha256 in html
     link = f"/dashboard/jobs/{job_id}/artifacts/model.tar"
     assert f'href="{link}"' in html and "Cancel job" not in html and "Retry" not in html
@@ -461,6 +514,92 @@ def test_browser_submits_a_job_and_watches_it_live(page, tmp_path):
         assert target.stat().st_size < 300_000
     finally:
         server.stop()
+
+
+def lan_address() -> str | None:
+    """This machine's address on its network, not loopback: Chromium treats http://localhost and 127.x as secure
+    origins (where Secure cookies are kept), as it does no other http address."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # sends nothing: picks the outgoing interface
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture
+def lan_server(service):
+    """The app served over plain http on the network address, as `wkvq serve --host 0.0.0.0` is reached."""
+    address = lan_address()
+    if address is None:
+        pytest.skip("no network address besides loopback")
+    with served(service, address) as base:
+        yield base
+
+
+def browser_sign_in(page, base: str, key: str) -> None:
+    page.goto(f"{base}/dashboard/signin")
+    page.fill("#api_key", key)
+    page.click("button:has-text('Sign in')")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_browser_signs_in_over_plain_http_on_a_network_address(page, lan_server, service):
+    from playwright.sync_api import expect
+
+    browser_sign_in(page, lan_server, team_key(service, "a"))
+    expect(page).to_have_url(re.compile(r"/dashboard/jobs$"))
+    expect(page.locator("header")).to_contain_text("Team a")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_sign_in_the_browser_did_not_keep_says_so(page, live_server, service):
+    """The browser drops the cookie (blocked, or Secure over http): the sign-in page says so instead of
+    showing the empty form again."""
+    from playwright.sync_api import expect
+
+    def without_cookie(route):
+        if route.request.method != "POST":
+            return route.continue_()
+        response = route.fetch(max_redirects=0)  # stores the cookie in the context: dropped again below
+        page.context.clear_cookies()
+        route.fulfill(response=response,
+                      headers={k: v for k, v in response.headers.items() if k.lower() != "set-cookie"})
+
+    page.route(re.compile(r"/dashboard/signin$"), without_cookie)
+    browser_sign_in(page, live_server, team_key(service, "a"))
+    expect(page).to_have_url(re.compile(r"/dashboard/signin"))
+    expect(page.locator("#api_key-error")).to_contain_text("did not keep the sign-in cookie")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_header_fits_a_narrow_window(page, live_server, service):
+    from playwright.sync_api import expect
+
+    page.set_viewport_size({"width": 420, "height": 800})
+    browser_sign_in(page, live_server, team_key(service, "a-team-with-a-rather-long-name"))
+    expect(page).to_have_url(re.compile(r"/dashboard/jobs$"))
+    for element in page.locator("header a, header span, header button").all():
+        box = element.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 420, (element.inner_text(), box)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 420
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_api_docs_and_favicon_are_served_locally(page, live_server):
+    """/docs renders with no network beyond this service (Swagger UI's files are shipped); the favicon exists."""
+    from playwright.sync_api import expect
+
+    outside: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(live_server) else outside.append(r.url))
+    page.goto(f"{live_server}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("WKVQuant calibration service", timeout=30_000)
+    expect(page.locator(".opblock").first).to_be_visible()
+    assert outside == []
+    favicon = httpx.get(f"{live_server}/favicon.ico", timeout=30)
+    assert favicon.status_code == 200 and favicon.headers["content-type"] == "image/x-icon"
+    assert favicon.content[:4] == b"\x00\x00\x01\x00"  # an ICO file
 
 
 ATTACK = """<!doctype html><html><body>

@@ -251,7 +251,7 @@ def test_dashboard_download_tells_the_truth(service, stored):
     signin = stored.http.post("/dashboard/signin", data={"api_key": stored.key})
     assert signin.status_code == 303
     url = f"/dashboard/jobs/{stored.job_id}/artifacts/model.tar"
-    signed_in = {"Cookie": f"{COOKIE}={stored.key}"}  # the cookie is Secure: httpx keeps it off plain http
+    signed_in = {"Cookie": f"{COOKIE}={signin.cookies[COOKIE]}"}  # the session token, not the key
     assert stored.http.get(url, headers=signed_in).content == DATA
     head = stored.http.head(url, headers=signed_in)
     assert head.status_code == 200 and head.headers["content-length"] == str(len(DATA)) and head.content == b""

@@ -122,8 +122,9 @@ def test_the_queue_page_shows_each_teams_share(service, submit, live_server, tea
     configure(service, "a", weight=3.0, max_running=2)
     JobRunner(service, "w1").claim_next(["default"])
     submit("b")
-    cookies = {"wkvq_key": team_headers("b")["Authorization"].split()[1]}
-    page = httpx.get(f"{live_server}/dashboard/queue", cookies=cookies, timeout=30).text
+    with httpx.Client(base_url=live_server, timeout=30) as browser:
+        browser.post("/dashboard/signin", data={"api_key": team_headers("b")["Authorization"].split()[1]})
+        page = browser.get("/dashboard/queue").text
     rows = [row for row in page.split('<tr class="team-row">')[1:]]
     cells = [[c.split(">", 1)[1].strip() for c in row.split("</td>")[:-1]] for row in rows]
     assert cells == [["a", "3", "2", "2", "1", "100 %", "75 %"], ["b", "1", "–", "1", "0", "0 %", "25 %"]]

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from api.dashboard import router as dashboard_router
 from api.dashboard.forms import JobForm
+from api.dashboard.sessions import start_session
 from api.dashboard.web import COOKIE
 from api.main import create_app
 
@@ -138,12 +139,20 @@ def test_no_dashboard_form_or_page_answers_5xx(service, team_headers):
         other = web.post("/v1/jobs", json=TINY_JOB, headers=team_headers("other")).json()["id"]
         job_ids = st.sampled_from([own, other]) | st.text(max_size=40)
 
+        def new_session() -> str:
+            with service.session() as session:
+                return start_session(session, key)
+
+        token = [new_session()]
+
         def call(method: str, path: str, **kwargs: Any) -> None:
             web.cookies.clear()  # signed in for every request, whatever sign-in or logout did to the jar
-            web.cookies.set(COOKIE, key)
+            web.cookies.set(COOKIE, token[0])
             headers = {"Origin": DASHBOARD_ORIGIN} if method == "POST" else {}
             response = web.request(method, path, headers=headers, **kwargs)
             assert response.status_code < 500, (method, path, kwargs, response.text[:500])
+            if path == "/dashboard/logout":  # it ended the session
+                token[0] = new_session()
 
         @FUZZ
         @given(form=st.dictionaries(st.sampled_from(["api_key", "next"]), VALUES))
