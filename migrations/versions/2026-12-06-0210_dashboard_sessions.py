@@ -2,7 +2,7 @@
 jobs end in stage "done"
 
 Revision ID: d24da5b00001
-Revises: 8c1f4e2d7a90
+Revises: b24da7a00001
 Create Date: 2026-12-06 02:00:00
 
 """
