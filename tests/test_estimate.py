@@ -17,8 +17,8 @@ from tests.conftest import CALIB_TEXT, EVAL_TEXT, TINY_MODEL, wkvq_peak_rss
 from wkvq_core.cli import app
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig, kv_config
 from wkvq_core.errors import ConfigError
-from wkvq_core.estimate import (DEVICE_KINDS, HOST_BASELINE_BYTES, ModelShape, estimate_resources, format_bytes,
-                                layer_forward_flops, layer_saved_bytes)
+from wkvq_core.estimate import (DEVICE_KINDS, HOST_BASELINE_BYTES, TEXT_BYTES_PER_CHAR, ModelShape,
+                                estimate_resources, format_bytes, layer_forward_flops, layer_saved_bytes)
 from wkvq_core.kv_quant import set_attention_backend
 from wkvq_core.model import calibration_parameters, decoder_layers, prepare_model_, quant_state
 
@@ -207,6 +207,34 @@ def test_host_estimate_brackets_the_measured_peak_rss(tmp_path):
           {k: f"{v / MiB:.1f}" for k, v in est.breakdown["host"].items()})
     assert measured <= est.peak_host_bytes <= 2 * measured
     assert est.peak_host_bytes - HOST_BASELINE_BYTES > 0.3 * (measured - HOST_BASELINE_BYTES)  # not the constant alone
+
+
+def _text_of(path: Path, chars: int) -> Path:
+    """A text file of `chars` characters: the shipped evaluation text, repeated."""
+    text = EVAL_TEXT.read_text(encoding="utf-8")
+    path.write_text((text * (chars // len(text) + 1))[:chars], encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_tokenization_peak_does_not_grow_with_the_text_and_the_estimate_covers_it(tmp_path):
+    """Issue 24 finding 7: tokenizing a whole text held ~150 B per character (a 16 MiB upload raised the API
+    process by 2.2 GB, outside the estimate). Tokenized in pieces, 6 MiB more text adds its characters and int32
+    ids only, and the host estimate of the job covers the measured peak."""
+    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=-1), kv=kv_config("recommended"),
+                            calib=CalibConfig(nsamples=4, seqlen=64, epochs=0))
+    peaks = {}
+    for mib in (2, 8):
+        text = _text_of(tmp_path / f"{mib}.txt", mib * MiB)
+        peaks[mib] = wkvq_peak_rss("quantize", "--model", str(TINY_MODEL), "--calib", str(text), "--out",
+                                   str(tmp_path / f"out{mib}"), "--device", "cpu", "--group-size", "-1", "--json",
+                                   "--nsamples=4", "--seqlen=64", "--epochs=0")
+    grown = peaks[8] - peaks[2]
+    print(f"peak RSS: 2 MiB text {peaks[2] / MiB:.0f} MiB, 8 MiB text {peaks[8] / MiB:.0f} MiB")
+    assert grown < 6 * MiB * (TEXT_BYTES_PER_CHAR + 2), grown / MiB  # was ~150 B per character: 900 MiB
+    est = estimate_resources(json.loads((TINY_MODEL / "config.json").read_text()), config,
+                             text_chars=(8 * MiB,), device="cpu")
+    assert peaks[8] <= est.peak_host_bytes, (peaks[8] / MiB, est.peak_host_bytes / MiB)
 
 
 # ------------------------------------------------------------------------------------------------------- --dry-run

@@ -60,6 +60,13 @@ HOST_BASELINE_CUDA_BYTES = 2 * GiB
 # batches of 8 peaked at 756 MiB, estimated 782 MiB (tests/test_estimate.py re-measures that one).
 CPU_ALLOCATOR_FACTOR = 1.75
 CHARS_PER_TOKEN = 3.0  # evaluation text -> tokens when only its length is known (English, 32k-vocab BPE: ~3.5-4.5)
+# Tokenizing a text (`data.tokenize`): the file's bytes and the decoded str (2 B per character of English text), the
+# int32 ids (4 B per token, at most a token per character) and the id buffer's growth and the allocator: 117 MiB
+# measured for 16 MiB of WikiText with stories260k's 512-token vocabulary (1.6 characters per token), 80 MiB with
+# SmolLM2's. One tokenizer call on a TOKENIZE_CHUNK_CHARS piece holds ~160 B per character (its encoding).
+TEXT_BYTES_PER_CHAR = 8
+TOKENIZE_CHUNK_CHARS = 64 * 1024
+TOKENIZER_CALL_BYTES_PER_CHAR = 160
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 BLOCK_BYTES = 4  # decoder layers are materialised in fp32 (`StreamedLayers(..., torch.float32)`)
 
@@ -226,10 +233,12 @@ def layer_saved_bytes(shape: ModelShape, config: WKVQuantConfig, seqlen: int, *,
     return activations, weights
 
 
-def eval_windows_for_chars(chars: int, seqlen: int, chars_per_token: float = CHARS_PER_TOKEN) -> int:
+def eval_windows_for_chars(chars: int, seqlen: int, eval_tokens: int = 0,
+                           chars_per_token: float = CHARS_PER_TOKEN) -> int:
     """Evaluation windows of a text of `chars` characters when its tokens are not counted: chars / chars_per_token
-    tokens in non-overlapping windows of `seqlen`."""
-    return int(chars / chars_per_token) // seqlen
+    tokens, at most `eval_tokens` (0: no bound), in non-overlapping windows of `seqlen`."""
+    tokens = int(chars / chars_per_token)
+    return (min(tokens, eval_tokens) if eval_tokens else tokens) // seqlen
 
 
 def rtn_mode_count(config: WKVQuantConfig) -> int:
@@ -267,11 +276,12 @@ class ResourceEstimate:
 
 
 def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, eval_windows: int = 0,
-                       device: str = "cpu", attention: str | None = None) -> ResourceEstimate:
+                       text_chars: tuple[int, ...] = (), device: str = "cpu",
+                       attention: str | None = None) -> ResourceEstimate:
     """Peak device and host memory, FLOPs and seconds of a calibration job (see the module docstring).
 
     model_config: the model's config.json; eval_windows: evaluation windows of `seqlen` tokens (0: no
-    evaluation); device: a `DEVICE_KINDS` name; attention: "eager" | "sdpa" (default: `calib.attention`, whose
+    evaluation); text_chars: characters of each text the job tokenizes (calibration, evaluation); device: a `DEVICE_KINDS` name; attention: "eager" | "sdpa" (default: `calib.attention`, whose
     "auto" is sdpa on CUDA, eager on the CPU). Raises ConfigError for an unknown device or a config lacking a size.
 
     Example::
@@ -335,6 +345,10 @@ def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, 
         "activation_caches": float(2 * n * t * hidden * cache_bytes),
         "token_ids": float((n + eval_windows) * t * 8),
     }
+    if text_chars:  # one text at a time, before calibration
+        largest = max(text_chars)
+        host["tokenization"] = float(largest * TEXT_BYTES_PER_CHAR
+                                     + min(largest, TOKENIZE_CHUNK_CHARS) * TOKENIZER_CALL_BYTES_PER_CHAR)
     if eval_windows:
         host["evaluation_states"] = float(streams * eval_windows * t * hidden * cache_bytes)
     if not kind.cuda:
