@@ -38,7 +38,9 @@ def ctx(tmp_path, db_url):
     shutil.copytree(TINY_MODEL, models / "stories260k")
     (models / "llama-70b-shape").mkdir()
     (models / "llama-70b-shape" / "config.json").write_text(json.dumps(LLAMA_70B))
-    settings = service_settings(db_url, str(tmp_path / "store"), MODELS_DIR=models, GPU_CLASSES=["default", "a100"])
+    # an API in front of a worker pool (Celery): a GPU class's budget is its device kind's
+    settings = service_settings(db_url, str(tmp_path / "store"), MODELS_DIR=models, GPU_CLASSES=["default", "a100"],
+                                DISPATCHER="celery")
     upgrade(settings.DATABASE_URL)
     context = ServiceContext.from_settings(settings)
     yield context
@@ -121,7 +123,7 @@ def test_time_budget_and_override(ctx):
 def test_budgets_from_the_environment(monkeypatch):
     monkeypatch.setenv("WKVQ_GPU_BUDGETS", json.dumps({"gpu-a100": {"device": "a100-80gb", "host_memory_gb": 256,
                                                                     "max_seconds": 3600}}))
-    settings = Settings(_env_file=None, GPU_CLASSES=["gpu-a100", "gpu-h100"])
+    settings = Settings(_env_file=None, GPU_CLASSES=["gpu-a100", "gpu-h100"], DISPATCHER="celery")
     assert settings.budget("gpu-a100").host_memory_bytes == 256 * 10**9
     assert settings.budget("gpu-a100").seconds(settings) == 3600
     h100 = settings.budget("gpu-h100")  # not listed: by the kind its name mentions
