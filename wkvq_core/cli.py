@@ -196,7 +196,14 @@ def _estimate_kind(device: str, estimate_for: str | None) -> str:
     return "cpu"
 
 
-def _print_estimate(model: str, revision: str | None, config: WKVQuantConfig, eval_data: str | None,
+def _local_text_bytes(spec: str) -> int:
+    """Size of a local text SPEC (a file, or a directory's .txt files) without reading it; 0 for a hub text."""
+    path = Path(spec).expanduser()
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
+    return sum(f.stat().st_size for f in files)
+
+
+def _print_estimate(model: str, revision: str | None, config: WKVQuantConfig, calib: str, eval_data: str | None,
                     eval_tokens: int, device: str, estimate_for: str | None, as_json: bool) -> None:
     """`quantize --dry-run`: the estimate from the model's config.json, as a table (or JSON); no weights read."""
     from .data import load_text
@@ -205,8 +212,10 @@ def _print_estimate(model: str, revision: str | None, config: WKVQuantConfig, ev
     from .model import model_config
 
     kind = _estimate_kind(device, estimate_for)
-    windows = eval_windows_for_chars(len(load_text(eval_data)), config.calib.seqlen, eval_tokens) if eval_data else 0
-    est = estimate_resources(model_config(model, revision), config, eval_windows=windows, device=kind)
+    eval_chars = len(load_text(eval_data)) if eval_data else 0
+    windows = eval_windows_for_chars(eval_chars, config.calib.seqlen, eval_tokens)
+    est = estimate_resources(model_config(model, revision), config, eval_windows=windows,
+                             text_chars=(_local_text_bytes(calib), eval_chars), device=kind)
     if as_json:
         print(json.dumps(est.to_dict()))
         return
@@ -229,8 +238,8 @@ def _print_estimate(model: str, revision: str | None, config: WKVQuantConfig, ev
         for name, value in sorted(est.breakdown[section].items(), key=lambda kv: -kv[1]):
             parts.add_row(section, name, format_bytes(value))
     out.print(parts)
-    note = f"{windows} evaluation windows (text length / {CHARS_PER_TOKEN:g} chars per token)" if eval_data else \
-        "no evaluation (--eval not given)"
+    note = f"{windows} evaluation windows (text length / {CHARS_PER_TOKEN:g} chars per token, at most " \
+           f"--eval-tokens)" if eval_data else "no evaluation (--eval not given)"
     out.print(f"{note}; nothing was loaded or written", highlight=False, soft_wrap=True)
 
 
@@ -290,7 +299,7 @@ def quantize(
         seqlen = resolve_seqlen(seqlen, model_config(model, revision))  # before calibrating
         config = _build_config(**locals())
         if dry_run:
-            _print_estimate(model, revision, config, eval_data, eval_tokens, device, estimate_for, as_json)
+            _print_estimate(model, revision, config, calib, eval_data, eval_tokens, device, estimate_for, as_json)
             return
         job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device,
                           revision=revision, fp_dtype=fp_dtype, eval_tokens=eval_tokens)

@@ -65,6 +65,12 @@ CHARS_PER_TOKEN = 3.0  # evaluation text -> tokens when only its length is known
 # measured for 16 MiB of WikiText with stories260k's 512-token vocabulary (1.6 characters per token), 80 MiB with
 # SmolLM2's. One tokenizer call on a TOKENIZE_CHUNK_CHARS piece holds ~160 B per character (its encoding).
 TEXT_BYTES_PER_CHAR = 8
+TOKENIZE_SECONDS_PER_CHAR = 1e-6  # CPU time: 0.42 us (stories260k), 0.80 us (SmolLM2) measured on WikiText
+# What a run spends besides the estimated phases, in CPU time of runs with nothing to calibrate (1 x 16 tokens, 0
+# epochs; benchmarks/RESULTS.md): python, torch and transformers imports, 6.8 s with the 260k-parameter model; reading
+# the checkpoint and writing the artifact, 11.1 s with SmolLM2-135M: 3.2e-8 s per parameter.
+STARTUP_SECONDS = 6.5
+LOAD_SECONDS_PER_PARAM = 3.2e-8
 TOKENIZE_CHUNK_CHARS = 64 * 1024
 TOKENIZER_CALL_BYTES_PER_CHAR = 160
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -75,7 +81,9 @@ BLOCK_BYTES = 4  # decoder layers are materialised in fp32 (`StreamedLayers(...,
 class DeviceKind:
     """A compute device class. peak_flops: dense matmul peak by compute dtype ("float32" is fp32 without TF32:
     the engine does not enable TF32); efficiency: the fraction of that peak the calibration loop is assumed to
-    sustain (fake quantization, norms, softmax and small kernels between the matmuls)."""
+    sustain (fake quantization, norms, softmax and small kernels between the matmuls); traffic_bytes_per_second:
+    the elementwise work beside the matmuls, as activation bytes autograd saves per layer call (`layer_saved_bytes`)
+    handled per second (0: not counted, the matmuls dominate)."""
 
     name: str
     cuda: bool
@@ -83,6 +91,7 @@ class DeviceKind:
     peak_flops: dict[str, float]
     efficiency: float
     note: str
+    traffic_bytes_per_second: float = 0.0
 
     def flops_per_second(self, compute_dtype: str) -> float:
         return self.peak_flops[compute_dtype] * self.efficiency
@@ -95,9 +104,10 @@ _NVIDIA_H100_SXM = {"float32": 67e12, "tf32": 495e12, "bfloat16": 989e12}
 DEVICE_KINDS: dict[str, DeviceKind] = {
     kind.name: kind
     for kind in (
-        DeviceKind("cpu", False, 0, {"float32": 200e9, "tf32": 200e9, "bfloat16": 200e9}, 0.1,
-                   "2-core x86-64: ~100 GFLOP/s fp32 sgemm (2048^3) per core measured; a 12M-parameter job ran at "
-                   "15 GFLOP/s on a shared machine (small matmuls, fake quantization)"),
+        DeviceKind("cpu", False, 0, {"float32": 200e9, "tf32": 200e9, "bfloat16": 200e9}, 0.4,
+                   "2-core x86-64: ~100 GFLOP/s fp32 sgemm (2048^3) per core measured; efficiency and traffic fitted "
+                   "to the CPU time of stories260k and SmolLM2-135M jobs (benchmarks/RESULTS.md)",
+                   traffic_bytes_per_second=0.65e9),
         DeviceKind("a100-80gb", True, 80 * GiB, {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12},
                    GPU_EFFICIENCY,
                    "NVIDIA A100 SXM 80GB datasheet dense peaks"),
@@ -370,6 +380,21 @@ def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, 
     flops = {name: float(v) for name, v in flops.items() if v}
     rate = kind.flops_per_second(compute)
     seconds = {name: v / rate for name, v in flops.items()}
+    seconds["startup"] = STARTUP_SECONDS + (layers * shape.layer_params + shape.resident_params) * LOAD_SECONDS_PER_PARAM
+    if kind.traffic_bytes_per_second:
+        traffic = {
+            "fp_propagation": layers * n * f_act,
+            "smoothing_init": layers * n * f_act if smooth else 0.0,
+            "calibration": calib.epochs * 3 * n * sum(q_act + (min(calib.crr_k, layers - i) - 1) * f_act
+                                                      for i in range(layers)) if trained else 0.0,
+            "quantized_propagation": layers * n * q_act,
+            "evaluation": streams * eval_windows * layers * f_act,
+        }
+        for name, v in traffic.items():
+            if v:
+                seconds[name] = seconds.get(name, 0.0) + v / kind.traffic_bytes_per_second
+    if text_chars:
+        seconds["tokenization"] = sum(text_chars) * TOKENIZE_SECONDS_PER_CHAR
     return ResourceEstimate(
         device=device, attention=attention, compute_dtype=compute, cache_dtype=cache,
         peak_device_bytes=peak_device, peak_host_bytes=peak_host, flops=float(sum(flops.values())),
