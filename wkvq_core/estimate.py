@@ -7,7 +7,8 @@ Host: the process (python + torch + transformers, `HOST_BASELINE_BYTES`); embedd
 lm_head in the checkpoint dtype; one layer being read (checkpoint dtype, and its fp32 cast for a CUDA device); the
 activation caches, quantized-path inputs and FP targets, 2 x nsamples x seqlen x hidden in the cache dtype, updated
 in place; the evaluation hidden states, one stream per mode (fp, w, wkv and the RTN baselines w, wkv) x windows x
-seqlen x hidden in the cache dtype. On the CPU the device is the host: its working set is added (x
+seqlen x hidden in the cache dtype; tokenizing the larger text (`TEXT_BYTES_PER_CHAR`, and one tokenizer call on a
+`TOKENIZE_CHUNK_CHARS` piece). On the CPU the device is the host: its working set is added (x
 `CPU_ALLOCATOR_FACTOR`).
 
 Device: the k = crr_k decoder blocks of the window in fp32; one block's calibration parameters (LWC clip logits
@@ -20,7 +21,10 @@ FLOPs: matmuls only, 2 x params x tokens for the linears plus 2 x 2 x T^2 x (hea
 causal attention (`layer_forward_flops`). Per block: FP propagation (1 forward of the layer over all samples),
 smoothing initialisation (1), calibration (epochs x nsamples x (forward + backward = 3 forwards) through the
 window's min(k, blocks left) layers), quantized propagation (1); evaluation: every stream through every layer plus
-the lm_head. Seconds = FLOPs / (peak of the compute dtype x efficiency) of a `DEVICE_KINDS` entry.
+the lm_head. Seconds = FLOPs / (peak of the compute dtype x efficiency) of a `DEVICE_KINDS` entry; on the CPU also
+the elementwise work (activation bytes of each layer call / `traffic_bytes_per_second`); plus the start
+(`STARTUP_SECONDS`, `LOAD_SECONDS_PER_PARAM`) and tokenization (`TOKENIZE_SECONDS_PER_CHAR`). The CPU's numbers are
+fitted to the CPU time (user + sys, one thread) of measured runs: about the wall time on an idle machine.
 """
 
 from __future__ import annotations
