@@ -295,7 +295,8 @@ def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, 
     """Peak device and host memory, FLOPs and seconds of a calibration job (see the module docstring).
 
     model_config: the model's config.json; eval_windows: evaluation windows of `seqlen` tokens (0: no
-    evaluation); text_chars: characters of each text the job tokenizes (calibration, evaluation); device: a `DEVICE_KINDS` name; attention: "eager" | "sdpa" (default: `calib.attention`, whose
+    evaluation); text_chars: characters of each text the job tokenizes (calibration, evaluation); device: a
+    `DEVICE_KINDS` name; attention: "eager" | "sdpa" (default: `calib.attention`, whose
     "auto" is sdpa on CUDA, eager on the CPU). Raises ConfigError for an unknown device or a config lacking a size.
 
     Example::
@@ -384,7 +385,8 @@ def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, 
     flops = {name: float(v) for name, v in flops.items() if v}
     rate = kind.flops_per_second(compute)
     seconds = {name: v / rate for name, v in flops.items()}
-    seconds["startup"] = STARTUP_SECONDS + (layers * shape.layer_params + shape.resident_params) * LOAD_SECONDS_PER_PARAM
+    params = layers * shape.layer_params + shape.resident_params
+    seconds["startup"] = STARTUP_SECONDS + params * LOAD_SECONDS_PER_PARAM
     if kind.traffic_bytes_per_second:
         traffic = {
             "fp_propagation": layers * n * f_act,

@@ -173,7 +173,8 @@ def test_an_embedded_cpu_service_estimates_for_the_cpu(live_server, service):
     time."""
     key = team_key(service, "a")
     with httpx.Client(base_url=live_server, timeout=60) as http:
-        response = http.post("/v1/jobs", json=TINY_JOB | {"gpu_class": "a100"}, headers={"Authorization": f"Bearer {key}"})
+        response = http.post("/v1/jobs", json=TINY_JOB | {"gpu_class": "a100"},
+                             headers={"Authorization": f"Bearer {key}"})
         assert response.status_code == 201, response.text
         job = response.json()
         assert job["estimate"]["device"] == "cpu"
