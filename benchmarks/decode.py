@@ -106,7 +106,7 @@ def decode_block(model, cache, tokens: torch.Tensor, steps: int) -> float:
 
 @torch.no_grad()
 def matches_cache_free(model, tokenizer, packed: bool) -> bool:
-    prompt = tokenize(tokenizer, load_text(str(WIKITEXT / "wiki.test.raw"))[:2000])[None, :64]
+    prompt = tokenize(tokenizer, load_text(str(WIKITEXT / "wiki.test.raw"))[:2000])[None, :64].long()
     cache = WKVQuantCache(model.config) if packed else DynamicCache(config=model.config)
     got = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
                          eos_token_id=None, pad_token_id=0, **with_cache(cache))

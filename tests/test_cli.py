@@ -472,3 +472,29 @@ def test_subprocess_hub_id_offline_fails_cleanly(tmp_path):
     assert lines[0].startswith("error: someorg/some-model:") and "Hugging Face hub" in lines[0]
     assert list(runs.iterdir()) == []
 
+
+
+def test_subprocess_without_a_terminal_prints_progress_and_stops_evaluation_at_the_bound(tmp_path):
+    """Issue 24 finding 12: without a terminal `quantize` printed nothing until it ended, and nothing bounded the
+    evaluation text. Now each block and each 1 % of the evaluation is a line on stderr, and --eval-tokens stops the
+    evaluation (saying so)."""
+    eval_tokens = 4 * SEQLEN + 10  # 4 windows; eval.txt holds ~12k tokens
+    proc = _run_module("quantize", "--model", TINY_MODEL, "--calib", CALIB_TEXT, "--eval", EVAL_TEXT,
+                       "--eval-tokens", eval_tokens, "--out", tmp_path / "q", "--group-size", "-1", "--nsamples", "2",
+                       "--seqlen", SEQLEN, "--epochs", "1", "--device", "cpu", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    for block in range(1, N_BLOCKS + 1):
+        assert any(f"block {block}/{N_BLOCKS} done" in line and "left" in line for line in lines), proc.stderr
+    passes = 5 * 4 * (N_BLOCKS + 1)  # streams fp, w, wkv, rtn w, rtn wkv x windows x (blocks + head)
+    assert any(f"evaluation {passes}/{passes} window passes" in line for line in lines), proc.stderr
+    assert f"evaluation stopped at --eval-tokens {eval_tokens}: the text holds more" in proc.stderr
+    metrics = json.loads(proc.stdout)["eval"]
+    assert metrics["tokens"] == 4 * (SEQLEN - 1) and metrics["truncated_at_tokens"] == eval_tokens
+
+    proc = _run_module("eval", "--model", TINY_MODEL, "--data", EVAL_TEXT, "--seqlen", SEQLEN, "--mode", "fp",
+                       "--eval-tokens", 2 * SEQLEN, "--device", "cpu", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"evaluation {2 * (N_BLOCKS + 1)}/{2 * (N_BLOCKS + 1)} window passes" in proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["tokens"] == 2 * (SEQLEN - 1) and result["truncated_at_tokens"] == 2 * SEQLEN

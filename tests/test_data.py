@@ -3,8 +3,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from wkvq_core.data import calibration_samples, eval_windows, load_text
+from tests.conftest import EVAL_TEXT
+from wkvq_core.data import calibration_samples, eval_windows, evaluation_ids, load_text, tokenize
 from wkvq_core.errors import DataError
+from wkvq_core.estimate import TOKENIZE_CHUNK_CHARS
 
 
 def cached_hub_dataset(monkeypatch, cache: Path, repo_id: str) -> Path:
@@ -71,3 +73,18 @@ def test_samples_are_seeded_windows_of_the_text():
 def test_eval_windows_do_not_overlap():
     windows = eval_windows(torch.arange(1000), 300)
     assert windows.shape == (3, 300) and torch.equal(windows.flatten(), torch.arange(900))
+
+
+def test_tokenized_in_pieces_the_ids_equal_the_whole_texts(tokenizer):
+    """Texts are tokenized in TOKENIZE_CHUNK_CHARS pieces (issue 24: a whole 16 MiB text took 2.2 GB), into int32;
+    the ids are the whole text's, and `max_tokens` / `evaluation_ids` stop early."""
+    text = EVAL_TEXT.read_text(encoding="utf-8")
+    text = text * (3 * TOKENIZE_CHUNK_CHARS // len(text) + 1)  # several pieces
+    whole = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = tokenize(tokenizer, text)
+    assert ids.dtype == torch.int32 and ids.tolist() == whole
+    assert tokenize(tokenizer, text, max_tokens=1000).tolist() == whole[:1000]
+    head, more = evaluation_ids(tokenizer, text, 1000)
+    assert head.tolist() == whole[:1000] and more
+    assert not evaluation_ids(tokenizer, text, len(whole))[1]  # exactly the text's tokens: nothing cut
+    assert eval_windows(ids, 256).dtype == torch.long  # cross_entropy targets

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,8 +15,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import (DEFAULT_METHOD, FP_BITS, METHODS, CalibConfig, CRRLoss, EvalMode, WeightQuantConfig,
-                     WKVQuantConfig, check_kv_group_size, kv_config, resolve_group_size, resolve_seqlen)
+from .config import (DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, FP_BITS, METHODS, CalibConfig, CRRLoss, EvalMode,
+                     WeightQuantConfig, WKVQuantConfig, check_kv_group_size, kv_config, resolve_group_size,
+                     resolve_seqlen)
 from .errors import WKVQError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="WKVQuant: W4 + KV4 post-training quantization.")
@@ -27,6 +30,8 @@ GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="Weight g
                                                  "row (default: the largest of 128, 64, 32 dividing every linear's "
                                                  "input dim, else -1).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+EvalTokens = Annotated[int, typer.Option("--eval-tokens", min=0, help="Evaluate at most this many tokens of the "
+                                                                       "text (0: all of it).")]
 SEQLEN_DEFAULT = "default: 2048, or the model's max_position_embeddings if smaller"
 
 
@@ -120,6 +125,45 @@ class _RichEvents:
             self.progress.advance(self.task)
 
 
+class _LineEvents:
+    """Progress as plain lines on stderr, for a log or a pipe: each finished block and each 1 % of the evaluation,
+    with the time elapsed and, from the rate since the stage began, the time left."""
+
+    def __init__(self) -> None:
+        self.started = self.counting_since = time.monotonic()
+        self.calibrating = False
+
+    def _left(self, done: int, total: int) -> str:
+        from .estimate import format_seconds
+
+        rate = (time.monotonic() - self.counting_since) / done
+        return f", about {format_seconds(rate * (total - done))} left"
+
+    def __call__(self, event) -> None:
+        from .estimate import format_seconds
+
+        kind = event.kind.value
+        if kind == "stage":
+            self.counting_since, self.calibrating = time.monotonic(), self.calibrating or event.stage == "calibrating"
+            return
+        if kind in ("block_end", "block_resumed"):
+            done = event.block + 1
+            loss = "" if event.loss is None else f" loss {event.loss:.5f}"
+            line = f"block {done}/{event.n_blocks} {'resumed' if kind == 'block_resumed' else 'done'}{loss}"
+            line += self._left(done, event.n_blocks)
+        elif kind == "eval_windows":
+            line = f"evaluation {event.windows}/{event.n_windows} window passes"
+            if not self.calibrating:  # interleaved with calibration, the block lines say what is left
+                line += self._left(event.windows, event.n_windows)
+        else:
+            return
+        print(f"[{format_seconds(time.monotonic() - self.started)}] {line}", file=sys.stderr, flush=True)
+
+
+def _say_truncated(eval_tokens: int) -> None:
+    err.print(f"evaluation stopped at --eval-tokens {eval_tokens}: the text holds more", highlight=False)
+
+
 def print_eval_table(result: dict) -> None:
     """Perplexity per mode; with a job's RTN baselines (`baselines.rtn`), also those and the difference to them."""
     rtn = (result.get("baselines") or {}).get("rtn")
@@ -155,8 +199,15 @@ def _estimate_kind(device: str, estimate_for: str | None) -> str:
     return "cpu"
 
 
-def _print_estimate(model: str, revision: str | None, config: WKVQuantConfig, eval_data: str | None, device: str,
-                    estimate_for: str | None, as_json: bool) -> None:
+def _local_text_bytes(spec: str) -> int:
+    """Size of a local text SPEC (a file, or a directory's .txt files) without reading it; 0 for a hub text."""
+    path = Path(spec).expanduser()
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
+    return sum(f.stat().st_size for f in files)
+
+
+def _print_estimate(model: str, revision: str | None, config: WKVQuantConfig, calib: str, eval_data: str | None,
+                    eval_tokens: int, device: str, estimate_for: str | None, as_json: bool) -> None:
     """`quantize --dry-run`: the estimate from the model's config.json, as a table (or JSON); no weights read."""
     from .data import load_text
     from .estimate import (CHARS_PER_TOKEN, estimate_resources, eval_windows_for_chars, format_bytes,
@@ -164,8 +215,10 @@ def _print_estimate(model: str, revision: str | None, config: WKVQuantConfig, ev
     from .model import model_config
 
     kind = _estimate_kind(device, estimate_for)
-    windows = eval_windows_for_chars(len(load_text(eval_data)), config.calib.seqlen) if eval_data else 0
-    est = estimate_resources(model_config(model, revision), config, eval_windows=windows, device=kind)
+    eval_chars = len(load_text(eval_data)) if eval_data else 0
+    windows = eval_windows_for_chars(eval_chars, config.calib.seqlen, eval_tokens)
+    est = estimate_resources(model_config(model, revision), config, eval_windows=windows,
+                             text_chars=(_local_text_bytes(calib), eval_chars), device=kind)
     if as_json:
         print(json.dumps(est.to_dict()))
         return
@@ -188,8 +241,8 @@ def _print_estimate(model: str, revision: str | None, config: WKVQuantConfig, ev
         for name, value in sorted(est.breakdown[section].items(), key=lambda kv: -kv[1]):
             parts.add_row(section, name, format_bytes(value))
     out.print(parts)
-    note = f"{windows} evaluation windows (text length / {CHARS_PER_TOKEN:g} chars per token)" if eval_data else \
-        "no evaluation (--eval not given)"
+    note = f"{windows} evaluation windows (text length / {CHARS_PER_TOKEN:g} chars per token, at most " \
+           f"--eval-tokens)" if eval_data else "no evaluation (--eval not given)"
     out.print(f"{note}; nothing was loaded or written", highlight=False, soft_wrap=True)
 
 
@@ -199,6 +252,7 @@ def quantize(
     calib: Annotated[str, typer.Option("--calib", help="Text file, directory of .txt, or hf:NAME[:CONFIG]:SPLIT[:FIELD].")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
     eval_data: Annotated[Optional[str], typer.Option("--eval", help="Held-out text for the metrics table.")] = None,
+    eval_tokens: EvalTokens = DEFAULT_EVAL_TOKENS,
     w_bits: WBits = 4,
     kv_bits: KVBits = 4,
     group_size: GroupSize = None,
@@ -252,19 +306,21 @@ def quantize(
             check_kv_group_size(kv_group_size, model_config(model, revision))
         config = _build_config(**locals())
         if dry_run:
-            _print_estimate(model, revision, config, eval_data, device, estimate_for, as_json)
+            _print_estimate(model, revision, config, calib, eval_data, eval_tokens, device, estimate_for, as_json)
             return
         job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device,
-                          revision=revision, fp_dtype=fp_dtype)
+                          revision=revision, fp_dtype=fp_dtype, eval_tokens=eval_tokens)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, disable=as_json) as progress:
+                      console=err, disable=as_json or not err.is_terminal) as progress:
             callbacks = CalibrationCallbacks(
-                on_event=_RichEvents(progress),
+                on_event=_RichEvents(progress) if err.is_terminal else _LineEvents(),
                 checkpoints=DirectoryCheckpoints(checkpoint_dir) if checkpoint_dir else None,
             )
             metrics = run_quantize_job(job, callbacks)
     except WKVQError as exc:
         _fail(str(exc))
+    if "truncated_at_tokens" in metrics.get("eval", {}):
+        _say_truncated(eval_tokens)
     if as_json:
         print(json.dumps(metrics))
         return
@@ -284,15 +340,17 @@ def evaluate(
     w_bits: WBits = 4,
     kv_bits: KVBits = 4,
     group_size: GroupSize = None,
+    eval_tokens: EvalTokens = DEFAULT_EVAL_TOKENS,
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Perplexity with the quantized KV cache read exactly as in decoding (POQ)."""
     _quiet_transformers()
     from .artifact import is_artifact
-    from .data import eval_windows, load_text, tokenize
+    from .data import eval_windows, evaluation_ids, load_text
     from .model import load_model, model_config, prepare_model_
     from .pipeline import evaluate_modes, resolve_device
+    from .progress import CalibrationCallbacks
 
     _check_device(device)
     modes = list(EvalMode) if mode == "all" else None
@@ -317,10 +375,14 @@ def evaluate(
             group_size = resolve_group_size(group_size, model_config(model)) if w_bits != FP_BITS else -1
             config = _build_config(w_bits=w_bits, kv_bits=kv_bits, group_size=group_size)
             prepare_model_(net, config)
-        windows = eval_windows(tokenize(tokenizer, load_text(data)), seqlen)
-        result = evaluate_modes(net, config, windows, modes, device=resolve_device(device))
+        ids, truncated = evaluation_ids(tokenizer, load_text(data), eval_tokens)
+        result = evaluate_modes(net, config, eval_windows(ids, seqlen), modes, device=resolve_device(device),
+                                callbacks=CalibrationCallbacks(on_event=_LineEvents()))
     except WKVQError as exc:
         _fail(str(exc))
+    if truncated:
+        _say_truncated(eval_tokens)
+        result["truncated_at_tokens"] = eval_tokens
     if as_json:
         print(json.dumps(result | {"seqlen": seqlen}))
     else:

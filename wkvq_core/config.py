@@ -12,6 +12,9 @@ from .errors import ConfigError
 FP_BITS = 16
 QUANT_BITS = range(2, 9)
 DEFAULT_SEQLEN = 2048
+# Evaluation reads at most this many tokens of its text (0: all of it): 32 windows of 2048, 256 of 256, a perplexity
+# stable to ~1 %; WikiText-2's whole test split (~300k tokens) takes hours on a CPU.
+DEFAULT_EVAL_TOKENS = 65536
 SMOOTH_PARAMS = ("direct", "relative")
 RUN_DTYPES = ("auto", "float32", "bfloat16")
 ATTENTION_KERNELS = ("eager", "sdpa")  # WKVAttention.attention_backend

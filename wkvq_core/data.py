@@ -8,11 +8,13 @@ id: a local directory of that name is never read.
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError, DataError
+from .estimate import TOKENIZE_CHUNK_CHARS
 
 HF_PREFIX = "hf:"
 WIKITEXT2_TRAIN = "hf:wikitext:wikitext-2-raw-v1:train"
@@ -80,9 +82,46 @@ def load_text(spec: str) -> str:
     raise DataError(f"{spec}: no such file or directory")
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """1-D token ids of the whole text, without special tokens."""
-    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+def _pieces(text: str, size: int):
+    """(previous piece's last character, piece) of about `size` characters each, split after a newline when the
+    piece holds one."""
+    start = 0
+    while start < len(text):
+        end = len(text) if start + size >= len(text) else text.rfind("\n", start, start + size) + 1
+        if end <= start:  # no newline in the piece
+            end = start + size
+        yield text[start - 1] if start else "", text[start:end]
+        start = end
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """1-D int32 token ids of the text (at most `max_tokens`, reading no further than needed), without special
+    tokens. A fast tokenizer's encoding of a whole text holds ~160 B per character (ids, offsets, token strings), so
+    the text is tokenized in `TOKENIZE_CHUNK_CHARS` pieces, split after a newline: the peak memory is the text and
+    4 bytes per token.
+    Each piece after the first is encoded behind its preceding newline, whose tokens are then dropped: the ids equal
+    the whole text's for tokenizers whose tokens do not span a newline (the shipped stories260k and SmolLM2-135M)."""
+    ids = array("i")
+
+    def encode(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
+
+    for before, piece in _pieces(text, TOKENIZE_CHUNK_CHARS):
+        # behind its newline: a normalizer that prepends to every input (LLaMA's "▁") must not see a text start
+        context, piece_ids = encode(before) if before else [], encode(before + piece)
+        ids.extend(piece_ids[len(context):] if piece_ids[: len(context)] == context else encode(piece))
+        if max_tokens is not None and len(ids) >= max_tokens:
+            del ids[max_tokens:]
+            break
+    return torch.frombuffer(ids, dtype=torch.int32) if ids else torch.zeros(0, dtype=torch.int32)
+
+
+def evaluation_ids(tokenizer, text: str, max_tokens: int) -> tuple[torch.Tensor, bool]:
+    """(token ids of an evaluation text, at most `max_tokens` (0: all), whether the text holds more)."""
+    if not max_tokens:
+        return tokenize(tokenizer, text), False
+    ids = tokenize(tokenizer, text, max_tokens + 1)
+    return ids[:max_tokens], ids.numel() > max_tokens
 
 
 def _require(ids: torch.Tensor, seqlen: int, what: str) -> None:
@@ -97,7 +136,7 @@ def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     _require(ids, seqlen, "calibration")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()]).long()
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -106,4 +145,4 @@ def eval_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
         raise ConfigError(f"evaluation seqlen must be at least 2 (a window predicts seqlen - 1 tokens); got {seqlen}")
     _require(ids, seqlen, "evaluation")
     n = ids.numel() // seqlen
-    return ids[: n * seqlen].reshape(n, seqlen)
+    return ids[: n * seqlen].reshape(n, seqlen).long()

@@ -7,7 +7,8 @@ Host: the process (python + torch + transformers, `HOST_BASELINE_BYTES`); embedd
 lm_head in the checkpoint dtype; one layer being read (checkpoint dtype, and its fp32 cast for a CUDA device); the
 activation caches, quantized-path inputs and FP targets, 2 x nsamples x seqlen x hidden in the cache dtype, updated
 in place; the evaluation hidden states, one stream per mode (fp, w, wkv and the RTN baselines w, wkv) x windows x
-seqlen x hidden in the cache dtype. On the CPU the device is the host: its working set is added (x
+seqlen x hidden in the cache dtype; tokenizing the larger text (`TEXT_BYTES_PER_CHAR`, and one tokenizer call on a
+`TOKENIZE_CHUNK_CHARS` piece). On the CPU the device is the host: its working set is added (x
 `CPU_ALLOCATOR_FACTOR`).
 
 Device: the k = crr_k decoder blocks of the window in fp32; one block's calibration parameters (LWC clip logits
@@ -20,7 +21,10 @@ FLOPs: matmuls only, 2 x params x tokens for the linears plus 2 x 2 x T^2 x (hea
 causal attention (`layer_forward_flops`). Per block: FP propagation (1 forward of the layer over all samples),
 smoothing initialisation (1), calibration (epochs x nsamples x (forward + backward = 3 forwards) through the
 window's min(k, blocks left) layers), quantized propagation (1); evaluation: every stream through every layer plus
-the lm_head. Seconds = FLOPs / (peak of the compute dtype x efficiency) of a `DEVICE_KINDS` entry.
+the lm_head. Seconds = FLOPs / (peak of the compute dtype x efficiency) of a `DEVICE_KINDS` entry; on the CPU also
+the elementwise work (activation bytes of each layer call / `traffic_bytes_per_second`); plus the start
+(`STARTUP_SECONDS`, `LOAD_SECONDS_PER_PARAM`) and tokenization (`TOKENIZE_SECONDS_PER_CHAR`). The CPU's numbers are
+fitted to the CPU time (user + sys, one thread) of measured runs: about the wall time on an idle machine.
 """
 
 from __future__ import annotations
@@ -60,6 +64,19 @@ HOST_BASELINE_CUDA_BYTES = 2 * GiB
 # batches of 8 peaked at 756 MiB, estimated 782 MiB (tests/test_estimate.py re-measures that one).
 CPU_ALLOCATOR_FACTOR = 1.75
 CHARS_PER_TOKEN = 3.0  # evaluation text -> tokens when only its length is known (English, 32k-vocab BPE: ~3.5-4.5)
+# Tokenizing a text (`data.tokenize`): the file's bytes and the decoded str (2 B per character of English text), the
+# int32 ids (4 B per token, at most a token per character) and the id buffer's growth and the allocator: 117 MiB
+# measured for 16 MiB of WikiText with stories260k's 512-token vocabulary (1.6 characters per token), 80 MiB with
+# SmolLM2's. One tokenizer call on a TOKENIZE_CHUNK_CHARS piece holds ~160 B per character (its encoding).
+TEXT_BYTES_PER_CHAR = 8
+TOKENIZE_SECONDS_PER_CHAR = 1e-6  # CPU time: 0.42 us (stories260k), 0.80 us (SmolLM2) measured on WikiText
+# What a run spends besides the estimated phases, in CPU time of runs with nothing to calibrate (1 x 16 tokens, 0
+# epochs; benchmarks/RESULTS.md): python, torch and transformers imports, 6.8 s with the 260k-parameter model; reading
+# the checkpoint and writing the artifact, 11.1 s with SmolLM2-135M: 3.2e-8 s per parameter.
+STARTUP_SECONDS = 6.5
+LOAD_SECONDS_PER_PARAM = 3.2e-8
+TOKENIZE_CHUNK_CHARS = 64 * 1024
+TOKENIZER_CALL_BYTES_PER_CHAR = 160
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 BLOCK_BYTES = 4  # decoder layers are materialised in fp32 (`StreamedLayers(..., torch.float32)`)
 
@@ -68,7 +85,9 @@ BLOCK_BYTES = 4  # decoder layers are materialised in fp32 (`StreamedLayers(...,
 class DeviceKind:
     """A compute device class. peak_flops: dense matmul peak by compute dtype ("float32" is fp32 without TF32:
     the engine does not enable TF32); efficiency: the fraction of that peak the calibration loop is assumed to
-    sustain (fake quantization, norms, softmax and small kernels between the matmuls)."""
+    sustain (fake quantization, norms, softmax and small kernels between the matmuls); traffic_bytes_per_second:
+    the elementwise work beside the matmuls, as activation bytes autograd saves per layer call (`layer_saved_bytes`)
+    handled per second (0: not counted, the matmuls dominate)."""
 
     name: str
     cuda: bool
@@ -76,6 +95,7 @@ class DeviceKind:
     peak_flops: dict[str, float]
     efficiency: float
     note: str
+    traffic_bytes_per_second: float = 0.0
 
     def flops_per_second(self, compute_dtype: str) -> float:
         return self.peak_flops[compute_dtype] * self.efficiency
@@ -88,9 +108,10 @@ _NVIDIA_H100_SXM = {"float32": 67e12, "tf32": 495e12, "bfloat16": 989e12}
 DEVICE_KINDS: dict[str, DeviceKind] = {
     kind.name: kind
     for kind in (
-        DeviceKind("cpu", False, 0, {"float32": 200e9, "tf32": 200e9, "bfloat16": 200e9}, 0.1,
-                   "2-core x86-64: ~100 GFLOP/s fp32 sgemm (2048^3) per core measured; a 12M-parameter job ran at "
-                   "15 GFLOP/s on a shared machine (small matmuls, fake quantization)"),
+        DeviceKind("cpu", False, 0, {"float32": 200e9, "tf32": 200e9, "bfloat16": 200e9}, 0.4,
+                   "2-core x86-64: ~100 GFLOP/s fp32 sgemm (2048^3) per core measured; efficiency and traffic fitted "
+                   "to the CPU time of stories260k and SmolLM2-135M jobs (benchmarks/RESULTS.md)",
+                   traffic_bytes_per_second=0.65e9),
         DeviceKind("a100-80gb", True, 80 * GiB, {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12},
                    GPU_EFFICIENCY,
                    "NVIDIA A100 SXM 80GB datasheet dense peaks"),
@@ -226,10 +247,12 @@ def layer_saved_bytes(shape: ModelShape, config: WKVQuantConfig, seqlen: int, *,
     return activations, weights
 
 
-def eval_windows_for_chars(chars: int, seqlen: int, chars_per_token: float = CHARS_PER_TOKEN) -> int:
+def eval_windows_for_chars(chars: int, seqlen: int, eval_tokens: int = 0,
+                           chars_per_token: float = CHARS_PER_TOKEN) -> int:
     """Evaluation windows of a text of `chars` characters when its tokens are not counted: chars / chars_per_token
-    tokens in non-overlapping windows of `seqlen`."""
-    return int(chars / chars_per_token) // seqlen
+    tokens, at most `eval_tokens` (0: no bound), in non-overlapping windows of `seqlen`."""
+    tokens = int(chars / chars_per_token)
+    return (min(tokens, eval_tokens) if eval_tokens else tokens) // seqlen
 
 
 # upper bounds of what a stored object holds besides its tensors: a checkpoint's header; an artifact's headers,
@@ -292,11 +315,13 @@ class ResourceEstimate:
 
 
 def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, eval_windows: int = 0,
-                       device: str = "cpu", attention: str | None = None) -> ResourceEstimate:
+                       text_chars: tuple[int, ...] = (), device: str = "cpu",
+                       attention: str | None = None) -> ResourceEstimate:
     """Peak device and host memory, FLOPs and seconds of a calibration job (see the module docstring).
 
     model_config: the model's config.json; eval_windows: evaluation windows of `seqlen` tokens (0: no
-    evaluation); device: a `DEVICE_KINDS` name; attention: "eager" | "sdpa" (default: `calib.attention`, whose
+    evaluation); text_chars: characters of each text the job tokenizes (calibration, evaluation); device: a
+    `DEVICE_KINDS` name; attention: "eager" | "sdpa" (default: `calib.attention`, whose
     "auto" is sdpa on CUDA, eager on the CPU). Raises ConfigError for an unknown device or a config lacking a size.
 
     Example::
@@ -360,6 +385,10 @@ def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, 
         "activation_caches": float(2 * n * t * hidden * cache_bytes),
         "token_ids": float((n + eval_windows) * t * 8),
     }
+    if text_chars:  # one text at a time, before calibration
+        largest = max(text_chars)
+        host["tokenization"] = float(largest * TEXT_BYTES_PER_CHAR
+                                     + min(largest, TOKENIZE_CHUNK_CHARS) * TOKENIZER_CALL_BYTES_PER_CHAR)
     if eval_windows:
         host["evaluation_states"] = float(streams * eval_windows * t * hidden * cache_bytes)
     if not kind.cuda:
@@ -381,6 +410,22 @@ def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, 
     flops = {name: float(v) for name, v in flops.items() if v}
     rate = kind.flops_per_second(compute)
     seconds = {name: v / rate for name, v in flops.items()}
+    params = layers * shape.layer_params + shape.resident_params
+    seconds["startup"] = STARTUP_SECONDS + params * LOAD_SECONDS_PER_PARAM
+    if kind.traffic_bytes_per_second:
+        traffic = {
+            "fp_propagation": layers * n * f_act,
+            "smoothing_init": layers * n * f_act if smooth else 0.0,
+            "calibration": calib.epochs * 3 * n * sum(q_act + (min(calib.crr_k, layers - i) - 1) * f_act
+                                                      for i in range(layers)) if trained else 0.0,
+            "quantized_propagation": layers * n * q_act,
+            "evaluation": streams * eval_windows * layers * f_act,
+        }
+        for name, v in traffic.items():
+            if v:
+                seconds[name] = seconds.get(name, 0.0) + v / kind.traffic_bytes_per_second
+    if text_chars:
+        seconds["tokenization"] = sum(text_chars) * TOKENIZE_SECONDS_PER_CHAR
     return ResourceEstimate(
         device=device, attention=attention, compute_dtype=compute, cache_dtype=cache,
         peak_device_bytes=peak_device, peak_host_bytes=peak_host, flops=float(sum(flops.values())),

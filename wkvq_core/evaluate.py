@@ -20,7 +20,9 @@ from .calibrate import FULL_PRECISION, Precision, embed, rotary_embeddings
 from .config import FP_BITS, EvalMode, KVQuantConfig
 from .loader import LayerSource, ResidentLayers
 from .model import attentions, decoder_layers, frozen_weights, quant_state
-from .progress import CalibrationCallbacks
+from .progress import CalibrationCallbacks, CalibrationEvent, EventKind
+
+EVAL_PROGRESS_STEPS = 100  # EVAL_WINDOWS events per evaluation, at most
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,15 @@ class LayerwiseEval:
         hidden = embed(model, windows, self.device, precision.cache, self.callbacks)
         self.states = {name: hidden.clone() for name in self.modes}
         self.position_embeddings = rotary_embeddings(model, windows.shape[1], self.device, dtype)
+        self.passes, self.n_passes = 0, len(self.modes) * windows.shape[0] * (len(decoder_layers(model)) + 1)
+
+    def _passed(self, windows: int) -> None:
+        """Count `windows` window passes; an EVAL_WINDOWS event each 1/EVAL_PROGRESS_STEPS of the evaluation."""
+        step = -(-self.n_passes // EVAL_PROGRESS_STEPS)
+        before, self.passes = self.passes, self.passes + windows
+        if self.passes // step > before // step or self.passes == self.n_passes:
+            self.callbacks.emit(CalibrationEvent(EventKind.EVAL_WINDOWS, 0, 0, windows=self.passes,
+                                                 n_windows=self.n_passes))
 
     @torch.no_grad()
     def advance(self, layer, name: str | None = None) -> None:
@@ -70,6 +81,7 @@ class LayerwiseEval:
                     out = layer(x[s : s + self.batch_size].to(self.device, self.dtype), attention_mask=mask,
                                 position_embeddings=self.position_embeddings)
                     x[s : s + self.batch_size] = out.to(x.dtype)
+                    self._passed(out.shape[0])
 
     def _causal_mask(self) -> torch.Tensor:
         t = self.windows.shape[1]
@@ -94,6 +106,7 @@ class LayerwiseEval:
                     logits = F.linear(h, weight)[:, :-1].float()
                     nll_sum += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
                     tokens += ids[:, 1:].numel()
+                    self._passed(ids.shape[0])
                 results[name] = _summarise(nll_sum, tokens)
         finally:
             norm.to(homes[0]), head.to(homes[1])

@@ -13,8 +13,8 @@ import torch
 
 from .artifact import ArtifactWriter
 from .calibrate import CalibrationReport, Precision, calibrate_
-from .config import FP_BITS, WKVQuantConfig
-from .data import calibration_samples, eval_windows, load_text, tokenize
+from .config import DEFAULT_EVAL_TOKENS, FP_BITS, WKVQuantConfig
+from .data import calibration_samples, eval_windows, evaluation_ids, load_text, tokenize
 from .errors import ConfigError
 from .evaluate import EvalMode, LayerwiseEval, Perplexity, kv_bytes_per_token, layerwise_perplexities
 from .loader import CheckpointReader, ResidentLayers, StreamedLayers, load_skeleton
@@ -57,8 +57,10 @@ def eval_table(model_config, config: WKVQuantConfig, ppl: dict[str, Perplexity],
     return result
 
 
-def evaluate_modes(model, config: WKVQuantConfig, windows: torch.Tensor, modes, device="cpu") -> dict[str, Any]:
-    return eval_table(model.config, config, layerwise_perplexities(model, windows, modes, device=device), modes)
+def evaluate_modes(model, config: WKVQuantConfig, windows: torch.Tensor, modes, device="cpu",
+                   callbacks: CalibrationCallbacks | None = None) -> dict[str, Any]:
+    ppl = layerwise_perplexities(model, windows, modes, device=device, callbacks=callbacks)
+    return eval_table(model.config, config, ppl, modes)
 
 
 def rtn_modes(config: WKVQuantConfig) -> list[EvalMode]:
@@ -88,10 +90,13 @@ class QuantizeJob:
     device: str = "auto"
     revision: str | None = None
     fp_dtype: str = "float16"  # embeddings, norms, lm_head and biases in the artifact
+    eval_tokens: int = DEFAULT_EVAL_TOKENS  # evaluate at most this many tokens of `eval` (0: all)
 
     def __post_init__(self) -> None:
         if self.fp_dtype not in FP_DTYPES:
             raise ConfigError(f"fp_dtype must be one of {', '.join(FP_DTYPES)}; got {self.fp_dtype!r}")
+        if self.eval_tokens < 0:
+            raise ConfigError(f"eval_tokens must be 0 (the whole text) or positive; got {self.eval_tokens}")
 
 
 class _JobEvaluation:
@@ -148,7 +153,10 @@ def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = 
     model, tokenizer, layers = load_for_calibration(job.model, job.revision)
     calib = job.config.calib
     samples = calibration_samples(tokenize(tokenizer, load_text(job.calib)), calib.nsamples, calib.seqlen, calib.seed)
-    windows = eval_windows(tokenize(tokenizer, load_text(job.eval)), calib.seqlen) if job.eval else None
+    windows, truncated = None, False
+    if job.eval:
+        ids, truncated = evaluation_ids(tokenizer, load_text(job.eval), job.eval_tokens)
+        windows = eval_windows(ids, calib.seqlen)
     prepare_model_(model, job.config)
     precision = Precision.resolve(calib, device)
     evaluation = None
@@ -171,6 +179,8 @@ def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = 
         if evaluation is not None:
             callbacks.stage("evaluating")
             metrics["eval"] = evaluation.finish(model)
+            if truncated:
+                metrics["eval"]["truncated_at_tokens"] = job.eval_tokens
         callbacks.stage("writing")
         writer.finish(model, tokenizer, job.config, metrics)
     run = {"seconds": report.seconds, "peak_memory_bytes": report.peak_memory_bytes,

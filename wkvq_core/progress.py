@@ -17,6 +17,7 @@ class EventKind(str, Enum):
     BLOCK_END = "block_end"
     BLOCK_RESUMED = "block_resumed"  # taken from a checkpoint, not recomputed
     STAGE = "stage"  # the job entered `CalibrationEvent.stage` (one of STAGES)
+    EVAL_WINDOWS = "eval_windows"  # evaluation progress: `windows` of `n_windows` window passes done
 
 
 STAGES = ("loading", "calibrating", "evaluating", "writing")
@@ -32,6 +33,8 @@ class CalibrationEvent:
     loss: float | None = None
     seconds: float | None = None
     stage: str | None = None  # with EventKind.STAGE
+    windows: int = 0  # with EventKind.EVAL_WINDOWS: windows run through one block (or the head) in one mode so far
+    n_windows: int = 0  # ... of windows x modes x (blocks + 1)
 
 
 class CheckpointStore(Protocol):

@@ -220,7 +220,8 @@ class JobRunner:
         quantize_job = QuantizeJob(
             model=str(local_model_dir(self.ctx.settings, model["name"])) if model["source"] == "local" else model["id"],
             revision=model.get("revision"), calib=calib, eval=eval_text, out=workdir / "artifact",
-            config=job_config(spec), device=self.ctx.settings.DEVICE)
+            config=job_config(spec), device=self.ctx.settings.DEVICE,
+            eval_tokens=spec["config"].get("eval_tokens", 0))  # jobs submitted before the bound: the whole text
         callbacks = CalibrationCallbacks(
             on_event=lambda event: self._on_event(lease, heartbeat, event),
             should_cancel=lambda: self._should_cancel(lease, heartbeat),
@@ -322,6 +323,9 @@ class JobRunner:
             self._event(lease, heartbeat, event.kind.value, event.stage, progress={"stage": event.stage})
             heartbeat.last_cancel_check = float("-inf")  # a stage's first cancel check reads the database
             log.info("job %s: stage %s", lease.job_id, event.stage)
+            return
+        if event.kind == EventKind.EVAL_WINDOWS:  # a log line only: the job's progress is counted in blocks
+            log.info("job %s: evaluated %d/%d window passes", lease.job_id, event.windows, event.n_windows)
             return
         progress: dict[str, Any] = {"total_blocks": event.n_blocks}
         if event.kind in (EventKind.BLOCK_END, EventKind.BLOCK_RESUMED):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,14 @@ class GpuBudget(BaseModel):
 # 64 GB where WKVQ_DEVICE is cpu.
 DEFAULT_BUDGETS = (("h200", "h200", 2048), ("h100", "h100-80gb", 1024), ("a100", "a100-80gb", 512),
                    ("cpu", "cpu", 64))
+CPU_BUDGET = GpuBudget(device="cpu", host_memory_gb=64)
+
+
+@cache
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class Settings(BaseSettings):
@@ -164,13 +173,24 @@ class Settings(BaseSettings):
         return self
 
     def budget(self, gpu_class: str) -> GpuBudget:
-        """The budget of `gpu_class`: its GPU_BUDGETS entry, else one by the kind its name mentions."""
-        if gpu_class in self.GPU_BUDGETS:
-            return self.GPU_BUDGETS[gpu_class]
+        """The budget of `gpu_class`: its GPU_BUDGETS entry, else one by the kind its name mentions; on the CPU
+        kind, with the entry's limits, where this service's own workers run jobs on the CPU."""
+        listed = self.GPU_BUDGETS.get(gpu_class)
+        if self.embedded_on_cpu:
+            return (listed or CPU_BUDGET).model_copy(update={"device": "cpu", "device_memory_gb": None})
+        if listed is not None:
+            return listed
         for fragment, device, host_gb in DEFAULT_BUDGETS:
             if fragment in gpu_class.lower():
                 return GpuBudget(device=device, host_memory_gb=host_gb)
-        return GpuBudget(device="cpu", host_memory_gb=64) if self.DEVICE == "cpu" else GpuBudget()
+        return CPU_BUDGET if self.DEVICE == "cpu" else GpuBudget()
+
+    @property
+    def embedded_on_cpu(self) -> bool:
+        """Jobs run by workers polling this database (WKVQ_DISPATCHER=local) run on the CPU: WKVQ_DEVICE=cpu, or
+        auto on a machine without a GPU."""
+        return self.DISPATCHER == DispatcherKind.LOCAL and (
+            self.DEVICE == "cpu" or (self.DEVICE == "auto" and not cuda_available()))
 
     @property
     def is_sqlite(self) -> bool:

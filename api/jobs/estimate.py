@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -19,8 +21,9 @@ from ..models import Team
 from .model_source import local_model_dir
 from .schemas import BuiltinData, HubData, JobCreate, LocalModel, UploadedData
 
-# A hub evaluation text is not read at submit: assume the size of WikiText-2's test split (~1.3 M characters).
-HUB_EVAL_CHARS = 1_300_000
+# A hub text is not read at submit: assume the size of WikiText-2's test split (~1.3 M characters) for evaluation,
+# of its train split (~11 M) for calibration.
+HUB_CHARS = {"evaluation": 1_300_000, "calibration": 11_000_000}
 LOC = ("body", "config")
 # A hub model's tokenizer files are not looked up at submit: what an artifact's tokenizer is assumed to take at most
 HUB_TOKENIZER_BYTES = 32_000_000
@@ -40,29 +43,36 @@ def job_wkvq_config(spec_config: dict[str, Any]) -> WKVQuantConfig:
     )
 
 
-def _eval_chars(session: Session, team: Team, body: JobCreate) -> tuple[int, str]:
-    """(characters of the job's evaluation text, where the number comes from); (0, ...) without evaluation."""
-    spec = body.evaluation or (body.calibration if isinstance(body.calibration, BuiltinData) else None)
+@cache
+def _file_chars(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8"))
+
+
+def _text_chars(session: Session, team: Team, spec: BuiltinData | UploadedData | HubData | None,
+                role: str) -> tuple[int, str]:
+    """(characters of the job's `role` text, where the number comes from); (0, ...) without one."""
     if spec is None:
-        return 0, "no evaluation"
+        return 0, f"no {role}"
     if isinstance(spec, BuiltinData):
-        path = BUILTIN_TEXTS[spec.name]["evaluation"]
-        return len(path.read_text(encoding="utf-8")), f"built-in {spec.name}"
+        return _file_chars(BUILTIN_TEXTS[spec.name][role]), f"built-in {spec.name}"
     if isinstance(spec, UploadedData):
         return dataset_service.get(session, team=team, dataset_id=spec.dataset_id).chars, "uploaded dataset"
     assert isinstance(spec, HubData)
-    return HUB_EVAL_CHARS, f"hub dataset {spec.name}: assumed {HUB_EVAL_CHARS:,} characters"
+    return HUB_CHARS[role], f"hub dataset {spec.name}: assumed {HUB_CHARS[role]:,} characters"
 
 
 def estimate_job(settings: Settings, session: Session, *, team: Team, body: JobCreate, gpu_class: str,
                  model_config: dict[str, Any]) -> ResourceEstimate:
     """The estimate of `body` on the device kind of `gpu_class`'s budget."""
     budget = settings.budget(gpu_class)
-    chars, source = _eval_chars(session, team, body)
+    evaluation = body.evaluation or (body.calibration if isinstance(body.calibration, BuiltinData) else None)
+    chars, source = _text_chars(session, team, evaluation, "evaluation")
+    calib_chars, _ = _text_chars(session, team, body.calibration, "calibration")
     try:
         config = job_wkvq_config(body.config.model_dump(mode="json"))
-        windows = eval_windows_for_chars(chars, config.calib.seqlen)
-        estimate = estimate_resources(model_config, config, eval_windows=windows, device=budget.device)
+        windows = eval_windows_for_chars(chars, config.calib.seqlen, body.config.eval_tokens)
+        estimate = estimate_resources(model_config, config, eval_windows=windows, text_chars=(calib_chars, chars),
+                                      device=budget.device)
     except ConfigError as exc:
         raise InvalidField(LOC, str(exc)) from None
     estimate.inputs["eval_text"] = source

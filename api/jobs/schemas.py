@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wkvq_core.config import DEFAULT_METHOD
+from wkvq_core.config import DEFAULT_EVAL_TOKENS, DEFAULT_METHOD
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
@@ -95,6 +95,8 @@ class QuantConfig(Strict):
     nsamples: int = Field(128, ge=1, le=4096)
     seqlen: int = Field(2048, ge=16, le=32768, description="left out: 2048, or the model's context if shorter")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    eval_tokens: int = Field(DEFAULT_EVAL_TOKENS, ge=0, le=2**31 - 1,
+                             description="evaluate at most this many tokens of the evaluation text; 0: all of it")
     lwc: bool = True
     smoothing: bool = True
     poq: bool = True

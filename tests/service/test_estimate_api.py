@@ -8,6 +8,7 @@ import copy
 import json
 import shutil
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -19,6 +20,7 @@ from api.main import create_app
 from api.models import Job, JobEvent
 from tests.conftest import TINY_MODEL
 from tests.service.conftest import TINY_JOB, service_settings, team_key
+from wkvq_core import estimate as core_estimate
 from wkvq_core.estimate import format_bytes
 
 # LLaMA-2-70B's shape (GQA 64/8), with a context long enough for the issue's 32768-token samples.
@@ -36,7 +38,9 @@ def ctx(tmp_path, db_url):
     shutil.copytree(TINY_MODEL, models / "stories260k")
     (models / "llama-70b-shape").mkdir()
     (models / "llama-70b-shape" / "config.json").write_text(json.dumps(LLAMA_70B))
-    settings = service_settings(db_url, str(tmp_path / "store"), MODELS_DIR=models, GPU_CLASSES=["default", "a100"])
+    # an API in front of a worker pool (Celery): a GPU class's budget is its device kind's
+    settings = service_settings(db_url, str(tmp_path / "store"), MODELS_DIR=models, GPU_CLASSES=["default", "a100"],
+                                DISPATCHER="celery")
     upgrade(settings.DATABASE_URL)
     context = ServiceContext.from_settings(settings)
     yield context
@@ -119,7 +123,7 @@ def test_time_budget_and_override(ctx):
 def test_budgets_from_the_environment(monkeypatch):
     monkeypatch.setenv("WKVQ_GPU_BUDGETS", json.dumps({"gpu-a100": {"device": "a100-80gb", "host_memory_gb": 256,
                                                                     "max_seconds": 3600}}))
-    settings = Settings(_env_file=None, GPU_CLASSES=["gpu-a100", "gpu-h100"])
+    settings = Settings(_env_file=None, GPU_CLASSES=["gpu-a100", "gpu-h100"], DISPATCHER="celery")
     assert settings.budget("gpu-a100").host_memory_bytes == 256 * 10**9
     assert settings.budget("gpu-a100").seconds(settings) == 3600
     h100 = settings.budget("gpu-h100")  # not listed: by the kind its name mentions
@@ -155,3 +159,32 @@ def test_dashboard_form_shows_the_budget_refusal(ctx):
     assert response.status_code == 422 and "was not submitted" in response.text
     assert "exceeds the budget of gpu class &#39;a100&#39; (512 GB" in response.text
     assert rows(ctx, Job) == 0 and rows(ctx, JobEvent) == 0
+
+
+@pytest.fixture
+def settings(db_url, tmp_path) -> Settings:
+    """`service` and `live_server` with GPU classes default and a100, run by embedded workers on the CPU."""
+    return service_settings(db_url, str(tmp_path / "store"), GPU_CLASSES=["default", "a100"])
+
+
+def test_an_embedded_cpu_service_estimates_for_the_cpu(live_server, service):
+    """Issue 24 finding 7: a job that embedded workers run on the CPU (WKVQ_DEVICE=cpu) was estimated, budgeted and
+    shown "for a100-80gb" because its class is named a100; the API and the job page now name the CPU, with the CPU's
+    time."""
+    key = team_key(service, "a")
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        response = http.post("/v1/jobs", json=TINY_JOB | {"gpu_class": "a100"},
+                             headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 201, response.text
+        job = response.json()
+        assert job["estimate"]["device"] == "cpu"
+        assert job["estimate"]["inputs"]["flops_per_second"] == core_estimate.DEVICE_KINDS["cpu"].flops_per_second(
+            "float32")
+        signin = http.post("/dashboard/signin", data={"api_key": key})
+        assert signin.status_code == 303, signin.text
+        cookie = signin.headers["set-cookie"].split(";")[0]  # Secure: httpx keeps it for https only
+        page = http.get(f"/dashboard/jobs/{job['id']}", headers={"Cookie": cookie})
+    assert page.status_code == 200, page.text
+    section = page.text[page.text.index('id="estimate"'):]
+    assert "for cpu" in section[:section.index("</section>")]
+    assert "a100-80gb" not in page.text
