@@ -77,15 +77,16 @@ def record_bytes(head_dim: int, bits: int, group_size: int | None) -> int:
     return math.ceil(head_dim * bits / 8) + groups * (2 + 2)
 
 
-@pytest.mark.parametrize("bits,group,sinks", [(4, None, 0), (3, 4, 2)])
-def test_allocated_memory_stays_within_one_page_of_the_format(tiny_model, bits, group, sinks):
+@pytest.mark.parametrize("bits,group,sinks,page_tokens", [(4, None, 0, None), (3, 4, 2, 5)])
+def test_allocated_memory_stays_within_one_page_of_the_format(tiny_model, bits, group, sinks, page_tokens):
     """Token-by-token decode on the shipped model: every layer holds the format's bytes for its tokens, plus
-    less than one page of room (16 tokens, the default)."""
-    page, batch, config = 16, 2, tiny_model.config
+    less than one page of room (16 tokens by default)."""
+    page, batch, config = page_tokens or 16, 2, tiny_model.config
     n_kv, head_dim = config.num_key_value_heads, config.head_dim
     prepare_model_(tiny_model, WKVQuantConfig(weight=WeightQuantConfig(bits=16),
                                               kv=KVQuantConfig(bits=bits, group_size=group, sink_tokens=sinks)))
-    cache = WKVQuantCache(config, kv_bits=bits, kv_group_size=group, sink_tokens=sinks)
+    cache = WKVQuantCache(config, kv_bits=bits, kv_group_size=group, sink_tokens=sinks,
+                          **({"page_tokens": page_tokens} if page_tokens else {}))
     ids = torch.randint(3, config.vocab_size, (batch, 300))
     per_token = batch * 2 * n_kv * record_bytes(head_dim, bits, group)  # K and V
     per_sink = batch * 2 * n_kv * head_dim * 4  # unquantized, in the model's fp32
