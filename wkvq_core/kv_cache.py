@@ -201,14 +201,14 @@ class PackedKVLayer(DynamicLayer):
         keys = self.sinks.keys
         return 2 * keys.numel() * (fp_bytes or keys.element_size())
 
-    def nbytes(self, fp_bytes: int | None = None) -> int:
-        """Bytes of the stored tokens: the records, and the unquantized sink tokens at `fp_bytes` per element
-        (default: as held)."""
+    def nbytes(self) -> int:
+        """Bytes of the stored tokens: the records and the unquantized sink tokens."""
         records = self._segments(self.packed_tokens)
-        return sum(k.nbytes + v.nbytes for k, v in records) + self._sink_bytes(fp_bytes)
+        return sum(k.nbytes + v.nbytes for k, v in records) + self._sink_bytes(None)
 
     def allocated_bytes(self, fp_bytes: int | None = None) -> int:
-        """Bytes held: `nbytes()` and the room of the last page of records (less than a page of tokens)."""
+        """Bytes held: `nbytes()` and the room of the last page of records (less than a page of tokens); the sink
+        tokens at `fp_bytes` per element if given."""
         held = sum(segment.nbytes for segment in self.key_segments + self.value_segments)
         return held + self._sink_bytes(fp_bytes)
 
