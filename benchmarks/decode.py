@@ -17,8 +17,8 @@ minutes on two cores). Each measurement block runs `--steps` decode steps from t
 blocks of the variants alternate, `--repeats` times, in one process, and tokens/s is the median block. Correctness
 is checked separately on real text: 32 greedy tokens of each variant's cache against its own model decoded without
 any cache (a full forward per step). `cache` is what the cache holds at `context` tokens (the packed cache's
-preallocated room in brackets); `RSS +` is the growth of this process's resident memory when the variant's cache
-was filled (the process also holds the other variants).
+allocated bytes in brackets where the room of its last pages makes them differ); `RSS +` is the growth of this
+process's resident memory when the variant's cache was filled (the process also holds the other variants).
 """
 
 from __future__ import annotations

@@ -123,8 +123,8 @@ def filled_cache_bytes(cache, config, seqlen: int) -> int:
 
 
 def cache_bytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
+    if hasattr(cache, "allocated_bytes"):
+        return cache.allocated_bytes()  # the packed cache: what it holds, its last page's room included
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
 
 
@@ -260,7 +260,7 @@ def throughput(args) -> str:
           for k, v in times.items()),
         "",
         f"- throughput ratio packed / FP: **{fp_t / q_t:.2f}×** (same run, interleaved)",
-        f"- packed cache holds {tokens} tokens: {held[q_name]:,} B vs formula {formula:,.0f} B",
+        f"- packed cache holds {tokens} tokens: {held[q_name]:,} B allocated vs formula {formula:,.0f} B",
         *(f"- {k}: greedy tokens equal the cache-free reference (full forward per step) for the first {agree[k]} "
           f"of {n} new tokens" for k in caches),
     ])

@@ -159,10 +159,8 @@ def cache_bytes(cache) -> int:
             continue
         if isinstance(layer, KIVILayer):
             total += layer.nbytes(fp_bytes=FP_BYTES)
-        elif isinstance(layer, PackedKVLayer):
-            total += layer.keys.nbytes + layer.values.nbytes  # uint8 records: codes + fp16 scales and zeros
-            if layer.sinks.get_seq_length():
-                total += tensor_bytes(layer.sinks.keys) + tensor_bytes(layer.sinks.values)  # unquantized sinks
+        elif isinstance(layer, PackedKVLayer):  # uint8 records (codes, fp16 scales and zeros) in pages, and sinks
+            total += layer.allocated_bytes(fp_bytes=FP_BYTES)
         elif isinstance(layer, QuantizedLayer):
             total += sum(tensor_bytes(x) for x in (layer._quantized_keys, layer._quantized_values,
                                                    layer.keys, layer.values))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -41,22 +43,72 @@ def test_packed_decode_attention_equals_eager_poq(monkeypatch, bits, group, sink
     assert torch.equal(fast.keys, reference.keys) and torch.equal(fast.values, reference.values)
 
 
-def test_storage_grows_geometrically_and_survives_crop_and_reorder():
+def test_storage_grows_in_pages_and_survives_crop_and_reorder(monkeypatch):
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 32)  # segments of 32 tokens: two pages of 16
     layer = PackedKVLayer(4)
     x = torch.randn(2, 1, 1, 8)
     layer.update(x, x)
-    store = layer._key_store
+    first_page = layer.key_segments[0].data_ptr()
+    for _ in range(15):
+        layer.update(x, x)
+    assert layer.key_segments[0].data_ptr() == first_page  # appends within a page copy nothing
+    for _ in range(24):
+        layer.update(x, x)
+    full_segment = layer.key_segments[0].data_ptr()
     for _ in range(40):
         layer.update(x, x)
-    assert layer._key_store.data_ptr() == store.data_ptr()  # 41 tokens fit the first allocation: no copies
-    assert layer.allocated_bytes() > layer.nbytes() == 2 * layer.keys.nbytes
+    assert layer.key_segments[0].data_ptr() == full_segment  # a full segment is never copied again
+    assert [segment.shape[-2] for segment in layer.key_segments] == [32, 32, 16]  # 80 tokens
+    assert layer.allocated_bytes() == layer.nbytes() == 2 * layer.keys.nbytes
     before = layer._decode(layer.keys).clone()
-    layer.crop(-11)  # back to 30 tokens
+    layer.crop(-31)  # back to 49 tokens
+    assert [segment.shape[-2] for segment in layer.key_segments] == [32, 32]  # the emptied page is freed
     layer.reorder_cache(torch.tensor([1, 0]))
     y = torch.randn(2, 1, 1, 8)
     keys, _ = layer.update(y, y)
-    assert torch.equal(keys[:, :, :30], before[[1, 0], :, :30])
-    assert layer.get_seq_length() == 31
+    assert torch.equal(keys[:, :, :49], before[[1, 0], :, :49])
+    assert layer.get_seq_length() == 50
+
+
+def record_bytes(head_dim: int, bits: int, group_size: int | None) -> int:
+    """One token's record per KV head, by the format: packed codes, then an fp16 scale and an fp16 zero point
+    per group."""
+    groups = head_dim // (group_size or head_dim)
+    return math.ceil(head_dim * bits / 8) + groups * (2 + 2)
+
+
+@pytest.mark.parametrize("bits,group,sinks,page_tokens", [(4, None, 0, None), (3, 4, 2, 5)])
+def test_allocated_memory_stays_within_one_page_of_the_format(tiny_model, bits, group, sinks, page_tokens):
+    """Token-by-token decode on the shipped model: every layer holds the format's bytes for its tokens, plus
+    less than one page of room (16 tokens by default)."""
+    page, batch, config = page_tokens or 16, 2, tiny_model.config
+    n_kv, head_dim = config.num_key_value_heads, config.head_dim
+    prepare_model_(tiny_model, WKVQuantConfig(weight=WeightQuantConfig(bits=16),
+                                              kv=KVQuantConfig(bits=bits, group_size=group, sink_tokens=sinks)))
+    cache = WKVQuantCache(config, kv_bits=bits, kv_group_size=group, sink_tokens=sinks,
+                          **({"page_tokens": page_tokens} if page_tokens else {}))
+    ids = torch.randint(3, config.vocab_size, (batch, 300))
+    per_token = batch * 2 * n_kv * record_bytes(head_dim, bits, group)  # K and V
+    per_sink = batch * 2 * n_kv * head_dim * 4  # unquantized, in the model's fp32
+    checked = []
+    with quant_state(tiny_model, weights=False, kv=True), torch.no_grad():
+        for t in range(ids.shape[1]):
+            tiny_model(ids[:, t : t + 1], **with_cache(cache), use_cache=True)
+            if t + 1 in (1, 15, 16, 17, 127, 300):
+                held_sinks = min(t + 1, sinks)
+                formula = per_sink * held_sinks + per_token * (t + 1 - held_sinks)
+                for layer in cache.layers:
+                    assert layer.nbytes() == formula
+                    assert formula <= layer.allocated_bytes() < formula + per_token * page, (t + 1, formula)
+                checked.append(t + 1)
+    assert len(checked) == 6
+    assert cache.allocated_bytes() - cache.nbytes() < config.num_hidden_layers * per_token * page
+
+
+@pytest.mark.parametrize("page_tokens", [0, -16, 2.5, True])
+def test_page_size_must_be_a_positive_whole_number(page_tokens):
+    with pytest.raises(ValueError, match="page_tokens must be a positive whole number"):
+        WKVQuantCache(LlamaConfig(num_hidden_layers=1), kv_bits=4, page_tokens=page_tokens)
 
 
 @pytest.mark.parametrize("kv", [KVQuantConfig(bits=4), KVQuantConfig(bits=4, k_pre_rope=True, sink_tokens=3, rotate=True),

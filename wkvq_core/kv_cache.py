@@ -2,8 +2,10 @@
 
 Each cached token is one byte record per KV head: the packed codes of K~ (or V~), then the fp16 scales, then the
 fp16 zero points of its groups (the first `sink_tokens` of a sequence are kept unquantized instead). Records live
-in preallocated storage that grows geometrically (appending is amortised O(1)); `keys` / `values` are views of its
-filled part, shaped like a `DynamicLayer`'s tensors, so cropping, batch selection and beam reordering work unchanged.
+in segments of storage, each as long as one chunk of the decode attention (`packed_attention.CHUNK_TOKENS`), that
+are allocated page by page (`page_tokens`, 16 by default, as vLLM's blocks): the memory held stays within one page
+per layer of the format's size (`nbytes()`), and appending copies at most one segment. `keys` / `values` give the
+records as one tensor shaped like a `DynamicLayer`'s.
 
 Two ways to read it:
 - `update` stores the new tokens' smoothed K/V packed and returns the dequantized past *and* new tokens (prefill,
@@ -17,20 +19,50 @@ from __future__ import annotations
 import torch
 from transformers import Cache, DynamicLayer
 
+from . import packed_attention
 from .packed_attention import packed_decode_attention
 from .packing import pack_bits, packed_size, unpack_bits
 from .primitives import dequantize_per_token, quantize_per_token
 
-GROWTH, MIN_GROWTH = 1.25, 256  # storage grows to max(1.25 x, + 256 tokens) of what it must hold
+PAGE_TOKENS = 16  # storage is allocated in pages of this many tokens
+
+
+class _Records:
+    """`keys` / `values` of a `PackedKVLayer`: its stored records (B, H_kv, n, R) as one tensor (a copy when they
+    span several segments), None before the first update. transformers empties a layer by assigning None."""
+
+    def __init__(self, segments: str) -> None:
+        self.segments = segments
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        if not getattr(layer, self.segments, None):
+            return None
+        views = layer._views(getattr(layer, self.segments), layer.packed_tokens)
+        return views[0] if len(views) == 1 else torch.cat(views, dim=-2)
+
+    def __set__(self, layer, records: None) -> None:
+        if records is not None:
+            raise TypeError("a PackedKVLayer stores records through update(); only None (empty) can be assigned")
+        setattr(layer, self.segments, [])
+        layer.packed_tokens = 0
 
 
 class PackedKVLayer(DynamicLayer):
     """Packed records of the quantized tokens; the first `sink_tokens` of a sequence are kept unquantized in an
     inner `DynamicLayer` (`sinks`) and come first in what `update` returns."""
 
-    def __init__(self, bits: int, group_size: int | None = None, sink_tokens: int = 0) -> None:
+    keys, values = _Records("key_segments"), _Records("value_segments")
+
+    def __init__(self, bits: int, group_size: int | None = None, sink_tokens: int = 0,
+                 page_tokens: int = PAGE_TOKENS) -> None:
+        if isinstance(page_tokens, bool) or not isinstance(page_tokens, int) or page_tokens < 1:
+            raise ValueError(f"page_tokens must be a positive whole number of tokens, not {page_tokens!r}")
         super().__init__()
-        self.bits, self.group_size, self.sink_tokens = bits, group_size, sink_tokens
+        self.bits, self.group_size, self.sink_tokens, self.page_tokens = bits, group_size, sink_tokens, page_tokens
+        # one segment per attention chunk, in whole pages
+        self.segment_tokens = page_tokens * max(1, packed_attention.CHUNK_TOKENS // page_tokens)
         self.sinks = DynamicLayer()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -39,22 +71,55 @@ class PackedKVLayer(DynamicLayer):
         self.n_groups = self.head_dim // (self.group_size or self.head_dim)
         self.code_bytes = packed_size(self.head_dim, self.bits)
         empty = key_states.new_empty(*key_states.shape[:2], 0, self.code_bytes + 4 * self.n_groups, dtype=torch.uint8)
-        self.keys, self.values = empty, empty.clone()
-        self._key_store, self._value_store = self.keys, self.values
+        self.key_segments, self.value_segments = [empty], [empty.clone()]  # the first segment is never dropped
         self.is_initialized = True
 
-    def _append(self, store: torch.Tensor, filled: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
-        """`filled` (a view of `store`'s first tokens, or a tensor that replaced it after a reorder or batch
-        operation) with `records` appended; returns the new storage, of which [..., :n] is the filled part."""
-        n, extra = filled.shape[-2], records.shape[-2]
-        backed = filled.shape[:2] == store.shape[:2] and (n == 0 or filled.data_ptr() == store.data_ptr())
-        if not backed or n + extra > store.shape[-2]:
-            capacity = max(int((n + extra) * GROWTH), n + extra + MIN_GROWTH)
-            grown = filled.new_empty(*filled.shape[:2], capacity, filled.shape[-1])
-            grown[..., :n, :] = filled
-            store = grown
-        store[..., n : n + extra, :] = records
-        return store
+    def _views(self, segments: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+        """Views of the first `tokens` records, one per segment (at least the first, possibly empty)."""
+        size = self.segment_tokens
+        return [segment[..., : min(size, tokens - start), :]
+                for start, segment in zip(range(0, max(tokens, 1), size), segments)]
+
+    def _resized(self, segment: torch.Tensor, kept: int, tokens: int) -> torch.Tensor:
+        """`segment` with room for `tokens` records in whole pages, its first `kept` records kept."""
+        capacity = -(-tokens // self.page_tokens) * self.page_tokens
+        if segment.shape[-2] == capacity:
+            return segment
+        resized = segment.new_empty(*segment.shape[:2], capacity, segment.shape[-1])
+        resized[..., :kept, :] = segment[..., :kept, :]
+        return resized
+
+    def _append(self, segments: list[torch.Tensor], records: torch.Tensor) -> None:
+        """Append `records` after the `packed_tokens` stored in `segments`; only the last segment grows."""
+        n, size = self.packed_tokens, self.segment_tokens
+        while records.shape[-2]:
+            fill = n - (len(segments) - 1) * size  # records in the last segment
+            if fill == size:
+                segments.append(records.new_empty(*records.shape[:2], 0, records.shape[-1]))
+                fill = 0
+            end = min(size, fill + records.shape[-2])
+            if segments[-1].shape[-2] < end:
+                segments[-1] = self._resized(segments[-1], fill, end)
+            segments[-1][..., fill:end, :] = records[..., : end - fill, :]
+            records, n = records[..., end - fill :, :], n + end - fill
+
+    def _truncate(self, tokens: int) -> None:
+        """Keep the first `tokens` records, in whole pages."""
+        keep = max(1, -(-tokens // self.segment_tokens))
+        fill = tokens - (keep - 1) * self.segment_tokens
+        for segments in (self.key_segments, self.value_segments):
+            del segments[keep:]
+            segments[-1] = self._resized(segments[-1], fill, fill)
+        self.packed_tokens = tokens
+
+    def _segments(self, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(K, V) views of the first `tokens` records, one pair per segment."""
+        return list(zip(self._views(self.key_segments, tokens), self._views(self.value_segments, tokens)))
+
+    def _map_segments(self, function) -> None:
+        if self.is_initialized:
+            self.key_segments = [function(segment) for segment in self.key_segments]
+            self.value_segments = [function(segment) for segment in self.value_segments]
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero = quantize_per_token(x.float(), self.bits, self.group_size)
@@ -76,10 +141,9 @@ class PackedKVLayer(DynamicLayer):
         if sink:
             self.sinks.update(key_states[..., :sink, :], value_states[..., :sink, :])
         if sink < key_states.shape[-2]:
-            n = self.keys.shape[-2] + key_states.shape[-2] - sink
-            self._key_store = self._append(self._key_store, self.keys, self._encode(key_states[..., sink:, :]))
-            self._value_store = self._append(self._value_store, self.values, self._encode(value_states[..., sink:, :]))
-            self.keys, self.values = self._key_store[..., :n, :], self._value_store[..., :n, :]
+            self._append(self.key_segments, self._encode(key_states[..., sink:, :]))
+            self._append(self.value_segments, self._encode(value_states[..., sink:, :]))
+            self.packed_tokens += key_states.shape[-2] - sink
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self._store(key_states, value_states)
@@ -97,74 +161,82 @@ class PackedKVLayer(DynamicLayer):
         to_sinks = self.sinks.get_seq_length() < self.sink_tokens
         self._store(key_states, value_states)
         sinks = (self.sinks.keys, self.sinks.values) if self.sinks.get_seq_length() else None
-        records = (self.keys, self.values)
+        records = self._segments(self.packed_tokens - 1 if poq and not to_sinks else self.packed_tokens)
         if to_sinks:  # kept unquantized: its stored K/V are its own
             sinks = (sinks[0][..., :-1, :], sinks[1][..., :-1, :])
-        elif poq:
-            records = (records[0][..., :-1, :], records[1][..., :-1, :])
         own = (key_states if own_key is None else own_key, value_states) if to_sinks or poq else None
         return packed_decode_attention(query, sinks, records, own, self._decode, attention_mask, scaling,
                                        self.bits if self.n_groups == 1 else None, key_transform)
 
     def get_seq_length(self) -> int:
-        return self.sinks.get_seq_length() + super().get_seq_length()
+        return self.sinks.get_seq_length() + self.packed_tokens
 
     def reset(self) -> None:
         super().reset()
         self.sinks = DynamicLayer()
-        self._key_store = self._value_store = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        packed = super().get_seq_length()
-        super().crop(-min(-tokens_to_remove, packed) if tokens_to_remove < 0 else tokens_to_remove)
-        if tokens_to_remove < -packed:
-            self.sinks.crop(tokens_to_remove + packed)
+        if tokens_to_remove >= 0 or not self.is_initialized:
+            return super().crop(tokens_to_remove)  # nothing to remove, or transformers' error for a positive one
+        packed_removed = min(-tokens_to_remove, self.packed_tokens)
+        self._truncate(self.packed_tokens - packed_removed)
+        if -tokens_to_remove > packed_removed:
+            self.sinks.crop(tokens_to_remove + packed_removed)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
+        self._map_segments(lambda segment: segment.repeat_interleave(repeats, dim=0))
         self.sinks.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
+        self._map_segments(lambda segment: segment[indices, ...])
         self.sinks.batch_select_indices(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
+        self._map_segments(lambda segment: segment.index_select(0, beam_idx.to(segment.device)))
         self.sinks.reorder_cache(beam_idx)
 
-    def nbytes(self) -> int:
-        """Bytes of the stored tokens (the filled part of the storage)."""
-        layers = [self] + ([self.sinks] if self.sinks.get_seq_length() else [])
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in layers if layer.is_initialized)
+    def _sink_bytes(self, fp_bytes: int | None) -> int:
+        if not self.sinks.get_seq_length():
+            return 0
+        keys = self.sinks.keys
+        return 2 * keys.numel() * (fp_bytes or keys.element_size())
 
-    def allocated_bytes(self) -> int:
-        """Bytes held, including the storage's room for tokens still to come."""
-        sinks = self.sinks.keys.nbytes + self.sinks.values.nbytes if self.sinks.get_seq_length() else 0
-        return self._key_store.nbytes + self._value_store.nbytes + sinks if self.is_initialized else 0
+    def nbytes(self) -> int:
+        """Bytes of the stored tokens: the records and the unquantized sink tokens."""
+        records = self._segments(self.packed_tokens)
+        return sum(k.nbytes + v.nbytes for k, v in records) + self._sink_bytes(None)
+
+    def allocated_bytes(self, fp_bytes: int | None = None) -> int:
+        """Bytes held: `nbytes()` and the room of the last page of records (less than a page of tokens); the sink
+        tokens at `fp_bytes` per element if given."""
+        held = sum(segment.nbytes for segment in self.key_segments + self.value_segments)
+        return held + self._sink_bytes(fp_bytes)
 
 
 class WKVQuantCache(Cache):
     """Packed KV cache for a WKVQuant model: `model.generate(ids, **with_cache(WKVQuantCache(model.config)))`.
 
-    Bits, group size and sink tokens come from `config.quantization_config` (a loaded artifact) unless given.
+    Bits, group size and sink tokens come from `config.quantization_config` (a loaded artifact) unless given;
+    `page_tokens`: the allocation unit of every layer's records.
     """
 
     stores_packed = True  # WKVAttention passes full-precision K~/V~ to `update` and lets the cache quantize
 
     def __init__(self, config, kv_bits: int | None = None, kv_group_size: int | None = None,
-                 sink_tokens: int | None = None) -> None:
+                 sink_tokens: int | None = None, page_tokens: int = PAGE_TOKENS) -> None:
         quant = getattr(config, "quantization_config", None) or {}
         bits = kv_bits or quant.get("kv_bits")
         if not bits or bits >= 16:
             raise ValueError("WKVQuantCache needs kv_bits between 2 and 8 (from the argument or the model config)")
         group = kv_group_size or quant.get("kv_group_size")
         sinks = quant.get("kv_sink_tokens", 0) if sink_tokens is None else sink_tokens
-        super().__init__(layers=[PackedKVLayer(bits, group, sinks) for _ in range(config.num_hidden_layers)])
+        layers = [PackedKVLayer(bits, group, sinks, page_tokens) for _ in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
 
     def nbytes(self) -> int:
         """Bytes of the stored tokens."""
         return sum(layer.nbytes() for layer in self.layers if layer.is_initialized)
 
     def allocated_bytes(self) -> int:
-        """Bytes held, including the storage's room for tokens still to come (at most 25 % or 256 tokens more)."""
+        """Bytes held: `nbytes()` and, per layer, the room left in its last page of records."""
         return sum(layer.allocated_bytes() for layer in self.layers if layer.is_initialized)

@@ -52,7 +52,7 @@ class _OnlineSoftmax:
 def packed_decode_attention(
     query: torch.Tensor,
     sinks: tuple[torch.Tensor, torch.Tensor] | None,
-    records: tuple[torch.Tensor, torch.Tensor],
+    records: list[tuple[torch.Tensor, torch.Tensor]],
     own: tuple[torch.Tensor, torch.Tensor] | None,
     decode: Callable[[torch.Tensor], torch.Tensor],
     attention_mask: torch.Tensor | None,
@@ -61,13 +61,13 @@ def packed_decode_attention(
     key_transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence. query (B, H, 1, D); sinks: unquantized (B, H_kv, S0, D) K/V or None;
-    records: packed (B, H_kv, S1, R) K/V records, read with `decode` (records -> (B, H_kv, n, D)) unless
-    `nibble_bits` is 4 (one group per head: the codes algebra); own: the token's full-precision K/V
-    (B, H_kv, 1, D) or None; attention_mask additive (B, 1, 1, >= S0 + S1 [+ 1]) or None; key_transform: what
-    turns stored keys (B, H_kv, n, D) starting at stored position p into the attention's keys (K before RoPE:
-    unsmoothing and RoPE), applied chunk by chunk. Returns (B, 1, H, D)."""
+    records: packed K/V records in position order, as (B, H_kv, S_i, R) segment pairs (at least one), read with
+    `decode` (records -> (B, H_kv, n, D)) unless `nibble_bits` is 4 (one group per head: the codes algebra); own:
+    the token's full-precision K/V (B, H_kv, 1, D) or None; attention_mask additive (B, 1, 1, >= S0 + sum S_i [+ 1])
+    or None; key_transform: what turns stored keys (B, H_kv, n, D) starting at stored position p into the
+    attention's keys (K before RoPE: unsmoothing and RoPE), applied chunk by chunk. Returns (B, 1, H, D)."""
     bsz, n_heads, _, head_dim = query.shape
-    n_kv = records[0].shape[1]
+    n_kv = records[0][0].shape[1]
     acc = torch.promote_types(query.dtype, torch.float32)
     q = query.to(acc).view(bsz, n_kv, n_heads // n_kv, head_dim) * scaling
     state = _OnlineSoftmax(q.shape[:-1], head_dim, acc, q.device)
@@ -92,8 +92,9 @@ def packed_decode_attention(
         dense(*sinks)
     if nibble_bits == 4:
         q_even, q_odd, q_sum = q[..., 0::2], q[..., 1::2], q.sum(-1, keepdim=True)
-    for start in range(0, records[0].shape[-2], CHUNK_TOKENS):
-        key_chunk, value_chunk = (r[..., start : start + CHUNK_TOKENS, :] for r in records)
+    chunks = ((keys[..., start : start + CHUNK_TOKENS, :], values[..., start : start + CHUNK_TOKENS, :])
+              for keys, values in records for start in range(0, keys.shape[-2], CHUNK_TOKENS))
+    for key_chunk, value_chunk in chunks:
         if nibble_bits != 4:
             dense(decode(key_chunk), decode(value_chunk))
             continue
