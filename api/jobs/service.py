@@ -14,7 +14,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from ..core.context import ServiceContext
 from ..core.db import utcnow
-from ..core.errors import Conflict, Gone, InvalidField, NotFound
+from ..core.errors import Conflict, Gone, InvalidField, NotFound, ServiceError
 from ..core.storage import ArtifactStore
 from ..models import ApiKey, Artifact, BlockCheckpoint, Job, JobEvent, JobMetrics, JobStatus, Team
 from ..datasets.service import dataset_service
@@ -210,6 +210,12 @@ class JobService:
     def retry(self, ctx: ServiceContext, session: Session, *, team: Team, job_id: str) -> Job:
         """Requeue a failed or cancelled job; it resumes from its last block checkpoint."""
         job = self.get(session, team=team, job_id=job_id)
+        if JobStatus(job.status) in RETRYABLE:  # else no limit applies: the conditional UPDATE below refuses it
+            try:
+                usage_service.check_retry(session, ctx.settings, team=team, job=job)  # locks the team first
+            except ServiceError:
+                session.rollback()
+                raise
         if not states.retry(session, job.id):
             session.rollback()
             job = self.get(session, team=team, job_id=job_id)  # Gone if a delete came first

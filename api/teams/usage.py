@@ -69,6 +69,10 @@ class UsageService:
         """What the team's queued and running jobs reserved at submit, less what each already stores."""
         reserved = dict(session.execute(select(Job.id, Job.reserved_bytes).where(
             Job.team_id == team_id, Job.status.in_(ACTIVE), Job.reserved_bytes > 0)).all())
+        return self._unstored(session, reserved)
+
+    def _unstored(self, session: Session, reserved: dict[str, int]) -> int:
+        """The part of each job's reservation ({job id: bytes}) that its stored objects do not yet take."""
         stored: dict[str, int] = {}
         for model in (Artifact, BlockCheckpoint):
             for job_id, size in session.execute(select(model.job_id, func.sum(model.size))
@@ -114,17 +118,27 @@ class UsageService:
                 wait = math.ceil((recent[1] - since).total_seconds())
                 raise TooManyRequests(f"team {team.name} submitted {recent[0]} jobs in the last minute, its limit "
                                       f"is {per_minute}; try again in {wait} s", retry_after=max(wait, 1))
+        self._admit(session, settings, team, reserve)
+
+    def check_retry(self, session: Session, settings: Settings, *, team: Team, job: Job) -> None:
+        """A failed or cancelled job about to be retried queues and reserves again: the checks of `check_submit` but
+        the per-minute limit, for its reservation less what its kept checkpoints already take. Locks the team."""
+        lock_team(session, team)
+        self._admit(session, settings, team, self._unstored(session, {job.id: job.reserved_bytes}))
+
+    def _admit(self, session: Session, settings: Settings, team: Team, reserve: int) -> None:
+        """429 past the team's queued-job limit, 409 when `reserve` more bytes would not fit the quota."""
         queued_cap = queued_limit(settings, team)
         if queued_cap is not None:
             queued = session.scalar(select(func.count()).select_from(Job).where(
                 Job.team_id == team.id, Job.status == JobStatus.QUEUED.value))
             if queued >= queued_cap:
-                raise TooManyRequests(f"team {team.name} has {queued} jobs queued, its limit is {queued_cap}; submit "
+                raise TooManyRequests(f"team {team.name} has {queued} jobs queued, its limit is {queued_cap}; queue "
                                       "more once some have started", retry_after=QUEUE_FULL_RETRY_SECONDS)
         if (over := self._over_quota(session, settings, team, reserve)) is not None:
             raise Conflict(f"{over}; this job reserves {format_bytes(reserve)} for its checkpoints and artifact. "
                            "Delete jobs or datasets you no longer need (DELETE /v1/jobs/ID, DELETE /v1/datasets/ID) "
-                           "before submitting")
+                           "first")
 
 
 usage_service = UsageService()

@@ -243,7 +243,8 @@ class TestWakeUps:
         redis = RedisServer(tmp_path)
         broker = Redis(port=redis.port)
         with fresh_pg_database() as db_url:
-            env = service_env(db_url, tmp_path / "store", WKVQ_DISPATCHER="celery", WKVQ_BROKER_URL=redis.url)
+            env = service_env(db_url, tmp_path / "store", WKVQ_DISPATCHER="celery", WKVQ_BROKER_URL=redis.url,
+                              WKVQ_TEAM_MAX_QUEUED="1000", WKVQ_TEAM_SUBMISSIONS_PER_MINUTE="1000")
             server, base = start_server(env, tmp_path, "--workers", "0")
             api = client(base, admin_key(env, tmp_path, "team-a"))
             engine = create_engine(db_url)

@@ -123,6 +123,28 @@ def test_queued_jobs_are_limited(service, live_server, team_headers):
     assert submit().status_code == 201  # a place in the queue is free again
 
 
+def test_a_retry_reserves_again_within_the_quota_and_the_queue_limit(service, live_server, team_headers):
+    headers = team_headers("a")
+    post = lambda path, **kw: httpx.post(f"{live_server}{path}", headers=headers, timeout=60, **kw)  # noqa: E731
+    status = lambda job_id: httpx.get(f"{live_server}/v1/jobs/{job_id}", headers=headers).json()["status"]  # noqa: E731
+    first = post("/v1/jobs", json=TINY_JOB).json()
+    configure(service, "a", storage_quota_bytes=int(1.5 * sum(first["estimate"]["breakdown"]["storage"].values())))
+    assert post(f"/v1/jobs/{first['id']}/cancel").status_code == 200
+    second = post("/v1/jobs", json=TINY_JOB)
+    assert second.status_code == 201, second.text  # the cancelled job reserves nothing
+    refused = post(f"/v1/jobs/{first['id']}/retry")
+    assert refused.status_code == 409 and "storage quota is full" in refused.json()["detail"]
+    assert status(first["id"]) == "cancelled"
+    assert post(f"/v1/jobs/{second.json()['id']}/cancel").status_code == 200
+    retried = post(f"/v1/jobs/{first['id']}/retry")
+    assert retried.status_code == 200, retried.text
+
+    configure(service, "a", max_queued=1)
+    refused = post(f"/v1/jobs/{second.json()['id']}/retry")
+    assert refused.status_code == 429 and "1 jobs queued, its limit is 1" in refused.json()["detail"]
+    assert int(refused.headers["Retry-After"]) > 0 and status(second.json()["id"]) == "cancelled"
+
+
 def test_the_new_job_form_shows_a_refusal_as_a_page_message(service, live_server, team_headers):
     signed_in = httpx.post(f"{live_server}/dashboard/signin", timeout=30,
                            data={"api_key": team_headers("a")["Authorization"].split()[1]})
