@@ -379,12 +379,11 @@ def test_eval_artifact_seqlen_beyond_context(quantized, eval_head):
 
 def test_seqlen_beyond_context_is_the_api_message(bad, runs):
     """`wkvq quantize` and POST /v1/jobs refuse a too-long seqlen with the same words."""
-    from types import SimpleNamespace
-
     from api.core.errors import InvalidField
     from api.jobs.model_source import check_dims
+    from api.jobs.schemas import QuantConfig
 
-    spec = SimpleNamespace(w_bits=4, kv_bits=4, group_size=-1, kv_group_size=None, seqlen=1024)
+    spec = QuantConfig(group_size=-1, seqlen=1024)
     with pytest.raises(InvalidField) as refused:
         check_dims(json.loads((TINY_MODEL / "config.json").read_text()), spec)
     result = invoke("quantize", *_options(_quantize_defaults(runs), {"--seqlen": "1024"}, bad))
