@@ -82,14 +82,19 @@ def _pg_admin_connection():
 
 
 @contextlib.contextmanager
-def fresh_pg_database():
-    """Create an empty database with a unique name, yield its SQLAlchemy URL (psycopg 3 driver), drop it afterwards."""
+def fresh_pg_database(template: str | None = None):
+    """Create a database with a unique name, empty or a copy of the database whose URL is `template` (which nothing may
+    be connected to), yield its SQLAlchemy URL (psycopg 3 driver), drop it afterwards."""
     from psycopg import sql
+    from sqlalchemy.engine import make_url
 
     admin, params = _pg_admin_connection()
     name = f"wkvq_test_{uuid.uuid4().hex[:12]}"
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template:
+        create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(make_url(template).database))
     try:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        admin.execute(create)
         user = params.get("user", "postgres")
         password = f":{params['password']}" if params.get("password") else ""
         host, port = params.get("host", "127.0.0.1"), params.get("port", "5432")

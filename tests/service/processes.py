@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -10,16 +12,42 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _port_candidates() -> Iterator[int]:
+    """Ports below the kernel's ephemeral range, where no outgoing connection or bind(0) takes one between
+    `free_port()` and the server's bind; each pytest-xdist worker draws from its own slice, from a random start (two
+    test runs on one machine rarely meet)."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:
+        ephemeral_low = 32768  # Linux's default
+    ports = range(10000, ephemeral_low)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    mine = ports[worker * len(ports) // workers:(worker + 1) * len(ports) // workers]
+    start = random.randrange(len(mine))
+    return itertools.cycle(itertools.chain(mine[start:], mine[:start]))
+
+
+_ports = _port_candidates()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port of `host` that nothing listens on, not handed out before by this process (unless it wrapped around)."""
+    for port in itertools.islice(_ports, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free loopback port in 1000 tries")
 
 
 def service_env(db_url: str, store: Path, **extra: str) -> dict[str, str]:

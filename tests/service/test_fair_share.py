@@ -161,6 +161,9 @@ def silent_hub(monkeypatch):
 
 
 HUB_JOB = TINY_JOB | {"model": {"source": "hf", "id": "some-org/some-model"}}
+# well under the hub timeout that a held thread or a lookup would wait, well over a loaded machine's jitter (1 s
+# took 1.04 s on a loaded machine)
+AT_ONCE = HUB_TIMEOUT_SECONDS / 2
 
 
 def test_hub_lookups_do_not_hold_request_threads(live_server, team_headers, silent_hub):
@@ -184,18 +187,18 @@ def test_hub_lookups_do_not_hold_request_threads(live_server, team_headers, sile
         health.append(time.monotonic() - began)
         time.sleep(0.2)
     assert time.monotonic() - start < HUB_TIMEOUT_SECONDS + 10
-    assert health and max(health) < 1.0, health
+    assert health and max(health) < AT_ONCE, health
     assert [a.status_code for a in answers] == [422] * 40
     assert "unreachable" in answers[0].json()["detail"][0]["msg"]
     began = time.monotonic()
     again = httpx.post(f"{live_server}/v1/jobs", json=HUB_JOB, headers=headers, timeout=60)
-    assert again.status_code == 422 and time.monotonic() - began < 1.0
+    assert again.status_code == 422 and time.monotonic() - began < AT_ONCE
 
 
 def test_an_offline_service_refuses_hub_models_at_once(live_server, team_headers):
     began = time.monotonic()
     response = httpx.post(f"{live_server}/v1/jobs", json=HUB_JOB, headers=team_headers("a"), timeout=60)
-    assert response.status_code == 422 and time.monotonic() - began < 1.0
+    assert response.status_code == 422 and time.monotonic() - began < AT_ONCE
     assert "offline" in response.json()["detail"][0]["msg"]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,22 +22,17 @@ from api.main import create_app
 from api.models import Artifact, BlockCheckpoint, Job
 from api.teams.service import team_service
 from tests.service.conftest import TINY_JOB, service_settings
+from tests.service.processes import free_port
 from worker.runner import ARTIFACT_NAME, JobRunner
 
 BUCKET = "wkvq-test"
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory) -> str:
     """A moto server (server mode, a subprocess on loopback) with one bucket; killed at the end of the session."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
@@ -214,7 +208,7 @@ def test_check_on_a_fresh_store(store):
 
 
 def test_check_fails_when_s3_is_unreachable():
-    options = _s3_options(f"http://127.0.0.1:{_free_port()}") | {
+    options = _s3_options(f"http://127.0.0.1:{free_port()}") | {
         "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}, "retries": 1}
     store = ArtifactStore(f"s3://{BUCKET}/unreachable", options)
     with pytest.raises(Exception):
