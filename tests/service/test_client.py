@@ -47,7 +47,8 @@ def svc(tmp_path_factory):
         except BaseException:
             server.stop()
             raise
-    client_env = env | {"WKVQ_URL": base, "WKVQ_API_KEY": key, "XDG_CONFIG_HOME": str(tmp / "xdg")}
+    client_env = env | {"WKVQ_URL": base, "WKVQ_API_KEY": key, "XDG_CONFIG_HOME": str(tmp / "xdg"),
+                       "COLUMNS": "200"}  # tables unwrapped, whatever the terminal running the tests
     with open(tmp / "tiny.out", "w") as stdout, open(tmp / "tiny.err", "w") as stderr:
         tiny = subprocess.Popen([sys.executable, "-m", "worker.cli", "submit", *TINY_ARGS, "--wait", "--json"],
                                 env=client_env, cwd=tmp, stdout=stdout, stderr=stderr)
