@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from api.core.context import ServiceContext
 from api.core.db import utcnow
-from api.jobs.service import PUBLISHING
+from api.jobs.service import DONE, PUBLISHING
 from api.main import create_app
 from api.models import Artifact, BlockCheckpoint, JobStatus
 from tests.conftest import EVAL_TEXT
@@ -250,7 +250,7 @@ def test_cancel_while_publishing_is_refused_and_the_job_succeeds(client, service
     assert seen["cancel"].status_code == 409
     assert seen["cancel"].json()["detail"] == f"job {job_id} is publishing its artifact and can no longer be cancelled"
     job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
-    assert (job["status"], job["cancel_requested"], job["stage"]) == ("succeeded", False, PUBLISHING)
+    assert (job["status"], job["cancel_requested"], job["stage"]) == ("succeeded", False, DONE)
     assert count(service, Artifact, Artifact.job_id == job_id) == 1
     assert "cancel_requested" not in kinds(events(service, job_id))
 
