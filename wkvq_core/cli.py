@@ -19,6 +19,7 @@ from .config import (DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, FP_BITS, METHODS, Cali
                      WeightQuantConfig, WKVQuantConfig, check_kv_group_size, kv_config, resolve_group_size,
                      resolve_seqlen)
 from .errors import WKVQError
+from .estimate import format_seconds
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="WKVQuant: W4 + KV4 post-training quantization.")
 err = Console(stderr=True)
@@ -134,14 +135,10 @@ class _LineEvents:
         self.calibrating = False
 
     def _left(self, done: int, total: int) -> str:
-        from .estimate import format_seconds
-
         rate = (time.monotonic() - self.counting_since) / done
         return f", about {format_seconds(rate * (total - done))} left"
 
     def __call__(self, event) -> None:
-        from .estimate import format_seconds
-
         kind = event.kind.value
         if kind == "stage":
             self.counting_since, self.calibrating = time.monotonic(), self.calibrating or event.stage == "calibrating"
@@ -206,18 +203,16 @@ def _local_text_bytes(spec: str) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def _print_estimate(model: str, revision: str | None, config: WKVQuantConfig, calib: str, eval_data: str | None,
+def _print_estimate(model: str, model_json: dict, config: WKVQuantConfig, calib: str, eval_data: str | None,
                     eval_tokens: int, device: str, estimate_for: str | None, as_json: bool) -> None:
     """`quantize --dry-run`: the estimate from the model's config.json, as a table (or JSON); no weights read."""
     from .data import load_text
-    from .estimate import (CHARS_PER_TOKEN, estimate_resources, eval_windows_for_chars, format_bytes,
-                           format_seconds)
-    from .model import model_config
+    from .estimate import CHARS_PER_TOKEN, estimate_resources, eval_windows_for_chars, format_bytes
 
     kind = _estimate_kind(device, estimate_for)
     eval_chars = len(load_text(eval_data)) if eval_data else 0
     windows = eval_windows_for_chars(eval_chars, config.calib.seqlen, eval_tokens)
-    est = estimate_resources(model_config(model, revision), config, eval_windows=windows,
+    est = estimate_resources(model_json, config, eval_windows=windows,
                              text_chars=(_local_text_bytes(calib), eval_chars), device=kind)
     if as_json:
         print(json.dumps(est.to_dict()))
@@ -300,13 +295,14 @@ def quantize(
     try:
         model = _model_source(model)
         # from config.json, before calibrating: the dry run refuses what the run would
-        seqlen = resolve_seqlen(seqlen, model_config(model, revision))
-        group_size = resolve_group_size(group_size, model_config(model, revision)) if w_bits != FP_BITS else -1
+        model_json = model_config(model, revision)
+        seqlen = resolve_seqlen(seqlen, model_json)
+        group_size = resolve_group_size(group_size, model_json) if w_bits != FP_BITS else -1
         if kv_bits != FP_BITS:
-            check_kv_group_size(kv_group_size, model_config(model, revision))
+            check_kv_group_size(kv_group_size, model_json)
         config = _build_config(**locals())
         if dry_run:
-            _print_estimate(model, revision, config, calib, eval_data, eval_tokens, device, estimate_for, as_json)
+            _print_estimate(model, model_json, config, calib, eval_data, eval_tokens, device, estimate_for, as_json)
             return
         job = QuantizeJob(model=model, calib=calib, out=out_dir, config=config, eval=eval_data, device=device,
                           revision=revision, fp_dtype=fp_dtype, eval_tokens=eval_tokens)
@@ -361,7 +357,8 @@ def evaluate(
             except ValueError:
                 _fail(f"--mode must be fp, w, wkv or all; got {mode!r}")
         model = _model_source(model)
-        seqlen = resolve_seqlen(seqlen, model_config(model))
+        model_json = model_config(model)
+        seqlen = resolve_seqlen(seqlen, model_json)
         if is_artifact(model):
             if EvalMode.FP in modes and mode != "all":
                 _fail(f"{model}: a quantized artifact holds no full-precision weights; evaluate the original model")
@@ -372,7 +369,7 @@ def evaluate(
             net, tokenizer = load_model(model)
             if modes == [EvalMode.FP]:  # nothing quantized: bit options do not apply
                 w_bits = kv_bits = 16
-            group_size = resolve_group_size(group_size, model_config(model)) if w_bits != FP_BITS else -1
+            group_size = resolve_group_size(group_size, model_json) if w_bits != FP_BITS else -1
             config = _build_config(w_bits=w_bits, kv_bits=kv_bits, group_size=group_size)
             prepare_model_(net, config)
         ids, truncated = evaluation_ids(tokenizer, load_text(data), eval_tokens)

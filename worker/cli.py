@@ -218,7 +218,7 @@ def create_team(name: str, data_dir: DataDir = None) -> None:
     out.print(f"team {shown(name)} created")
 
 
-MAX_RUNNING = 2**31 - 1  # the column's integer
+INT_COLUMN_MAX = 2**31 - 1  # the 32-bit integer columns of max_running, max_queued, max_submissions_per_minute
 MAX_QUOTA_GB = 9e9  # 9e18 bytes: the column's 64-bit integer
 
 
@@ -233,14 +233,16 @@ def set_team(
     team: str,
     weight: Annotated[Optional[float], typer.Option(help="share of the pool relative to other teams (default 1)")] = None,
     max_running: Annotated[Optional[int], typer.Option(
-        min=0, max=MAX_RUNNING, help="jobs running at once, at most; 0: no cap")] = None,
+        min=0, max=INT_COLUMN_MAX, help="jobs running at once, at most; 0: no cap")] = None,
     storage_quota_gb: Annotated[Optional[float], typer.Option(
         min=0, max=MAX_QUOTA_GB, callback=_finite,
         help="datasets, artifacts and checkpoints kept, in GB; 0: the service default (WKVQ_TEAM_STORAGE_QUOTA_GB)")] = None,
     max_queued: Annotated[Optional[int], typer.Option(
-        min=0, max=MAX_RUNNING, help="jobs queued at once, at most; 0: the service default (WKVQ_TEAM_MAX_QUEUED)")] = None,
+        min=0, max=INT_COLUMN_MAX,
+        help="jobs queued at once, at most; 0: the service default (WKVQ_TEAM_MAX_QUEUED)")] = None,
     submissions_per_minute: Annotated[Optional[int], typer.Option(
-        min=0, max=MAX_RUNNING, help="jobs submitted in any minute, at most; 0: the service default (WKVQ_TEAM_SUBMISSIONS_PER_MINUTE)")] = None,
+        min=0, max=INT_COLUMN_MAX,
+        help="jobs submitted in any minute, at most; 0: the service default (WKVQ_TEAM_SUBMISSIONS_PER_MINUTE)")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Set a team's fair-share weight, running-job cap, storage quota and submission limits."""

@@ -5,12 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from api.core.db import utcnow
-from api.models import Job, JobStatus
+from api.jobs import states
 
 
 class LeaseLost(Exception):
@@ -28,7 +26,4 @@ def fence(session: Session, lease: Lease, *conditions: ColumnElement[bool], **va
     """In the caller's transaction: update the job only while this lease still holds it (False otherwise), and only
     where `conditions` hold too. On Postgres the row stays locked until commit, so whatever else the transaction
     writes is fenced too."""
-    return bool(session.execute(
-        update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token, Job.status == JobStatus.RUNNING.value,
-                          *conditions)
-        .values(updated_at=utcnow(), **values)).rowcount)
+    return states.fenced(session, lease.job_id, lease.token, *conditions, **values)

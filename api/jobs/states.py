@@ -48,8 +48,13 @@ def _update(session: Session, job_id: str, *where: ColumnElement[bool], **values
 
 
 def _held(token: str) -> tuple[ColumnElement[bool], ...]:
-    """The job is running under the lease `token` (the fence of `worker/lease.py`)."""
+    """The job is running under the lease `token`."""
     return Job.lease_token == token, Job.status == RUNNING
+
+
+def fenced(session: Session, job_id: str, token: str, *where: ColumnElement[bool], **values: Any) -> bool:
+    """Changes the job only while the lease `token` holds it and `where` holds too (`worker/lease.py::fence`)."""
+    return _update(session, job_id, *_held(token), *where, **values)
 
 
 def claim(session: Session, job_id: str, **values: Any) -> bool:
@@ -87,14 +92,14 @@ def delete(session: Session, job_id: str) -> str | None:
 
 def enter_publishing(session: Session, job_id: str, token: str) -> bool:
     """Stage "publishing", only while this lease holds the job and no cancel was requested."""
-    return _update(session, job_id, *_held(token), NO_CANCEL, stage=PUBLISHING)
+    return fenced(session, job_id, token, NO_CANCEL, stage=PUBLISHING)
 
 
 def finish(session: Session, job_id: str, token: str, status: JobStatus, **values: Any) -> bool:
     """running -> succeeded, failed or cancelled by the worker holding the lease `token`; releases the lease."""
     assert status.terminal, status
-    return _update(session, job_id, *_held(token), status=status.value, finished_at=utcnow(), lease_token=None,
-                   lease_expires_at=None, **values)
+    return fenced(session, job_id, token, status=status.value, finished_at=utcnow(), lease_token=None,
+                  lease_expires_at=None, **values)
 
 
 def expire(session: Session, job_id: str, token: str, now: datetime, exhausted_error: str) -> str | None:

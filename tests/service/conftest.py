@@ -7,7 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pytest
 import uvicorn
@@ -106,6 +106,26 @@ def live_server(service) -> str:
     fixtures' database and store. Yields the base URL."""
     with served(service) as base:
         yield base
+
+
+T = TypeVar("T")
+
+
+def at_once(requests: list[Callable[[], T]]) -> list[T]:
+    """Calls each of `requests` from its own thread, released together; their results, in order."""
+    barrier, results = threading.Barrier(len(requests)), [None] * len(requests)
+
+    def call(index: int, request: Callable[[], T]) -> None:
+        barrier.wait()
+        results[index] = request()
+
+    threads = [threading.Thread(target=call, args=item) for item in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert all(not thread.is_alive() for thread in threads), "a request did not return within 120 s"
+    return results
 
 
 def team_key(ctx: ServiceContext, team: str) -> str:

@@ -4,12 +4,10 @@ real HTTP, on both databases, with two API processes where it matters."""
 
 from __future__ import annotations
 
-import threading
 from http.cookies import SimpleCookie
 from pathlib import Path
 
 import httpx
-import pytest
 from sqlalchemy import func, select
 
 from api.dashboard.web import COOKIE
@@ -18,7 +16,7 @@ from api.teams.service import team_service
 from api.teams.usage import usage_service
 from worker.runner import JobRunner
 
-from .conftest import TINY_JOB
+from .conftest import TINY_JOB, at_once
 from .processes import admin_key, service_env, start_server
 
 TEXT = ("Once upon a time there was a little robot who loved to read stories every night. " * 400).encode()[:30_000]
@@ -27,23 +25,6 @@ TEXT = ("Once upon a time there was a little robot who loved to read stories eve
 def configure(service, team: str, **limits) -> None:
     with service.session() as session:
         team_service.configure(session, name=team, **limits)
-
-
-def at_once(requests: list) -> list[httpx.Response]:
-    """Sends each request (a callable) from its own thread, released together."""
-    barrier, answers = threading.Barrier(len(requests)), []
-
-    def send(request) -> None:
-        barrier.wait()
-        answers.append(request())
-
-    threads = [threading.Thread(target=send, args=(request,)) for request in requests]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert len(answers) == len(requests)
-    return answers
 
 
 def stored_bytes(service, team: str) -> int:

@@ -3,7 +3,7 @@ cancel and delete sent at once on failed and cancelled jobs leave no job both de
 
 from __future__ import annotations
 
-import threading
+import functools
 
 import httpx
 import pytest
@@ -11,29 +11,15 @@ from sqlalchemy import select
 
 from api.models import Job, JobEvent
 
-from .conftest import TINY_JOB
+from .conftest import TINY_JOB, at_once
 from .test_metrics import scrape, value
 from .test_retention import TEXT, api, count, set_job, submit  # noqa: F401  (api: the fixture)
 
 ROUNDS = 30
 
 
-def at_once(live_server: str, headers: dict, requests: list[tuple[str, str]]) -> list[int]:
-    """Sends the requests (method, path) from one thread each, released together; returns their statuses."""
-    barrier = threading.Barrier(len(requests))
-    statuses: list[int] = [0] * len(requests)
-
-    def send(index: int, method: str, path: str) -> None:
-        with httpx.Client(base_url=live_server, headers=headers, timeout=60) as client:
-            barrier.wait()
-            statuses[index] = client.request(method, path).status_code
-
-    threads = [threading.Thread(target=send, args=(i, *request)) for i, request in enumerate(requests)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return statuses
+def send(live_server: str, headers: dict, method: str, path: str) -> int:
+    return httpx.request(method, f"{live_server}{path}", headers=headers, timeout=60).status_code
 
 
 @pytest.mark.parametrize("racers", [("retry",), ("retry", "cancel")])
@@ -51,7 +37,7 @@ def test_retry_and_cancel_racing_delete_leave_no_zombie(service, api, live_serve
         else:
             assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
         requests = [("POST", f"/v1/jobs/{job_id}/{action}") for action in racers] + [("DELETE", f"/v1/jobs/{job_id}")]
-        *_, deletes[job_id] = at_once(live_server, headers, requests)
+        *_, deletes[job_id] = at_once([functools.partial(send, live_server, headers, *request) for request in requests])
     ids = list(deletes)
 
     with service.session() as session:
