@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 
 from sqlalchemy import func, select
 
@@ -50,11 +51,13 @@ def wake_stranded(ctx: ServiceContext, woken: dict[str, tuple]) -> list[str]:
     """One wake-up for each GPU class whose broker queue is empty while jobs of it are queued (Redis lost its
     messages, or they were spent while a team was at its cap), and none again until the class's queued jobs change
     (`woken`, kept by the caller between rounds: class -> the queued jobs' count and latest update when woken).
+    A job queued less than a reaper period ago is left out: its submitter's wake-up may still be on its way.
     Workers polling the database need none. Returns the classes woken."""
+    settled = utcnow() - timedelta(seconds=ctx.settings.REAPER_SECONDS)
     with ctx.session() as session:
         queued = session.execute(
             select(Job.gpu_class, func.count(), func.max(Job.updated_at), func.min(Job.id))
-            .where(Job.status == JobStatus.QUEUED.value).group_by(Job.gpu_class)).all()
+            .where(Job.status == JobStatus.QUEUED.value, Job.updated_at <= settled).group_by(Job.gpu_class)).all()
     sent = []
     for gpu_class, count, changed_at, job_id in queued:
         if woken.get(gpu_class) == (count, changed_at) or ctx.dispatcher.waiting(gpu_class) != 0:

@@ -337,7 +337,9 @@ def test_worker_losing_its_lease_mid_run_stops_without_writing(client, service, 
 
 def test_reaper_requeues_fails_and_resends(client, service, headers, job_body, settings):
     dispatcher = RecordingDispatcher()
-    ctx = ServiceContext.from_settings(settings, dispatcher=dispatcher)
+    reaper_seconds = 600  # longer than this test: its jobs stay recently queued until they are backdated
+    ctx = ServiceContext.from_settings(settings.model_copy(update={"REAPER_SECONDS": reaper_seconds}),
+                                       dispatcher=dispatcher)
     try:
         ids = {name: submit(client, headers, job_body(gpu_class=gpu_class))
                for name, gpu_class in [("expired", "large"), ("exhausted", "default"), ("alive", "default"),
@@ -373,8 +375,12 @@ def test_reaper_requeues_fails_and_resends(client, service, headers, job_body, s
 
         assert job_row(ctx, ids["waiting"]).status == job_row(ctx, ids["fresh"]).status == "queued"
 
-        # The broker's queues are empty (messages lost): one wake-up per class, then none until its queue changes.
+        # Jobs queued within a reaper period are left alone: their submitter's wake-up may still be on its way.
         woken: dict = {}
+        assert wake_stranded(ctx, woken) == [] and len(dispatcher.sent) == 1
+        for name in ("expired", "waiting", "fresh"):
+            set_job(ctx, ids[name], updated_at=utcnow() - timedelta(seconds=reaper_seconds))
+        # The broker's queues are empty (messages lost): one wake-up per class, then none until its queue changes.
         assert sorted(wake_stranded(ctx, woken)) == ["default", "large"]
         assert sorted(dispatcher.sent[1:]) == sorted([(min(ids["expired"], ids["waiting"]), "large"),
                                                       (ids["fresh"], "default")])
