@@ -39,14 +39,14 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import wkvq_core
-from wkvq_core.cache_keyword import with_cache
+from wkvq_core.calib.data import calibration_samples, load_text, tokenize
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.data import calibration_samples, load_text, tokenize
-from wkvq_core.evaluate import greedy_without_cache
-from wkvq_core.kv_cache import WKVQuantCache
+from wkvq_core.evaluation.perplexity import greedy_without_cache
 from wkvq_core.model import load_model, quant_state
 from wkvq_core.model_zoo import fetch_model
 from wkvq_core.pipeline import quantize_model_
+from wkvq_core.runtime.cache_keyword import with_cache
+from wkvq_core.runtime.kv_cache import WKVQuantCache
 
 from provenance import ROOT, code_version
 

@@ -34,19 +34,19 @@ import transformers
 from torch import nn
 from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from wkvq_core.cache_keyword import with_cache
+from wkvq_core.calib.data import calibration_samples, load_text, tokenize
 from wkvq_core.config import FP_BITS, CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.data import calibration_samples, load_text, tokenize
-from wkvq_core.evaluate import greedy_without_cache, kv_bytes_per_token
+from wkvq_core.evaluation.perplexity import greedy_without_cache, kv_bytes_per_token
 from wkvq_core.model import load_model
-from wkvq_core.packing import pack_bits
 from wkvq_core.pipeline import quantize_model_
-from wkvq_core.primitives import quantize_weight
+from wkvq_core.quant.packing import pack_bits
+from wkvq_core.quant.primitives import quantize_weight
+from wkvq_core.runtime.cache_keyword import with_cache
 
 from provenance import ROOT, shown
 
 try:
-    from wkvq_core.kv_cache import WKVQuantCache
+    from wkvq_core.runtime.kv_cache import WKVQuantCache
 except ImportError:  # being written; the KV cross-check and the throughput part are then reported as not run
     WKVQuantCache = None
 
@@ -226,7 +226,7 @@ def load_tiny(path: Path, workdir: str):
 @torch.no_grad()
 def throughput(args) -> str:
     if WKVQuantCache is None:
-        return "- not run: `wkvq_core.kv_cache.WKVQuantCache` does not exist yet"
+        return "- not run: `wkvq_core.runtime.kv_cache.WKVQuantCache` does not exist yet"
     with tempfile.TemporaryDirectory() as workdir:
         model, tokenizer, kind = load_tiny(Path(args.tiny_model), workdir)
     ids = tokenizer(PROMPT_TEXT.read_text(encoding="utf-8")[:500], return_tensors="pt").input_ids[:, : args.prompt_len]

@@ -8,7 +8,7 @@ one held-out evaluation text, with one perplexity metric and one memory accounti
 Rows: FP reference; weights: llm-compressor `oneshot` GPTQ and AWQ W4A16 (run in their own virtual environment,
 created by this script, exchanging the checkpoint through files), our W4 RTN and W4 LWC; KV cache: transformers'
 `QuantizedCache` (quanto and HQQ backends, default residual length 128 and residual 0), a KIVI-style cache
-(`wkvq_core.kivi_cache`, KV4 and KV2), our KV4 WKVQuant with FP weights, W4KV4 RTN, W4KV4/KV3/KV2 WKVQuant;
+(`wkvq_core.evaluation.baselines.kivi_cache`, KV4 and KV2), our KV4 WKVQuant with FP weights, W4KV4 RTN, W4KV4/KV3/KV2 WKVQuant;
 combined: GPTQ W4 + QuantizedCache or KIVI KV4 (default residuals, and residuals small enough that the total decode
 memory is at most WKVQuant W4KV4's), and our W4 LWC + KIVI KV4.
 
@@ -49,15 +49,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, QuantizedCache
 from transformers.cache_utils import DynamicLayer, QuantizedLayer
 
-from wkvq_core.cache_keyword import with_cache
+from wkvq_core.calib.data import calibration_samples, eval_windows, load_text, tokenize
 from wkvq_core.config import FP_BITS, CalibConfig, WeightQuantConfig, WKVQuantConfig, kv_config
-from wkvq_core.data import calibration_samples, eval_windows, load_text, tokenize
-from wkvq_core.evaluate import EvalMode, _mode_flags, decode_perplexity, perplexity
-from wkvq_core.kivi_cache import KIVI_GROUP, KIVI_RESIDUAL, KIVICache, KIVILayer
-from wkvq_core.kv_cache import PackedKVLayer, WKVQuantCache
+from wkvq_core.evaluation.baselines.kivi_cache import KIVI_GROUP, KIVI_RESIDUAL, KIVICache, KIVILayer
+from wkvq_core.evaluation.perplexity import EvalMode, _mode_flags, decode_perplexity, perplexity
 from wkvq_core.model import attentions, frozen_weights, load_model, quant_linears, quant_state
-from wkvq_core.packing import pack_bits
 from wkvq_core.pipeline import quantize_model_
+from wkvq_core.quant.packing import pack_bits
+from wkvq_core.runtime.cache_keyword import with_cache
+from wkvq_core.runtime.kv_cache import PackedKVLayer, WKVQuantCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import ROOT, code_version, shown

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from wkvq_core.calib.data import calibration_samples, eval_windows, load_text, tokenize
 from wkvq_core.config import FP_BITS, METHODS, CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.data import calibration_samples, eval_windows, load_text, tokenize
-from wkvq_core.evaluate import EvalMode, kv_bytes_per_token, perplexity
+from wkvq_core.evaluation.perplexity import EvalMode, kv_bytes_per_token, perplexity
 from wkvq_core.model import attentions, load_model
 from wkvq_core.model_zoo import MODELS as PACKAGED_MODELS, fetch_model
 from wkvq_core.pipeline import quantize_model_

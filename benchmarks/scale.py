@@ -93,7 +93,7 @@ def _matmul_peak(shapes: list[tuple[int, int, int]], repeats: int = 20) -> dict[
 
 
 def measure_cpu_flops(model_dir: Path, blocks: int, nsamples: int, seqlen: int, attention: str = "auto") -> dict:
-    from wkvq_core.data import calibration_samples, load_text, tokenize
+    from wkvq_core.calib.data import calibration_samples, load_text, tokenize
     from wkvq_core.model import load_model
     from wkvq_core.pipeline import quantize_model_
 
@@ -182,8 +182,8 @@ def peak_rss(code: str, args: list[str], env: dict | None = None, cwd: str | Non
 
 
 def _host_estimate(source: Path, args, eval_chars: int) -> int:
-    """`wkvq_core.estimate`'s peak host memory for the job host-memory runs."""
-    from wkvq_core.estimate import estimate_resources, eval_windows_for_chars
+    """`wkvq_core.calib.estimate`'s peak host memory for the job host-memory runs."""
+    from wkvq_core.calib.estimate import estimate_resources, eval_windows_for_chars
 
     model_config = json.loads((source / "config.json").read_text())
     windows = eval_windows_for_chars(eval_chars, args.seqlen)
@@ -242,10 +242,10 @@ def _random_model(shape: dict, layers: int, device: str):
 
 
 def gpu_blocks(shape: dict, layers: int, nsamples: int, seqlen: int, epochs: int, compute: str, device: str) -> dict:
-    from wkvq_core.calibrate import calibrate_
+    from wkvq_core.calib.calibrate import calibrate_
+    from wkvq_core.calib.progress import CalibrationCallbacks, EventKind
     from wkvq_core.errors import CalibrationCancelled
     from wkvq_core.model import prepare_model_
-    from wkvq_core.progress import CalibrationCallbacks, EventKind
 
     config = _config(nsamples, seqlen, epochs, group=128, compute_dtype=compute, cache_dtype="bfloat16")
     model = _random_model(shape, layers, device)
@@ -272,7 +272,7 @@ def gpu_blocks(shape: dict, layers: int, nsamples: int, seqlen: int, epochs: int
     n, k = 32, config.calib.crr_k
     factor = sum(min(k, n - i) for i in range(n)) / k
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
-    from wkvq_core.estimate import estimate_resources
+    from wkvq_core.calib.estimate import estimate_resources
 
     full = LlamaConfig(num_hidden_layers=n, **shape).to_dict()
     estimate = estimate_resources(full, config, device="h200" if device.startswith("cuda") else "cpu")

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import wkvq_core  # noqa: E402
-from wkvq_core.data import load_text, tokenize  # noqa: E402
+from wkvq_core.calib.data import load_text, tokenize  # noqa: E402
 from wkvq_core.model import load_model  # noqa: E402
 
 ASSETS = Path(wkvq_core.__file__).parent / "assets"

@@ -8,18 +8,18 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from wkvq_core.artifact import MANIFEST, WEIGHTS, load_quantized, save_artifact, sha256_file
-from wkvq_core.cache_keyword import with_cache
-from wkvq_core.checkpoint import decode_safetensors, encode_safetensors, save_safetensors_atomic
+from wkvq_core.calib.checkpoint import decode_safetensors, encode_safetensors, save_safetensors_atomic
+from wkvq_core.calib.data import calibration_samples, eval_windows
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.data import calibration_samples, eval_windows
 from wkvq_core.errors import ArtifactError
-from wkvq_core.evaluate import EvalMode, greedy_without_cache, kv_bytes_per_token, perplexity
-from wkvq_core.kv_cache import WKVQuantCache
+from wkvq_core.evaluation.perplexity import EvalMode, greedy_without_cache, kv_bytes_per_token, perplexity
 from wkvq_core.model import quant_state
-from wkvq_core.packed_linear import PackedLinear
-from wkvq_core.packing import pack_bits, packed_size, unpack_bits
 from wkvq_core.pipeline import quantize_model_
-from wkvq_core.primitives import dequantize_weight, quantize_weight
+from wkvq_core.quant.packing import pack_bits, packed_size, unpack_bits
+from wkvq_core.quant.primitives import dequantize_weight, quantize_weight
+from wkvq_core.runtime.cache_keyword import with_cache
+from wkvq_core.runtime.kv_cache import WKVQuantCache
+from wkvq_core.runtime.packed_linear import PackedLinear
 
 
 

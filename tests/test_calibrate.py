@@ -4,15 +4,15 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from wkvq_core.calibrate import calibrate_, calibration_state
-from wkvq_core.checkpoint import DirectoryCheckpoints
+from wkvq_core.calib.calibrate import calibrate_, calibration_state
+from wkvq_core.calib.checkpoint import DirectoryCheckpoints
+from wkvq_core.calib.data import calibration_samples, eval_windows
+from wkvq_core.calib.progress import CalibrationCallbacks, EventKind
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.data import calibration_samples, eval_windows
 from wkvq_core.errors import CalibrationCancelled, ConfigError
-from wkvq_core.evaluate import EvalMode, perplexity
+from wkvq_core.evaluation.perplexity import EvalMode, perplexity
 from wkvq_core.model import decoder_layers, prepare_model_, quant_state
 from wkvq_core.pipeline import quantize_model_
-from wkvq_core.progress import CalibrationCallbacks, EventKind
 
 
 def config(**calib) -> WKVQuantConfig:

@@ -3,7 +3,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from wkvq_core.calibrate import learned_parameters
+from wkvq_core.calib.calibrate import learned_parameters
 from wkvq_core.config import WKVQuantConfig
 from wkvq_core.model import prepare_model_
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.conftest import EVAL_TEXT
-from wkvq_core.data import calibration_samples, eval_windows, evaluation_ids, load_text, tokenize
+from wkvq_core.calib.data import calibration_samples, eval_windows, evaluation_ids, load_text, tokenize
+from wkvq_core.calib.estimate import TOKENIZE_CHUNK_CHARS
 from wkvq_core.errors import DataError
-from wkvq_core.estimate import TOKENIZE_CHUNK_CHARS
 
 
 def cached_hub_dataset(monkeypatch, cache: Path, repo_id: str) -> Path:

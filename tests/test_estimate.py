@@ -1,4 +1,4 @@
-"""wkvq_core.estimate: the FLOP formula against torch's FlopCounterMode, the saved-tensor coefficients against
+"""wkvq_core.calib.estimate: the FLOP formula against torch's FlopCounterMode, the saved-tensor coefficients against
 autograd on the real modules, monotonicity, the paper's 7B setting, the CPU host estimate against a measured peak
 RSS, and `wkvq quantize --dry-run`."""
 
@@ -15,13 +15,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from tests.conftest import CALIB_TEXT, EVAL_TEXT, TINY_MODEL, wkvq_peak_rss
+from wkvq_core.calib.estimate import (DEVICE_KINDS, HOST_BASELINE_BYTES, TEXT_BYTES_PER_CHAR, ModelShape,
+                                estimate_resources, format_bytes, layer_forward_flops, layer_saved_bytes)
 from wkvq_core.cli import app
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig, kv_config
 from wkvq_core.errors import ConfigError
-from wkvq_core.estimate import (DEVICE_KINDS, HOST_BASELINE_BYTES, TEXT_BYTES_PER_CHAR, ModelShape,
-                                estimate_resources, format_bytes, layer_forward_flops, layer_saved_bytes)
-from wkvq_core.kv_quant import set_attention_backend
 from wkvq_core.model import calibration_parameters, decoder_layers, prepare_model_, quant_state
+from wkvq_core.quant.kv_quant import set_attention_backend
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,

@@ -30,11 +30,12 @@ from wkvq_core.artifact import load_quantized, save_artifact  # noqa: E402
 from wkvq_core.cli import app  # noqa: E402
 from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig  # noqa: E402
 from wkvq_core.errors import ConfigError  # noqa: E402
-from wkvq_core.export_ct import NOTES, _export_linear, export_compressed_tensors, pack_int32  # noqa: E402
+from wkvq_core.export.compressed_tensors import NOTES, _export_linear, pack_int32  # noqa: E402
+from wkvq_core.export.compressed_tensors import export as export_ct  # noqa: E402
 from wkvq_core.model import prepare_model_, quant_state  # noqa: E402
-from wkvq_core.packed_linear import PackedLinear  # noqa: E402
-from wkvq_core.packing import pack_bits  # noqa: E402
 from wkvq_core.pipeline import QuantizeJob, run_quantize_job  # noqa: E402
+from wkvq_core.quant.packing import pack_bits  # noqa: E402
+from wkvq_core.runtime.packed_linear import PackedLinear  # noqa: E402
 
 import wkvq_core  # noqa: E402
 
@@ -78,7 +79,7 @@ def exported(tmp_path_factory):
     g128 = root / "g128"
     config = WKVQuantConfig(weight=WeightQuantConfig(group_size=128), calib=CalibConfig(nsamples=4, seqlen=64, epochs=1))
     run_quantize_job(QuantizeJob(model=str(base), calib=str(CALIB_TEXT), out=g128, config=config, device="cpu"))
-    export_compressed_tensors(g128, root / "g128-ct")
+    export_ct(g128, root / "g128-ct")
     return {"row": (row, root / "row-ct"), "g128": (g128, root / "g128-ct")}
 
 
@@ -240,7 +241,7 @@ def test_export_replaces_a_previous_export_atomically(exported, tmp_path):
     out = tmp_path / "ct"
     shutil.copytree(first, out)
     (out / "stale.txt").write_text("old")
-    export_compressed_tensors(artifact, out)
+    export_ct(artifact, out)
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in first.iterdir())
     assert (out / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()

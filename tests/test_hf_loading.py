@@ -18,14 +18,14 @@ from typer.testing import CliRunner
 
 import wkvq_core
 from wkvq_core.artifact import FORMAT_VERSION, MANIFEST, save_artifact, sha256_file
+from wkvq_core.calib.data import calibration_samples, eval_windows, load_text, tokenize
 from wkvq_core.cli import app
 from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig, kv_config
-from wkvq_core.data import calibration_samples, eval_windows, load_text, tokenize
-from wkvq_core.evaluate import EvalMode, greedy_without_cache, perplexity
-from wkvq_core.kv_cache import WKVQuantCache
+from wkvq_core.evaluation.perplexity import EvalMode, greedy_without_cache, perplexity
 from wkvq_core.model import quant_state
-from wkvq_core.packed_linear import PackedLinear
 from wkvq_core.pipeline import quantize_model_
+from wkvq_core.runtime.kv_cache import WKVQuantCache
+from wkvq_core.runtime.packed_linear import PackedLinear
 
 SEQLEN = 64
 
@@ -151,7 +151,7 @@ def test_trust_remote_code_loads_it_and_names_the_package_when_missing(artifact)
 def test_registration_in_every_import_order(order):
     imports = {"wkvq_core first": "import wkvq_core\nimport transformers",
                "transformers first": "import transformers\nimport wkvq_core",
-               "inside a wkvq_core module": "import wkvq_core.kv_quant"}[order]
+               "inside a wkvq_core module": "import wkvq_core.quant.kv_quant"}[order]
     result = _run(imports + """
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers import CONFIG_MAPPING

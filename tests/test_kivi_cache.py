@@ -6,9 +6,9 @@ import torch
 from transformers import DynamicLayer, LlamaConfig
 from transformers.cache_utils import Cache
 
-from wkvq_core.cache_keyword import with_cache
-from wkvq_core.data import eval_windows
-from wkvq_core.kivi_cache import KIVICache, kivi_bytes
+from wkvq_core.calib.data import eval_windows
+from wkvq_core.evaluation.baselines.kivi_cache import KIVICache, kivi_bytes
+from wkvq_core.runtime.cache_keyword import with_cache
 
 
 def fake_quant_group(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -12,17 +12,17 @@ from torch.nn.utils import parametrize
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from wkvq_core.artifact import load_quantized, save_artifact
-from wkvq_core.cache_keyword import with_cache
-from wkvq_core.calibrate import calibrate_, calibration_state
+from wkvq_core.calib.calibrate import calibrate_, calibration_state
+from wkvq_core.calib.data import calibration_samples, eval_windows
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.data import calibration_samples, eval_windows
 from wkvq_core.errors import ConfigError
-from wkvq_core.export_ct import export_compressed_tensors
-from wkvq_core.evaluate import EvalMode, perplexity
-from wkvq_core.kv_cache import WKVQuantCache
-from wkvq_core.kv_quant import ChannelRange
+from wkvq_core.evaluation.perplexity import EvalMode, perplexity
+from wkvq_core.export.compressed_tensors import export as export_ct
 from wkvq_core.model import attentions, prepare_model_, quant_state
-from wkvq_core.primitives import fake_quant_per_token, hadamard
+from wkvq_core.quant.kv_quant import ChannelRange
+from wkvq_core.quant.primitives import fake_quant_per_token, hadamard
+from wkvq_core.runtime.cache_keyword import with_cache
+from wkvq_core.runtime.kv_cache import WKVQuantCache
 
 from test_kv_quant import randomize_smoothing_
 
@@ -145,7 +145,7 @@ def test_artifact_round_trip_keeps_the_options(tiny_model, tokenizer, calib_ids,
         decoded = decode(loaded, ids, WKVQuantCache(loaded.config))
         assert (decoded - loaded(ids, use_cache=False).logits).abs().max() < 2e-2
     with pytest.raises(ConfigError, match="rotated .* cannot express"):
-        export_compressed_tensors(tmp_path / "a", tmp_path / "ct")
+        export_ct(tmp_path / "a", tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
 
 

@@ -4,14 +4,14 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from wkvq_core.cache_keyword import with_cache
-from wkvq_core.calibrate import calibrate_
+from wkvq_core.calib.calibrate import calibrate_
+from wkvq_core.calib.data import calibration_samples, eval_windows
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.data import calibration_samples, eval_windows
-from wkvq_core.evaluate import EvalMode, decode_perplexity, kv_bytes_per_token, perplexity
-from wkvq_core.kv_quant import poq_attention
+from wkvq_core.evaluation.perplexity import EvalMode, decode_perplexity, kv_bytes_per_token, perplexity
 from wkvq_core.model import attentions, prepare_model_, quant_state
-from wkvq_core.primitives import fake_quant_per_token
+from wkvq_core.quant.kv_quant import poq_attention
+from wkvq_core.quant.primitives import fake_quant_per_token
+from wkvq_core.runtime.cache_keyword import with_cache
 
 
 def w4kv4(poq=True, smoothing=True, group_size=-1):

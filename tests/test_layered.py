@@ -14,15 +14,15 @@ from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from wkvq_core.artifact import QUANT_METHOD, WEIGHTS, packed_state_dict
-from wkvq_core.checkpoint import SafetensorsStream, _metadata
+from wkvq_core.calib.checkpoint import SafetensorsStream, _metadata
+from wkvq_core.calib.data import calibration_samples, eval_windows, load_text, tokenize
+from wkvq_core.calib.loader import INDEX_FILE, StreamedLayers
+from wkvq_core.calib.progress import CalibrationCallbacks, EventKind
 from wkvq_core.config import CalibConfig, EvalMode, WeightQuantConfig, WKVQuantConfig, kv_config
-from wkvq_core.data import calibration_samples, eval_windows, load_text, tokenize
 from wkvq_core.errors import CalibrationCancelled
-from wkvq_core.evaluate import _mode_flags
-from wkvq_core.loader import INDEX_FILE, StreamedLayers
+from wkvq_core.evaluation.perplexity import _mode_flags
 from wkvq_core.model import frozen_weights, load_model, quant_state
 from wkvq_core.pipeline import QuantizeJob, quantize_model_, run_quantize_job
-from wkvq_core.progress import CalibrationCallbacks, EventKind
 
 from conftest import CALIB_TEXT, EVAL_TEXT, TINY_MODEL, wkvq_peak_rss
 
@@ -155,7 +155,7 @@ def test_streamed_safetensors_equal_the_library_bytes(tmp_path):
 
 
 def test_resumed_layered_job_writes_the_same_artifact(tiny_checkpoint, tmp_path, eval_head):
-    from wkvq_core.checkpoint import DirectoryCheckpoints
+    from wkvq_core.calib.checkpoint import DirectoryCheckpoints
 
     def job(out):
         return QuantizeJob(model=str(tiny_checkpoint), calib=str(CALIB_TEXT), out=tmp_path / out, config=_config(),

@@ -9,12 +9,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from wkvq_core import packed_attention
-from wkvq_core.cache_keyword import with_cache
 from wkvq_core.config import KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.evaluate import greedy_without_cache
-from wkvq_core.kv_cache import PackedKVLayer, WKVQuantCache
-from wkvq_core.kv_quant import poq_attention
+from wkvq_core.evaluation.perplexity import greedy_without_cache
 from wkvq_core.model import prepare_model_, quant_state
+from wkvq_core.quant.kv_quant import poq_attention
+from wkvq_core.runtime.cache_keyword import with_cache
+from wkvq_core.runtime.kv_cache import PackedKVLayer, WKVQuantCache
 
 from test_kv_quant import randomize_smoothing_
 
@@ -124,7 +124,7 @@ def test_decode_takes_the_packed_path_and_equals_the_cache_free_reference(monkey
     calls = []
     original = packed_attention.packed_decode_attention
     monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 16)  # several chunks per step
-    monkeypatch.setattr("wkvq_core.kv_cache.packed_decode_attention",
+    monkeypatch.setattr("wkvq_core.runtime.kv_cache.packed_decode_attention",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     prompt = torch.randint(0, 256, (2, 12))
     with quant_state(model, weights=False, kv=True), torch.no_grad():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wkvq_core.kivi_cache import kivi_bytes
+from wkvq_core.evaluation.baselines.kivi_cache import kivi_bytes
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SEQLEN = 256

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from wkvq_core.calib.data import eval_windows, load_text, tokenize
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.data import eval_windows, load_text, tokenize
-from wkvq_core.evaluate import EvalMode, perplexity
+from wkvq_core.evaluation.perplexity import EvalMode, perplexity
 from wkvq_core.model import load_model, prepare_model_
 from wkvq_core.pipeline import QuantizeJob, rtn_modes, run_quantize_job
 

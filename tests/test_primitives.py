@@ -4,13 +4,13 @@ from torch import nn
 
 from wkvq_core.config import WeightQuantConfig
 from wkvq_core.errors import ConfigError
-from wkvq_core.primitives import (
+from wkvq_core.quant.primitives import (
     dequantize_weight,
     fake_quant_per_token,
     fake_quant_weight,
     quantize_weight,
 )
-from wkvq_core.weight_clip import QuantLinear
+from wkvq_core.quant.weight_clip import QuantLinear
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:

@@ -36,6 +36,6 @@ def test_readme_load_and_generate_example_runs(tmp_path, tiny_model, tokenizer, 
 
 
 def test_library_does_not_import_service_code():
-    sources = "\n".join(p.read_text() for p in (README.parent / "wkvq_core").glob("*.py"))
+    sources = "\n".join(p.read_text() for p in (README.parent / "wkvq_core").rglob("*.py"))
     for banned in ("fastapi", "sqlalchemy", "celery", "redis", "import api", "import worker"):
         assert banned not in sources

@@ -18,15 +18,15 @@ from transformers import DynamicCache
 from typer.testing import CliRunner
 
 from wkvq_core import model_zoo
-from wkvq_core.cache_keyword import with_cache
-from wkvq_core.calibrate import calibrate_
+from wkvq_core.calib.calibrate import calibrate_
+from wkvq_core.calib.data import calibration_samples, eval_windows, load_text, tokenize
 from wkvq_core.cli import app
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.data import calibration_samples, eval_windows, load_text, tokenize
 from wkvq_core.errors import ModelError
-from wkvq_core.evaluate import EvalMode, perplexity
-from wkvq_core.kv_cache import WKVQuantCache
+from wkvq_core.evaluation.perplexity import EvalMode, perplexity
 from wkvq_core.model import load_model, prepare_model_, quant_state
+from wkvq_core.runtime.cache_keyword import with_cache
+from wkvq_core.runtime.kv_cache import WKVQuantCache
 
 WIKITEXT = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "wikitext2"
 NAME = model_zoo.SMOLLM2_135M.name

@@ -31,16 +31,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from safetensors import safe_open
 
 from .atomic import atomic_directory
-from .checkpoint import SafetensorsStream, load_safetensors
+from .calib.checkpoint import SafetensorsStream, load_safetensors
 from .config import FP_BITS, WeightQuantConfig, WKVQuantConfig
 from .errors import ArtifactError, WKVQError
 from .model import MLP_PROJECTIONS, check_architecture, decoder_layers, prepare_model_
-from .packed_linear import PackedLinear
-from .hf_quantizer import REMOTE_CODE, REMOTE_CODE_FILE, artifact_config
-from .packing import pack_bits, packed_size
-from .primitives import hadamard
+from .quant.packing import pack_bits, packed_size
+from .quant.primitives import hadamard
+from .runtime.hf_model import QUANT_METHOD, REMOTE_CODE, REMOTE_CODE_FILE, artifact_config
+from .runtime.packed_linear import PackedLinear
 
-QUANT_METHOD = "wkvquant"
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: model_type llama / mistral, readable by load_quantized only
 WEIGHTS = "model.safetensors"

@@ -15,11 +15,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .calib.estimate import format_seconds
 from .config import (DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, FP_BITS, METHODS, CalibConfig, CRRLoss, EvalMode,
                      WeightQuantConfig, WKVQuantConfig, check_kv_group_size, kv_config, resolve_group_size,
                      resolve_seqlen)
 from .errors import WKVQError
-from .estimate import format_seconds
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="WKVQuant: W4 + KV4 post-training quantization.")
 err = Console(stderr=True)
@@ -181,7 +181,7 @@ def print_eval_table(result: dict) -> None:
 
 def _estimate_kind(device: str, estimate_for: str | None) -> str:
     """The DEVICE_KINDS entry a dry run estimates for: --estimate-for, else this machine's device by its name."""
-    from .estimate import DEVICE_KINDS
+    from .calib.estimate import DEVICE_KINDS
     from .pipeline import resolve_device
 
     if estimate_for is not None:
@@ -206,8 +206,8 @@ def _local_text_bytes(spec: str) -> int:
 def _print_estimate(model: str, model_json: dict, config: WKVQuantConfig, calib: str, eval_data: str | None,
                     eval_tokens: int, device: str, estimate_for: str | None, as_json: bool) -> None:
     """`quantize --dry-run`: the estimate from the model's config.json, as a table (or JSON); no weights read."""
-    from .data import load_text
-    from .estimate import CHARS_PER_TOKEN, estimate_resources, eval_windows_for_chars, format_bytes
+    from .calib.data import load_text
+    from .calib.estimate import CHARS_PER_TOKEN, estimate_resources, eval_windows_for_chars, format_bytes
 
     kind = _estimate_kind(device, estimate_for)
     eval_chars = len(load_text(eval_data)) if eval_data else 0
@@ -283,10 +283,10 @@ def quantize(
 ) -> None:
     """Calibrate a model and write a quantized artifact directory."""
     _quiet_transformers()
-    from .checkpoint import DirectoryCheckpoints
+    from .calib.checkpoint import DirectoryCheckpoints
+    from .calib.progress import CalibrationCallbacks
     from .model import model_config
     from .pipeline import QuantizeJob, run_quantize_job
-    from .progress import CalibrationCallbacks
 
     _check_device(device)
     _check_dir_option("--out", out_dir)
@@ -343,10 +343,10 @@ def evaluate(
     """Perplexity with the quantized KV cache read exactly as in decoding (POQ)."""
     _quiet_transformers()
     from .artifact import is_artifact
-    from .data import eval_windows, evaluation_ids, load_text
+    from .calib.data import eval_windows, evaluation_ids, load_text
+    from .calib.progress import CalibrationCallbacks
     from .model import load_model, model_config, prepare_model_
     from .pipeline import evaluate_modes, resolve_device
-    from .progress import CalibrationCallbacks
 
     _check_device(device)
     modes = list(EvalMode) if mode == "all" else None
@@ -402,9 +402,9 @@ def generate(
     import torch
     from transformers import TextStreamer
 
-    from .cache_keyword import with_cache
-    from .kv_cache import WKVQuantCache
     from .pipeline import resolve_device
+    from .runtime.cache_keyword import with_cache
+    from .runtime.kv_cache import WKVQuantCache
 
     _check_device(device)
     try:
@@ -428,19 +428,19 @@ def export(
 ) -> None:
     """Convert a quantized artifact for other runtimes; prints what the target format cannot express."""
     _quiet_transformers()
-    from .export_ct import FORMAT, NOTES, export_compressed_tensors
+    from .export import exporter
 
-    if fmt != FORMAT:
-        _fail(f"--format must be {FORMAT}; got {fmt!r}")
+    try:
+        writer = exporter(fmt)
+    except WKVQError as exc:
+        _fail(str(exc))
     _check_dir_option("OUT", out_dir)
     try:
-        export_compressed_tensors(artifact, out_dir)
-        notes = json.loads((out_dir / NOTES).read_text())
+        writer.export(artifact, out_dir)
+        written = writer.describe(out_dir)
     except (WKVQError, OSError) as exc:
         _fail(str(exc))
-    dropped = ", ".join(item["feature"] for item in notes["not_expressed"]) or "nothing"
-    out.print(f"wrote {escape(str(out_dir))} ({FORMAT} {notes['compressed_tensors_format']}, {notes['scheme']}); "
-              f"not expressed: {dropped} (see {NOTES})", emoji=False, soft_wrap=True, highlight=False)
+    out.print(f"wrote {escape(str(out_dir))} ({written})", emoji=False, soft_wrap=True, highlight=False)
 
 
 @app.command("fetch-model")

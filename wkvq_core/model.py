@@ -14,8 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .config import FP_BITS, WKVQuantConfig
 from .errors import ModelError
-from .kv_quant import WKVAttention
-from .weight_clip import QuantLinear
+from .quant.kv_quant import WKVAttention
+from .quant.weight_clip import QuantLinear
+from .targets import RUNTIME, get_target
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -115,13 +116,16 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
 
 def prepare_model_(model: PreTrainedModel, config: WKVQuantConfig) -> PreTrainedModel:
     """Replace every decoder layer's attention with `WKVAttention` and its MLP linears with `QuantLinear`,
-    in place. Weights are kept in full precision; quantization is simulated on the fly."""
+    in place. Weights are kept in full precision; quantization is simulated on the fly, the KV cache's as the
+    runtime target computes it."""
+    target = get_target(RUNTIME)
     smoothing = config.kv.smoothing and config.kv.enabled
     kv_cfg = type(config.kv)(**{**config.kv.__dict__, "smoothing": smoothing})
     model.set_attn_implementation("eager")  # masks arrive as additive (B, 1, T, S) tensors
     rotary = getattr(model.model, "rotary_emb", None)  # needed by k_pre_rope only
     for layer in decoder_layers(model):
-        layer.self_attn = WKVAttention(layer.self_attn, config.weight, kv_cfg, config.act_bits, rotary)
+        layer.self_attn = WKVAttention(layer.self_attn, config.weight, kv_cfg, target.kv_quantizer(kv_cfg),
+                                       target.poq, config.act_bits, rotary)
         for name in MLP_PROJECTIONS:
             setattr(layer.mlp, name, QuantLinear(getattr(layer.mlp, name), config.weight, config.act_bits))
     model.requires_grad_(False)

@@ -12,14 +12,14 @@ from typing import Any
 import torch
 
 from .artifact import ArtifactWriter
-from .calibrate import CalibrationReport, Precision, calibrate_
+from .calib.calibrate import CalibrationReport, Precision, calibrate_
+from .calib.data import calibration_samples, eval_windows, evaluation_ids, load_text, tokenize
+from .calib.loader import CheckpointReader, ResidentLayers, StreamedLayers, load_skeleton
+from .calib.progress import CalibrationCallbacks
 from .config import DEFAULT_EVAL_TOKENS, FP_BITS, WKVQuantConfig
-from .data import calibration_samples, eval_windows, evaluation_ids, load_text, tokenize
 from .errors import ConfigError
-from .evaluate import EvalMode, LayerwiseEval, Perplexity, kv_bytes_per_token, layerwise_perplexities
-from .loader import CheckpointReader, ResidentLayers, StreamedLayers, load_skeleton
+from .evaluation.perplexity import EvalMode, LayerwiseEval, Perplexity, kv_bytes_per_token, layerwise_perplexities
 from .model import attentions, hub_snapshot, load_model, model_config, prepare_model_, quant_linears
-from .progress import CalibrationCallbacks
 
 
 FP_DTYPES = ("float16", "bfloat16", "float32")

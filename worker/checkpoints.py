@@ -17,7 +17,7 @@ from api.core.context import ServiceContext
 from api.core.storage import ArtifactStore
 from api.jobs.service import remove_objects
 from api.models import BlockCheckpoint
-from wkvq_core.checkpoint import decode_safetensors, encode_safetensors
+from wkvq_core.calib.checkpoint import decode_safetensors, encode_safetensors
 
 from .lease import Lease, LeaseLost, fence
 

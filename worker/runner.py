@@ -29,16 +29,16 @@ from api.jobs.model_source import local_model_dir
 from api.jobs.service import DONE, PUBLISHING, add_event
 from api.models import Artifact, Dataset, Job, JobMetrics, JobStatus, Team
 from api.queue.fair_share import claim_order, over_cap
+from wkvq_core.calib.progress import CalibrationCallbacks, CalibrationEvent, EventKind
 from wkvq_core.config import WKVQuantConfig
 from wkvq_core.errors import CalibrationCancelled, WKVQError
 from wkvq_core.pipeline import QuantizeJob, run_quantize_job
-from wkvq_core.progress import CalibrationCallbacks, CalibrationEvent, EventKind
 
 from .artifact_tar import write_reproducible_tar
 from .checkpoints import StorageCheckpoints, drop_checkpoints
-from .retention import purge_if_deleted, workdir_prefix
 from .lease import Lease, LeaseLost, fence
 from .logging import log_context
+from .retention import purge_if_deleted, workdir_prefix
 from .retry import with_db_retry
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from wkvq_core.estimate import DEVICE_KINDS
+from wkvq_core.calib.estimate import DEVICE_KINDS
 
 SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "wkvq_core" / "assets"
 
@@ -28,12 +28,12 @@ class LogFormat(str, Enum):
 
 
 class GpuBudget(BaseModel):
-    """What one job of a GPU class may need: its resource estimate (`wkvq_core.estimate`) is checked against these
+    """What one job of a GPU class may need: its resource estimate (`wkvq_core.calib.estimate`) is checked against these
     at submit, and a job over any of them is refused (422). Sizes in GB (10^9 bytes)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    device: str = Field("a100-80gb", description="a wkvq_core.estimate.DEVICE_KINDS name: its speed, and its memory")
+    device: str = Field("a100-80gb", description="a wkvq_core.calib.estimate.DEVICE_KINDS name: its speed, and its memory")
     device_memory_gb: float | None = Field(None, gt=0, description="default: 90% of the kind's memory (cpu: none, "
                                                                    "the host budget covers it)")
     host_memory_gb: float = Field(512, gt=0)

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from wkvq_core.estimate import format_bytes, format_seconds
+from wkvq_core.calib.estimate import format_bytes, format_seconds
 
 from ..core.errors import NotFound
 from ..jobs.schemas import FP_BITS, JobRead
@@ -96,7 +96,7 @@ def metric_summary(metrics: dict[str, Any] | None, whole_run: float | None = Non
     if evaluation.get("tokens"):
         facts.append(("Evaluation tokens", f"{evaluation['tokens']:,}"))
     if run.get("seconds") is not None:
-        facts.append(("Calibration with per-block evaluation", duration(run["seconds"])))  # wkvq_core.calibrate
+        facts.append(("Calibration with per-block evaluation", duration(run["seconds"])))  # wkvq_core.calib.calibrate
     if whole_run is not None:
         facts.append(("Whole run", duration(whole_run)))
     if run.get("peak_memory_bytes") is not None:

@@ -1,4 +1,4 @@
-"""A job's resource estimate at submit (`wkvq_core.estimate`, no torch) and the budget of its GPU class."""
+"""A job's resource estimate at submit (`wkvq_core.calib.estimate`, no torch) and the budget of its GPU class."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from wkvq_core.calib.estimate import (ResourceEstimate, estimate_resources, estimate_storage, eval_windows_for_chars,
+                                format_bytes, format_seconds)
 from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig, kv_config
 from wkvq_core.errors import ConfigError
-from wkvq_core.estimate import (ResourceEstimate, estimate_resources, estimate_storage, eval_windows_for_chars,
-                                format_bytes, format_seconds)
 
 from ..core.config import GpuBudget, Settings
 from ..core.errors import InvalidField

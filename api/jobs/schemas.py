@@ -159,7 +159,7 @@ class JobRead(BaseModel):
     worker: str | None
     error: str | None
     estimate: dict[str, Any] | None = Field(
-        None, description="resources estimated at submit (wkvq_core.estimate.ResourceEstimate): peak_device_bytes, "
+        None, description="resources estimated at submit (wkvq_core.calib.estimate.ResourceEstimate): peak_device_bytes, "
                           "peak_host_bytes, flops, seconds on the device kind of the job's GPU class, and a "
                           "breakdown by component; null for jobs submitted before estimates")
     created_at: datetime

@@ -12,15 +12,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from . import states
 from ..core.context import ServiceContext
 from ..core.db import utcnow
 from ..core.errors import Conflict, Gone, InvalidField, NotFound, ServiceError
 from ..core.storage import ArtifactStore
-from ..models import ApiKey, Artifact, BlockCheckpoint, Job, JobEvent, JobMetrics, JobStatus, Team
 from ..datasets.service import dataset_service
+from ..models import ApiKey, Artifact, BlockCheckpoint, Job, JobEvent, JobMetrics, JobStatus, Team
 from ..teams.service import check_key, key_prefix
 from ..teams.usage import usage_service
-from . import states
 from .estimate import check_budget, estimate_job, reserved_bytes
 from .model_source import check_dims, check_hub_data, model_config
 from .schemas import JobCreate, JobRead, UploadedData

@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from wkvq_core.estimate import format_bytes
+from wkvq_core.calib.estimate import format_bytes
 
 from ..core.config import Settings
 from ..core.db import utcnow

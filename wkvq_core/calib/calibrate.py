@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import CalibConfig, CRRLoss, WKVQuantConfig
-from .errors import ConfigError, WKVQError
-from .kv_quant import ChannelRange, set_attention_backend
+from ..config import CalibConfig, CRRLoss, WKVQuantConfig
+from ..errors import ConfigError, WKVQError
+from ..model import attentions, calibration_parameters, decoder_layers, quant_state
+from ..quant.kv_quant import ChannelRange, set_attention_backend
 from .loader import LayerSource, ResidentLayers
-from .model import attentions, calibration_parameters, decoder_layers, quant_state
 from .progress import CalibrationCallbacks, CalibrationEvent, EventKind
 
 CALIBRATED_SUFFIXES = (".clip.gamma", ".clip.beta", ".k_scale", ".k_shift", ".v_scale", ".v_shift")

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, safe_open, save, save_file
 
-from .errors import ArtifactError
+from ..errors import ArtifactError
 
 
 META_KEY = "wkvq"  # one metadata entry: safetensors writes several in no fixed order

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .estimate import TOKENIZE_CHUNK_CHARS
 
 HF_PREFIX = "hf:"

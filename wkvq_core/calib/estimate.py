@@ -34,8 +34,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ATTENTION_KERNELS, FP_BITS, WKVQuantConfig
-from .errors import ConfigError
+from ..config import ATTENTION_KERNELS, FP_BITS, WKVQuantConfig
+from ..errors import ConfigError
 
 __all__ = [
     "DEVICE_KINDS",

@@ -20,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .errors import ModelError
-from .model import check_architecture, decoder_layers
+from ..errors import ModelError
+from ..model import check_architecture, decoder_layers
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -8,7 +8,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .errors import CalibrationCancelled
+from ..errors import CalibrationCancelled
 
 
 class EventKind(str, Enum):

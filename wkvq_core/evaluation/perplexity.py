@@ -15,12 +15,12 @@ import torch
 from torch.nn import functional as F
 from transformers import Cache, DynamicCache
 
-from .cache_keyword import with_cache
-from .calibrate import FULL_PRECISION, Precision, embed, rotary_embeddings
-from .config import FP_BITS, EvalMode, KVQuantConfig
-from .loader import LayerSource, ResidentLayers
-from .model import attentions, decoder_layers, frozen_weights, quant_state
-from .progress import CalibrationCallbacks, CalibrationEvent, EventKind
+from ..calib.calibrate import FULL_PRECISION, Precision, embed, rotary_embeddings
+from ..calib.loader import LayerSource, ResidentLayers
+from ..calib.progress import CalibrationCallbacks, CalibrationEvent, EventKind
+from ..config import FP_BITS, EvalMode, KVQuantConfig
+from ..model import attentions, decoder_layers, frozen_weights, quant_state
+from ..runtime.cache_keyword import with_cache
 
 EVAL_PROGRESS_STEPS = 100  # EVAL_WINDOWS events per evaluation, at most
 

@@ -34,14 +34,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .atomic import atomic_directory
-from .artifact import MANIFEST, METRICS, WEIGHTS, ATTENTION_PROJECTIONS, is_artifact, load_quantized
-from .config import FP_BITS
-from .errors import ArtifactError, ConfigError
-from .hf_quantizer import REMOTE_CODE_FILE
-from .model import MLP_PROJECTIONS, decoder_layers
-from .packed_linear import PackedLinear
-from .packing import pack_bits, unpack_bits
+from ..artifact import MANIFEST, METRICS, WEIGHTS, ATTENTION_PROJECTIONS, is_artifact, load_quantized
+from ..atomic import atomic_directory
+from ..config import FP_BITS
+from ..errors import ArtifactError, ConfigError
+from ..model import MLP_PROJECTIONS, decoder_layers
+from ..quant.packing import pack_bits, unpack_bits
+from ..runtime.hf_model import REMOTE_CODE_FILE
+from ..runtime.packed_linear import PackedLinear
 
 FORMAT = "compressed-tensors"
 CT_FORMAT = "pack-quantized"
@@ -165,7 +165,7 @@ def _target(out: Path, artifact: Path) -> None:
             raise ConfigError(f"{out}: exists, is not empty and is not a previous export; remove it or pick another")
 
 
-def export_compressed_tensors(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir` (atomically: temporary sibling directory, then rename; a previous export there is replaced)
     from the WKVQuant artifact in `artifact_dir`. Returns `out_dir`."""
     artifact, out = Path(artifact_dir), Path(out_dir)
@@ -263,3 +263,10 @@ def export_compressed_tensors(artifact_dir: str | os.PathLike, out_dir: str | os
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / NOTES).write_text(json.dumps(notes, indent=2) + "\n")
     return out
+
+
+def describe(out_dir: str | os.PathLike) -> str:
+    notes = json.loads((Path(out_dir) / NOTES).read_text())
+    dropped = ", ".join(item["feature"] for item in notes["not_expressed"]) or "nothing"
+    return (f"{FORMAT} {notes['compressed_tensors_format']}, {notes['scheme']}); not expressed: {dropped} "
+            f"(see {NOTES}")

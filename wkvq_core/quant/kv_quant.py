@@ -20,12 +20,15 @@ in full precision; full-precision attention among the tokens of one prefill (`fp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
 
-from .config import ATTENTION_KERNELS, FP_BITS, KVQuantConfig, WeightQuantConfig
-from .errors import ConfigError
+from ..config import ATTENTION_KERNELS, FP_BITS, KVQuantConfig, WeightQuantConfig
+from ..errors import ConfigError
 from .primitives import fake_quant_per_token, hadamard
 from .weight_clip import QuantLinear
 
@@ -195,6 +198,28 @@ def poq_attention_fused(
     return out.transpose(1, 2).contiguous()
 
 
+class KVQuantizer(Protocol):
+    """What an engine computes on the smoothed K~ / V~ (B, H_kv, T, D) of the tokens at positions past.. as it stores
+    them: their fake-quantized values. A target (`wkvq_core.targets`) supplies one."""
+
+    def __call__(self, x: torch.Tensor, past: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class PerTokenKV:
+    """Asymmetric per token and KV head, in groups of `group_size` channels (None: the head), the first
+    `sink_tokens` of a sequence kept in full precision: what `WKVQuantCache` stores."""
+
+    bits: int
+    group_size: int | None
+    sink_tokens: int = 0
+
+    def __call__(self, x: torch.Tensor, past: int) -> torch.Tensor:
+        keep = min(max(self.sink_tokens - past, 0), x.shape[-2])
+        quantized = fake_quant_per_token(x[..., keep:, :], self.bits, self.group_size)
+        return torch.cat([x[..., :keep, :], quantized], dim=-2) if keep else quantized
+
+
 class ChannelRange:
     """Running per-channel min/max of K~/V~ over calibration tokens, per KV head: (n_kv_heads, head_dim)."""
 
@@ -217,11 +242,12 @@ class WKVAttention(nn.Module):
     per-token KV quantization and POQ. Works with and without a transformers `Cache` (which then stores the
     quantized K~/V~). Switches: `kv_quant`, `poq`, `smoothing`, and `weight_quant` on each projection;
     `attention_backend` "sdpa" runs `poq_attention_fused` where it applies (no mask, no cache), "eager" never.
-    rotary: the model's rotary embedding, needed with `k_pre_rope` to rotate cached keys."""
+    rotary: the model's rotary embedding, needed with `k_pre_rope` to rotate cached keys. kv_quantizer: what the
+    engine that runs the KV cache computes; POQ only where that engine does it (`engine_poq`)."""
 
     def __init__(
-        self, attn: nn.Module, weight_cfg: WeightQuantConfig, kv_cfg: KVQuantConfig, act_bits: int = FP_BITS,
-        rotary: nn.Module | None = None,
+        self, attn: nn.Module, weight_cfg: WeightQuantConfig, kv_cfg: KVQuantConfig, kv_quantizer: KVQuantizer,
+        engine_poq: bool, act_bits: int = FP_BITS, rotary: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.config, self.layer_idx = attn.config, attn.layer_idx
@@ -245,7 +271,8 @@ class WKVAttention(nn.Module):
         self.v_shift = nn.Parameter(torch.zeros(shape, dtype=dtype))
         self.kv_bits, self.kv_group = kv_cfg.bits, kv_cfg.group_size
         self.smoothing = self.smoothing_configured = kv_cfg.smoothing
-        self.poq = kv_cfg.poq
+        self.poq = kv_cfg.poq and engine_poq
+        self.kv_quantizer = kv_quantizer
         self.k_pre_rope, self.sink_tokens, self.fp_prefill = kv_cfg.k_pre_rope, kv_cfg.sink_tokens, kv_cfg.fp_prefill
         self.register_buffer("rotation", hadamard(self.head_dim, dtype) if kv_cfg.rotate else None, persistent=False)
         self._rotary = [rotary]  # a list: a reference, not a submodule of this layer
@@ -291,12 +318,8 @@ class WKVAttention(nn.Module):
         return proj.linear(x, *self.projection(name)) if self._folds_v(name) else proj(x)
 
     def _quant(self, x: torch.Tensor, past: int) -> torch.Tensor:
-        """Fake-quantized x (B, H_kv, T, D) of the tokens at positions past.., the first `sink_tokens` kept."""
-        if not self.kv_quant:
-            return x
-        keep = min(max(self.sink_tokens - past, 0), x.shape[-2])
-        quantized = fake_quant_per_token(x[..., keep:, :], self.kv_bits, self.kv_group)
-        return torch.cat([x[..., :keep, :], quantized], dim=-2) if keep else quantized
+        """x (B, H_kv, T, D) of the tokens at positions past.. as the KV cache's engine stores them."""
+        return self.kv_quantizer(x, past) if self.kv_quant else x
 
     def _rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         if self.rotation is None:

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import FP_BITS, WeightQuantConfig
-from .errors import ConfigError
+from ..config import FP_BITS, WeightQuantConfig
+from ..errors import ConfigError
 from .primitives import fake_quant_per_token, fake_quant_weight, quantize_weight
 
 

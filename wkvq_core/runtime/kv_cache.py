@@ -20,9 +20,9 @@ import torch
 from transformers import Cache, DynamicLayer
 
 from . import packed_attention
+from ..quant.packing import pack_bits, packed_size, unpack_bits
+from ..quant.primitives import dequantize_per_token, quantize_per_token
 from .packed_attention import packed_decode_attention
-from .packing import pack_bits, packed_size, unpack_bits
-from .primitives import dequantize_per_token, quantize_per_token
 
 PAGE_TOKENS = 16  # storage is allocated in pages of this many tokens
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .packing import unpack_bits
-from .primitives import dequantize_weight, fake_quant_per_token
+from ..quant.packing import unpack_bits
+from ..quant.primitives import dequantize_weight, fake_quant_per_token
 
 
 class PackedLinear(nn.Module):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from transformers import Cache, DynamicLayer
 
-from .packing import pack_bits, packed_size, unpack_bits
+from ...quant.packing import pack_bits, packed_size, unpack_bits
 
 KIVI_GROUP = 32  # KIVI's group size G
 KIVI_RESIDUAL = 128  # KIVI's residual length R

@@ -1,0 +1,36 @@
+"""Deployment targets: what the engine that runs an artifact computes on its KV cache, and what the export for it
+writes. Calibration and evaluation use a target's KV arithmetic, so the smoothing is learned for that engine and the
+perplexity reported is the one it will give.
+
+A target is one module in this package that defines `TARGET` (a `base.Target`); `TARGETS` finds them all, so a new engine is a new
+module here (and, for a new file format, one in `wkvq_core.export`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from ..errors import ConfigError
+from .base import Target
+
+RUNTIME = "runtime"
+
+
+def _discover() -> dict[str, Target]:
+    found = {}
+    for module in pkgutil.iter_modules(__path__):
+        if module.name == "base":
+            continue
+        target = importlib.import_module(f"{__name__}.{module.name}").TARGET
+        found[target.name] = target
+    return found
+
+
+TARGETS: dict[str, Target] = _discover()
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise ConfigError(f"target must be one of {', '.join(sorted(TARGETS))}; got {name!r}")
+    return TARGETS[name]
