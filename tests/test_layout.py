@@ -32,6 +32,8 @@ def test_wkvq_core_has_no_cycle_and_no_upward_import():
         assert any(line.split()[1] == unit for line in lines[:-1]), unit
     dot = import_graph("--dot")
     assert dot.returncode == 0 and dot.stdout.startswith("digraph") and '"pipeline" -> "calib";' in dot.stdout
+    documented = (REPO / "docs" / "layout.md").read_text().split("<!-- import-graph -->\n```\n")[1].split("```")[0]
+    assert documented == result.stdout, "docs/layout.md shows an old import graph: paste the script's output"
 
 
 def test_a_cycle_and_an_upward_import_are_reported(tmp_path):
