@@ -25,13 +25,13 @@ from torch.nn import functional as F
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from wkvq_core import kv_quant
 from wkvq_core.calib.calibrate import calibrate_
 from wkvq_core.calib.data import calibration_samples, eval_windows
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.evaluation.baselines.kivi_cache import KIVICache, kivi_bytes
 from wkvq_core.evaluation.perplexity import EvalMode, _mode_flags, greedy_without_cache, kv_bytes_per_token
 from wkvq_core.model import prepare_model_, quant_state
+from wkvq_core.quant import kv_quant
 from wkvq_core.runtime.cache_keyword import with_cache
 from wkvq_core.runtime.kv_cache import WKVQuantCache
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wkvq_core import packed_attention
 from wkvq_core.config import KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.evaluation.perplexity import greedy_without_cache
 from wkvq_core.model import prepare_model_, quant_state
 from wkvq_core.quant.kv_quant import poq_attention
+from wkvq_core.runtime import packed_attention
 from wkvq_core.runtime.cache_keyword import with_cache
 from wkvq_core.runtime.kv_cache import PackedKVLayer, WKVQuantCache
 

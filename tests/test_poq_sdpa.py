@@ -5,10 +5,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wkvq_core import kv_quant
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.errors import ConfigError
 from wkvq_core.model import attentions, calibration_parameters, decoder_layers, prepare_model_
+from wkvq_core.quant import kv_quant
 from wkvq_core.quant.kv_quant import poq_attention, poq_attention_fused, set_attention_backend
 
 from test_kv_quant import randomize_smoothing_

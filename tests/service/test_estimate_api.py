@@ -20,7 +20,7 @@ from api.main import create_app
 from api.models import Job, JobEvent
 from tests.conftest import TINY_MODEL
 from tests.service.conftest import TINY_JOB, service_settings, team_key
-from wkvq_core import estimate as core_estimate
+from wkvq_core.calib import estimate as core_estimate
 from wkvq_core.calib.estimate import format_bytes
 
 # LLaMA-2-70B's shape (GQA 64/8), with a context long enough for the 32768-token samples.
