@@ -1,10 +1,13 @@
 import re
+import shlex
 import subprocess
 import sys
 
 import pytest
+import typer
 
 from tests.pages import PAGES, README, REPO, python_blocks
+from worker.cli import app
 from wkvq_core import (CalibConfig, WeightQuantConfig, WKVQuantConfig, calibration_samples, quantize_model_,
                        save_artifact)
 
@@ -45,6 +48,27 @@ def test_every_python_block_compiles():
     assert len(blocks) >= 3  # the library, the client, loading an artifact
     for block in blocks:
         compile(block, "<python block>", "exec")
+
+
+def test_documented_wkvq_commands_parse():
+    """Every `wkvq` command line of the pages' indented code parses with the real command (nothing runs): a renamed
+    command or option fails."""
+    root = typer.main.get_command(app)
+    checked = 0
+    for page in PAGES:
+        for line in re.findall(r"^ {4}(.*\bwkvq .*)$", page.read_text(), re.M):
+            for part in re.split(r";|&&", line):
+                words = shlex.split(part, comments=True)
+                names = [word.rsplit("/", 1)[-1] for word in words]  # .venv/bin/wkvq too
+                if "wkvq" not in names:
+                    continue
+                command, args = root, words[names.index("wkvq") + 1:]
+                while hasattr(command, "commands"):  # a group: admin, ...
+                    assert args[0] in command.commands, f"{page.name}: {part}"
+                    command, args = command.commands[args[0]], args[1:]
+                command.make_context(part, args)
+                checked += 1
+    assert checked >= 10
 
 
 FENCED = re.compile(r"^```.*?^```", re.S | re.M)
