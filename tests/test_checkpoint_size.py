@@ -28,6 +28,6 @@ def test_block_checkpoint_of_a_7b_shaped_block_is_small():
     nbytes = sum(p.numel() * p.element_size() for p in learned.values())
     groups = (4 * 4096 * 4096 + 3 * 4096 * 11008) // 128  # q, k, v, o + gate, up, down
     assert nbytes == groups * 2 * 4 + 4 * 32 * 128 * 4  # γ, β per group + four smoothing tensors, fp32
-    assert round(nbytes / 2**20, 1) == 12.1  # the figure quoted in README.md
+    assert round(nbytes / 2**20, 1) == 12.1  # the figure quoted in docs/operations.md
     fp16_weights = (4 * 4096 * 4096 + 3 * 4096 * 11008) * 2
     assert nbytes < fp16_weights / 30

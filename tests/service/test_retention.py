@@ -1,6 +1,6 @@
-"""Retention (README "A job's data, and when it goes"): DELETE of jobs and datasets over real HTTP, storage quotas,
-checkpoints collected after success, bounded event logs, and scratch directories of killed workers removed at
-worker start. SQLite and Postgres."""
+"""Retention (docs/service.md, "A job's data, and when it goes"): DELETE of jobs and datasets over real HTTP, storage
+quotas, checkpoints collected after success, bounded event logs, and scratch directories of killed workers removed
+at worker start. SQLite and Postgres."""
 
 from __future__ import annotations
 
