@@ -9,7 +9,7 @@
 #   bash scripts/lock.sh --upgrade             # everything to the newest versions the ranges allow
 #   bash scripts/lock.sh -P transformers       # one package to its newest allowed version
 #
-# Run scripts/check-newest.sh before upgrading (README: "Dependencies").
+# Run scripts/check-newest.sh before upgrading (docs/dependencies.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools=.venv-lock

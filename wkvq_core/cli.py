@@ -263,7 +263,7 @@ def quantize(
     smoothing: Annotated[bool, typer.Option(help="2D KV smoothing.")] = True,
     poq: Annotated[bool, typer.Option(help="Past-only quantization.")] = True,
     method: Annotated[str, typer.Option(help=f"{' or '.join(METHODS)}: the paper's KV method exactly, or with "
-                                              "the options that won on held-out text (README).")] = DEFAULT_METHOD,
+                                              "the options that won on held-out text (docs/method.md).")] = DEFAULT_METHOD,
     act_bits: Annotated[int, typer.Option(help="Per-token activation bits into linears (16 = off).")] = 16,
     cache_dtype: Annotated[str, typer.Option(help="Activation caches: auto (bfloat16 on CUDA, float32 on CPU), "
                                                   "float32 or bfloat16.")] = "auto",

@@ -102,7 +102,7 @@ class QuantConfig(Strict):
     poq: bool = True
     method: Literal["paper", "recommended"] = Field(
         DEFAULT_METHOD, description="paper: arXiv 2402.12065 exactly; recommended: with the KV options that won on "
-                                    "held-out text (README, benchmarks/RESULTS.md)")
+                                    "held-out text (docs/method.md, benchmarks/RESULTS.md)")
 
     @field_validator("w_bits")
     @classmethod
