@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from wkvq_core.config import KVQuantConfig, WeightQuantConfig
 from wkvq_core.errors import ConfigError
 from wkvq_core.export import FORMATS, exporter
-from wkvq_core.quant.kv_quant import WKVAttention
+from wkvq_core.quant.kv_quant import KEY, VALUE, WKVAttention
 from wkvq_core.runtime.kv_cache import WKVQuantCache
 from wkvq_core.targets import RUNTIME, TARGETS, get_target
 
@@ -58,7 +58,7 @@ def test_every_target_is_found_and_writes_a_known_format():
     for name, target in TARGETS.items():
         assert target.name == name and target.summary
         assert target.export is None or target.export in FORMATS
-    with pytest.raises(ConfigError, match="target must be one of runtime"):
+    with pytest.raises(ConfigError, match="target must be one of llamacpp, runtime; got 'tensorrt'"):
         get_target("tensorrt")
 
 
@@ -82,9 +82,9 @@ def test_the_runtime_targets_kv_quantizer_is_what_the_packed_cache_stores():
     cache = WKVQuantCache(config, kv_bits=kv.bits, kv_group_size=kv.group_size, sink_tokens=kv.sink_tokens)
     stored_key, stored_value = cache.update(key[..., :4, :], value[..., :4, :], 0)
     stored_key, stored_value = cache.update(key[..., 4:, :], value[..., 4:, :], 0)
-    assert torch.equal(quantizer(key[..., :4, :], past=0)[..., :3, :], key[..., :3, :])  # sink tokens kept
-    for x, stored in ((key, stored_key), (value, stored_value)):
-        expected = torch.cat([quantizer(x[..., :4, :], past=0), quantizer(x[..., 4:, :], past=4)], dim=-2)
+    assert torch.equal(quantizer(key[..., :4, :], past=0, kind=KEY)[..., :3, :], key[..., :3, :])  # sink tokens kept
+    for x, stored, kind in ((key, stored_key, KEY), (value, stored_value, VALUE)):
+        expected = torch.cat([quantizer(x[..., :4, :], 0, kind), quantizer(x[..., 4:, :], 4, kind)], dim=-2)
         assert not torch.equal(expected[..., 3:, :], x[..., 3:, :])
         torch.testing.assert_close(stored.float(), expected, atol=2e-3, rtol=0)  # fp16 scale and zero
 
@@ -108,4 +108,4 @@ def test_the_attention_computes_what_its_targets_quantizer_and_poq_say():
     no_poq = _attention(runtime.kv_quantizer(kv), False, kv)
     assert torch.equal(no_poq, _attention(runtime.kv_quantizer(kv), True, KVQuantConfig(bits=4, poq=False)))
     assert not torch.allclose(poq, no_poq)
-    torch.testing.assert_close(_attention(lambda x, past: x, True, kv), _attention(None, True, KVQuantConfig(bits=16)))
+    torch.testing.assert_close(_attention(lambda x, past, kind: x, True, kv), _attention(None, True, KVQuantConfig(bits=16)))

@@ -198,11 +198,14 @@ def poq_attention_fused(
     return out.transpose(1, 2).contiguous()
 
 
-class KVQuantizer(Protocol):
-    """What an engine computes on the smoothed K~ / V~ (B, H_kv, T, D) of the tokens at positions past.. as it stores
-    them: their fake-quantized values. A target (`wkvq_core.targets`) supplies one."""
+KEY, VALUE = "key", "value"  # which of K~ / V~ a KVQuantizer is given (engines may treat them differently)
 
-    def __call__(self, x: torch.Tensor, past: int) -> torch.Tensor: ...
+
+class KVQuantizer(Protocol):
+    """What an engine computes on the smoothed K~ or V~ (`kind` KEY or VALUE; (B, H_kv, T, D)) of the tokens at
+    positions past.. as it stores them: their fake-quantized values. A target (`wkvq_core.targets`) supplies one."""
+
+    def __call__(self, x: torch.Tensor, past: int, kind: str) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,7 @@ class PerTokenKV:
     group_size: int | None
     sink_tokens: int = 0
 
-    def __call__(self, x: torch.Tensor, past: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, past: int, kind: str) -> torch.Tensor:
         keep = min(max(self.sink_tokens - past, 0), x.shape[-2])
         quantized = fake_quant_per_token(x[..., keep:, :], self.bits, self.group_size)
         return torch.cat([x[..., :keep, :], quantized], dim=-2) if keep else quantized
@@ -317,9 +320,9 @@ class WKVAttention(nn.Module):
         proj = getattr(self, name)
         return proj.linear(x, *self.projection(name)) if self._folds_v(name) else proj(x)
 
-    def _quant(self, x: torch.Tensor, past: int) -> torch.Tensor:
-        """x (B, H_kv, T, D) of the tokens at positions past.. as the KV cache's engine stores them."""
-        return self.kv_quantizer(x, past) if self.kv_quant else x
+    def _quant(self, x: torch.Tensor, past: int, kind: str) -> torch.Tensor:
+        """K~ or V~ (`kind`; (B, H_kv, T, D)) of the tokens at positions past.. as the KV cache's engine stores them."""
+        return self.kv_quantizer(x, past, kind) if self.kv_quant else x
 
     def _rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         if self.rotation is None:
@@ -397,7 +400,7 @@ class WKVAttention(nn.Module):
                 return self._project("o_proj", self._rotate(out, inverse=True).reshape(bsz, t_new, -1)), None
             key_stored, value_stored = cache.update(key, value, self.layer_idx)
         else:
-            key_stored, value_stored = self._quant(key, past), self._quant(value, past)
+            key_stored, value_stored = self._quant(key, past, KEY), self._quant(value, past, VALUE)
             if cache is not None:
                 key_stored, value_stored = cache.update(key_stored, value_stored, self.layer_idx)
         key_stored = self._keys_for_attention(key_stored, position_embeddings, position_ids, past)

@@ -1,0 +1,204 @@
+"""The llamacpp target's KV arithmetic against independent references: the gguf package's numpy Q4_0 / Q4_1 / Q8_0
+(ggml-quants.c's reference arithmetic), a port of llama.cpp's ggml_gen_hadamard, and a hand-written attention."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from wkvq_core import targets
+from wkvq_core.config import KVQuantConfig, WeightQuantConfig
+from wkvq_core.errors import ConfigError
+from wkvq_core.quant.kv_quant import KEY, VALUE, WKVAttention
+from wkvq_core.targets import RUNTIME, TARGETS, get_target, llamacpp
+
+
+def gguf_fake_quant(x: np.ndarray, kv_type: str) -> np.ndarray:
+    qtype = GGMLQuantizationType[kv_type.upper()]
+    return quants.dequantize(quants.quantize(x.astype(np.float32), qtype), qtype)
+
+
+def edge_blocks() -> np.ndarray:
+    """Blocks of 32 at many scales, plus: all zero, constant, a huge outlier, |max| tied between signs, fp16-subnormal
+    and fp16-underflowing scales, and q8_0 products landing on .5 (roundf rounds them away from zero)."""
+    rng = np.random.default_rng(0)
+    scales = [1e-9, 1e-6, 1e-3, 0.1, 1.0, 37.0, 1000.0]
+    blocks = [rng.standard_normal((8, 32)) * s for s in scales]
+    blocks.append(rng.uniform(-3.0, 7.0, (8, 32)))  # off-centre: q4_1's min matters
+    special = np.zeros((7, 32))
+    special[1] = 2.5
+    special[2] = -0.3
+    special[3] = rng.standard_normal(32)
+    special[3, 5] = 3e4
+    special[4] = rng.uniform(-1, 1, 32)
+    special[4, :2] = (-3.0, 3.0)
+    special[5] = rng.uniform(-1, 1, 32)
+    special[5, :2] = (3.0, -3.0)
+    special[6] = np.arange(32) - 15.5  # q8_0 with amax 127: d = 1, halves
+    special[6, 0] = 127.0
+    blocks.append(special)
+    return np.concatenate(blocks).astype(np.float32)
+
+
+@pytest.mark.parametrize("kv_type", llamacpp.QUANTIZED_TYPES)
+def test_block_arithmetic_is_ggml_reference_bit_for_bit(kv_type):
+    x = edge_blocks()
+    ours = llamacpp.fake_quant_blocks(torch.from_numpy(x), kv_type).numpy()
+    expected = gguf_fake_quant(x, kv_type)
+    np.testing.assert_array_equal(ours.view(np.uint32), expected.view(np.uint32))
+    assert ours.shape == x.shape and not np.array_equal(ours, x)
+
+
+def test_codes_use_the_fp32_scale_and_values_the_fp16_one():
+    """A q8_0 block whose fp32 d rounds in fp16: values are code * fp16(d), not code * d."""
+    x = torch.linspace(-1.0, 1.0, 32)
+    d = 1.0 / 127
+    codes = torch.round(x / d)  # no halves here
+    expected = codes * torch.tensor(d).half().float()
+    assert torch.equal(llamacpp.fake_quant_blocks(x, "q8_0"), expected)
+    assert not torch.equal(expected, codes * d)
+
+
+def test_rounding_passes_gradients_straight_through():
+    x = torch.randn(4, 64, dtype=torch.float64).float().requires_grad_()
+    for kv_type in llamacpp.QUANTIZED_TYPES:
+        x.grad = None
+        llamacpp.fake_quant_blocks(x, kv_type).sum().backward()
+        assert torch.isfinite(x.grad).all()
+        median = x.grad.median().item()
+        assert abs(median - 1) < 1e-2, (kv_type, median)  # d(code * d16)/dx = d16 / d for all but the extremes
+    zeros = torch.zeros(2, 32, requires_grad=True)
+    llamacpp.fake_quant_blocks(zeros, "q4_0").sum().backward()
+    assert torch.isfinite(zeros.grad).all()
+
+
+def ggml_gen_hadamard(n: int) -> np.ndarray:
+    """llama.cpp src/llama-kv-cache.cpp ggml_gen_hadamard, row-major data[i*n + j]."""
+    data = np.zeros((n, n), np.float32)
+    data[0, 0] = np.float32(1.0 / float(np.sqrt(np.float32(n))))
+    s = 1
+    while s < n:
+        top = data[:s, :s].copy()
+        data[s : 2 * s, :s] = top
+        data[:s, s : 2 * s] = top
+        data[s : 2 * s, s : 2 * s] = -top
+        s *= 2
+    return data
+
+
+def ggml_rotate(x: np.ndarray, n: int) -> np.ndarray:
+    """ggml_mul_mat_aux(cur, rot): out[i] = sum_k rot[i*n + k] * x[k] over each block of n channels."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // n, n).astype(np.float64)
+    return (blocks @ ggml_gen_hadamard(n).astype(np.float64).T).reshape(x.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [64, 128, 256])
+def test_hadamard_is_the_engines_sylvester_matrix_and_orthonormal(n):
+    ours = llamacpp.rotation_matrix(n)
+    np.testing.assert_array_equal(ours.numpy(), ggml_gen_hadamard(n))
+    assert torch.equal(ours, ours.T)
+    torch.testing.assert_close(ours.double() @ ours.double().T, torch.eye(n, dtype=torch.float64), atol=1e-7, rtol=0)
+    x = torch.randn(3, 2 * n)
+    torch.testing.assert_close(llamacpp.block_rotate(x, n), torch.from_numpy(ggml_rotate(x.numpy(), n)))
+
+
+def test_rotation_block_sizes_follow_build_input_k_rot_and_v_rot():
+    for head_dim, key_size, value_size in ((64, 64, 64), (128, 128, 64), (192, 64, 64), (256, 256, 64),
+                                           (32, None, None), (96, None, None), (80, None, None)):
+        assert llamacpp.rotation_size(head_dim, KEY) == key_size, head_dim
+        assert llamacpp.rotation_size(head_dim, VALUE) == value_size, head_dim
+
+
+def engine_reference(x: np.ndarray, kv_type: str, rotation: int | None) -> np.ndarray:
+    """Rotate as ggml, quantize-dequantize as gguf, rotate back (H is its own inverse)."""
+    if rotation is None:
+        return gguf_fake_quant(x, kv_type)
+    return ggml_rotate(gguf_fake_quant(ggml_rotate(x, rotation), kv_type), rotation)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 96])
+@pytest.mark.parametrize("kv_type", ["q4_0", "q8_0"])
+def test_quantizer_rotates_quantizes_and_rotates_back(head_dim, kv_type):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, head_dim)
+    x[..., 7] += 6.0  # an outlier channel, which the rotation spreads
+    quantizer = llamacpp.kv_quantizer_for(kv_type)
+    for kind in (KEY, VALUE):
+        expected = engine_reference(x.numpy(), kv_type, llamacpp.rotation_size(head_dim, kind))
+        torch.testing.assert_close(quantizer(x, 0, kind), torch.from_numpy(expected), atol=1e-5, rtol=0)
+    plain = torch.from_numpy(gguf_fake_quant(x.numpy(), kv_type))
+    unrotated = llamacpp.kv_quantizer_for(kv_type, rotate=False)
+    assert torch.equal(unrotated(x, 0, KEY), plain) and torch.equal(unrotated(x, 0, VALUE), plain)
+    assert torch.equal(quantizer(x, 0, KEY), plain) == (head_dim % 64 != 0)
+    if head_dim == 128:  # K rotated in one block of 128, V in blocks of 64
+        assert not torch.allclose(quantizer(x, 0, KEY), quantizer(x, 0, VALUE))
+
+
+def test_quantizer_keeps_the_dtype_and_f16_is_a_rounding():
+    x = torch.randn(1, 2, 3, 64)
+    assert llamacpp.kv_quantizer_for("q4_1")(x.bfloat16(), 0, KEY).dtype == torch.bfloat16
+    assert torch.equal(llamacpp.kv_quantizer_for("f16")(x, 0, VALUE), x.half().float())
+    with pytest.raises(ConfigError, match="head_dim divisible by 32; got 48"):
+        llamacpp.kv_quantizer_for("q4_0")(torch.randn(1, 1, 2, 48), 0, KEY)
+
+
+def test_the_target_maps_kv_bits_to_cache_types_and_refuses_what_llamacpp_lacks():
+    assert llamacpp.kv_quantizer(KVQuantConfig(bits=4)) == llamacpp.LlamaCppKV("q4_0", rotate=True)
+    assert llamacpp.kv_quantizer(KVQuantConfig(bits=8, group_size=32)) == llamacpp.LlamaCppKV("q8_0", rotate=True)
+    with pytest.raises(ConfigError, match="q4_0 \\(kv_bits 4\\), q8_0 \\(8\\) or f16 \\(16\\); got kv_bits 3"):
+        llamacpp.kv_quantizer(KVQuantConfig(bits=3))
+    with pytest.raises(ConfigError, match="blocks of 32; got kv_group_size 64"):
+        llamacpp.kv_quantizer(KVQuantConfig(bits=4, group_size=64))
+    with pytest.raises(ConfigError, match="has no k_pre_rope, sink_tokens: turn them off"):
+        llamacpp.kv_quantizer(KVQuantConfig(bits=4, k_pre_rope=True, sink_tokens=4))
+    with pytest.raises(ConfigError, match="must be one of f16, q4_0, q4_1, q8_0; got 'q5_0'"):
+        llamacpp.kv_quantizer_for("q5_0")
+
+
+def test_the_target_is_found_by_discovery():
+    target = get_target("llamacpp")
+    assert TARGETS["llamacpp"] is target is llamacpp.TARGET
+    assert target.poq is False and target.export is None and target.kv_quantizer is llamacpp.kv_quantizer
+    assert "llamacpp" not in Path(targets.__file__).read_text()  # no registry: the module is found
+
+
+def test_attention_with_the_target_is_eager_attention_over_its_quantized_kv():
+    """WKVAttention with the llamacpp target: every query, its own token's included, sees K / V as llama.cpp stores
+    them (rotated, q4_0 blocks, rotated back)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                         num_hidden_layers=1, intermediate_size=96, vocab_size=64)
+    model = LlamaForCausalLM(config).eval()
+    layer = model.model.layers[0].self_attn
+    t_new, n_rep = 9, 2
+    hidden = torch.randn(1, t_new, 64)
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(t_new)[None])
+
+    def attention(target_name: str, kv: KVQuantConfig) -> torch.Tensor:
+        target = get_target(target_name)
+        attn = WKVAttention(layer, WeightQuantConfig(bits=16), kv, target.kv_quantizer(kv), target.poq)
+        with torch.no_grad():
+            return attn(hidden, (cos, sin))[0]
+
+    kv = KVQuantConfig(bits=4)
+    ours = attention("llamacpp", kv)
+
+    with torch.no_grad():
+        shape = (1, t_new, -1, 64)
+        query = layer.q_proj(hidden).view(shape).transpose(1, 2)
+        key = layer.k_proj(hidden).view(shape).transpose(1, 2)
+        value = layer.v_proj(hidden).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        key = torch.from_numpy(engine_reference(key.numpy(), "q4_0", 64)).repeat_interleave(n_rep, dim=1)
+        value = torch.from_numpy(engine_reference(value.numpy(), "q4_0", 64)).repeat_interleave(n_rep, dim=1)
+        scores = query @ key.transpose(-1, -2) / 8.0
+        scores = scores.masked_fill(torch.ones(t_new, t_new).triu(1).bool(), float("-inf"))
+        out = (torch.softmax(scores, dim=-1) @ value).transpose(1, 2).reshape(1, t_new, -1)
+        expected = layer.o_proj(out)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ours, attention(RUNTIME, kv), atol=1e-3)
+    assert not torch.allclose(ours, attention("llamacpp", KVQuantConfig(bits=16)), atol=1e-3)

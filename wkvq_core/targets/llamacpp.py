@@ -1,0 +1,169 @@
+"""llama.cpp (a GGUF model): the KV cache as llama.cpp stores it, in q4_0, q4_1 or q8_0 blocks (or f16).
+
+What llama.cpp computes on one layer's K / V (src/llama-graph.cpp build_attn, src/llama-kv-cache.cpp):
+- with a quantized cache type and head_dim % 64 == 0 (and LLAMA_ATTN_ROT_DISABLE unset), Q and K after RoPE are
+  multiplied by a block-diagonal orthonormal Sylvester Hadamard matrix, blocks of the largest power of two >= 64
+  that divides head_dim, and V by one of blocks of 64; the attention output is multiplied by V's matrix again
+  (H @ H = I) before o_proj;
+- the new tokens' K / V are written to the cache (ggml_set_rows: quantize_row_*_ref arithmetic, blocks of 32
+  consecutive channels of one head per token), then every query attends to the cache's dequantized K / V,
+  its own token's included: no POQ.
+`LlamaCppKV` is that on the K~ / V~ the attention hands it: rotate, quantize-dequantize, rotate back. The rotation is
+orthonormal, so attention over the unrotated dequantized K / V equals the engine's over rotated Q, K, V, with the
+output rotated back (up to fp32 rounding of the rotations, whose summation order is the backend's).
+
+The attention must hand it what llama.cpp stores: K after RoPE (`k_pre_rope` off), no rotation of its own
+(`rotate` off), no full-precision sink tokens or prefill; `kv_quantizer` rejects those options.
+
+Bit-exactness: the block arithmetic on fp32 input equals ggml-quants.c's quantize_row_{q4_0,q4_1,q8_0}_ref with
+dequantize_row_*; that is what the CPU backend writes for q4_0 / q4_1, and the CUDA one (cpy-utils.cuh) for all
+three up to fused multiply-adds. The CPU backend's x86 quantize_row_q8_0 differs: id = 127 / amax and
+round-half-to-even, so a q8_0 code can differ by one in rare ties. Not emulated: the attention's own arithmetic
+(the CPU flash attention rounds each query row to q8_0 / q8_1 for its dot products with quantized K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..config import FP_BITS, KVQuantConfig
+from ..errors import ConfigError
+from ..quant.kv_quant import KEY, VALUE
+from ..quant.primitives import hadamard
+from .base import Target
+
+BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
+MIN_ROTATION = 64
+QUANTIZED_TYPES = ("q4_0", "q4_1", "q8_0")
+KV_TYPES = ("f16", *QUANTIZED_TYPES)
+TYPE_FOR_BITS = {4: "q4_0", 8: "q8_0", FP_BITS: "f16"}
+
+
+def trunc_ste(x: torch.Tensor) -> torch.Tensor:
+    """C's float -> integer conversion (toward zero) in the forward pass, identity in the backward pass."""
+    return (x.trunc() - x).detach() + x
+
+
+def roundf_ste(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (halves away from zero; exact: |x| + 0.5 would round) forward, identity backward."""
+    magnitude = x.detach().abs()
+    whole = magnitude.floor()
+    rounded = torch.copysign(whole + (2 * (magnitude - whole)).floor(), x.detach())
+    return (rounded - x).detach() + x
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """`d ? 1.0f/d : 0.0f`, with a finite gradient where d is 0."""
+    zero = d == 0
+    return torch.where(zero, 0.0, 1 / torch.where(zero, 1.0, d))
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """GGML_FP32_TO_FP16 then back to fp32 (round to nearest even); the gradient passes through."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    index = blocks.detach().abs().argmax(dim=-1, keepdim=True)  # the first of equal |v|, as the C loop keeps
+    signed_max = blocks.gather(-1, index)
+    d = signed_max / -8
+    codes = trunc_ste(blocks * _inverse(d) + 8.5).clamp(max=15)
+    return (codes - 8) * _fp16(d)
+
+
+def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
+    d = (high - low) / 15
+    codes = trunc_ste((blocks - low) * _inverse(d) + 0.5).clamp(max=15)
+    return codes * _fp16(d) + _fp16(low)
+
+
+def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    return roundf_ste(blocks * _inverse(d)) * _fp16(d)
+
+
+BLOCK_FAKE_QUANT = {"q4_0": _q4_0, "q4_1": _q4_1, "q8_0": _q8_0}
+
+
+def fake_quant_blocks(x: torch.Tensor, kv_type: str) -> torch.Tensor:
+    """Quantize-dequantize x along its last dim in llama.cpp's blocks of 32, in fp32; returned in fp32."""
+    if x.shape[-1] % BLOCK:
+        raise ConfigError(f"llama.cpp's {kv_type} KV cache needs head_dim divisible by {BLOCK}; got {x.shape[-1]}")
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    return BLOCK_FAKE_QUANT[kv_type](blocks).reshape(x.shape)
+
+
+def rotation_size(head_dim: int, kind: str) -> int | None:
+    """The Hadamard block llama.cpp rotates K or V with for a quantized cache (build_input_k_rot / _v_rot); None: no
+    rotation (head_dim % 64 != 0)."""
+    if head_dim % MIN_ROTATION:
+        return None
+    if kind == VALUE:
+        return MIN_ROTATION
+    size = MIN_ROTATION
+    while head_dim % (2 * size) == 0:
+        size *= 2
+    return size
+
+
+@lru_cache(maxsize=None)
+def rotation_matrix(size: int) -> torch.Tensor:
+    """llama.cpp's fp32 Hadamard matrix of `size` (ggml_gen_hadamard: Sylvester, entries +-1 / sqrt(size))."""
+    return hadamard(size, torch.float32)
+
+
+def block_rotate(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x (..., D) times the block-diagonal Hadamard matrix of blocks `size` (symmetric: its own inverse)."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
+    return (blocks @ rotation_matrix(size).to(x.device)).reshape(x.shape)
+
+
+@dataclass(frozen=True)
+class LlamaCppKV:
+    """K~ / V~ as llama.cpp stores them in a `kv_type` cache, with its Hadamard rotation (`rotate`) where it applies;
+    computed in fp32 and returned in x's dtype. Differentiable: C's rounding passes gradients straight through."""
+
+    kv_type: str
+    rotate: bool = True
+
+    def __call__(self, x: torch.Tensor, past: int, kind: str) -> torch.Tensor:
+        if kind not in (KEY, VALUE):
+            raise ValueError(f"kind must be {KEY!r} or {VALUE!r}; got {kind!r}")
+        if self.kv_type == "f16":  # not a quantized type: llama.cpp does not rotate
+            return x.float().to(torch.float16).to(x.dtype)
+        size = rotation_size(x.shape[-1], kind) if self.rotate else None
+        x32 = x.float()
+        if size is None:
+            return fake_quant_blocks(x32, self.kv_type).to(x.dtype)
+        return block_rotate(fake_quant_blocks(block_rotate(x32, size), self.kv_type), size).to(x.dtype)
+
+
+def kv_quantizer_for(kv_type: str, rotate: bool = True) -> LlamaCppKV:
+    """llama.cpp's cache of `kv_type` (--cache-type-k / -v); rotate False: LLAMA_ATTN_ROT_DISABLE=1."""
+    if kv_type not in KV_TYPES:
+        raise ConfigError(f"llama.cpp KV cache type must be one of {', '.join(KV_TYPES)}; got {kv_type!r}")
+    return LlamaCppKV(kv_type, rotate)
+
+
+def kv_quantizer(kv: KVQuantConfig) -> LlamaCppKV:
+    """kv_bits 4 -> q4_0, 8 -> q8_0, 16 -> f16, with the engine's default rotation; options llama.cpp does not
+    compute are refused."""
+    if kv.bits not in TYPE_FOR_BITS:
+        raise ConfigError(f"the llamacpp target stores the KV cache as q4_0 (kv_bits 4), q8_0 (8) or f16 (16); "
+                          f"got kv_bits {kv.bits}")
+    if kv.group_size not in (None, BLOCK):
+        raise ConfigError(f"llama.cpp quantizes the KV cache in blocks of {BLOCK}; got kv_group_size {kv.group_size}")
+    unsupported = [name for name, on in (("k_pre_rope", kv.k_pre_rope), ("rotate", kv.rotate),
+                                         ("sink_tokens", kv.sink_tokens), ("fp_prefill", kv.fp_prefill)) if on]
+    if unsupported:
+        raise ConfigError(f"llama.cpp's KV cache has no {', '.join(unsupported)}: turn them off for the llamacpp "
+                          "target")
+    return kv_quantizer_for(TYPE_FOR_BITS[kv.bits])
+
+
+TARGET = Target(name="llamacpp", summary="llama.cpp (GGUF): q4_0 / q8_0 KV cache blocks, Hadamard-rotated, no POQ",
+                kv_quantizer=kv_quantizer, poq=False, export=None)
