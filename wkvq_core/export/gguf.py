@@ -98,7 +98,7 @@ def q4_1_blocks(name: str, lin: PackedLinear) -> tuple[np.ndarray, dict[str, Any
     m = m16.gather(-1, best).squeeze(-1)
     q = (codes + _SHIFTS[best]).to(torch.uint8)
 
-    # what llama.cpp computes (fp32 q * d + m), against our fp32 dequantization
+    # the weights as Q4_1 dequantizes them (ggml and gguf-py: fp32 q * d + m), against our fp32 dequantization
     engine = q.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1) + m.to(torch.float32).unsqueeze(-1)
     deviation = (engine.reshape(out_features, in_features) - lin.dequantized_weight()).abs()
     inexact = chosen_error > 0
@@ -339,7 +339,9 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         "recommended_cache_type": {"k": cache_type, "v": cache_type},
         "tokenizer": tokenizer,
         "loading": (f"llama.cpp: llama-cli -m OUT/{GGUF_FILE} -ctk {cache_type} -ctv {cache_type}"
-                    + (" -fa on (a quantized V cache needs flash attention)" if cache_type != "f16" else "")),
+                    + (" -fa on (a quantized V cache needs flash attention)" if cache_type != "f16" else "")
+                    + ". Its Q4_1 matmuls quantize the activations to Q8_1 (ggml's vec_dot type for Q4_1), so its "
+                      "outputs differ slightly from W4A16 even where the weights are exact"),
     }
 
     with atomic_directory(out) as tmp:
