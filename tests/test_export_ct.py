@@ -30,7 +30,8 @@ from wkvq_core.artifact import load_quantized, save_artifact  # noqa: E402
 from wkvq_core.cli import app  # noqa: E402
 from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig  # noqa: E402
 from wkvq_core.errors import ConfigError  # noqa: E402
-from wkvq_core.export.compressed_tensors import NOTES, _export_linear, pack_int32  # noqa: E402
+from wkvq_core.export import NOTES  # noqa: E402
+from wkvq_core.export.compressed_tensors import _export_linear, pack_int32  # noqa: E402
 from wkvq_core.export.compressed_tensors import export as export_ct  # noqa: E402
 from wkvq_core.model import prepare_model_, quant_state  # noqa: E402
 from wkvq_core.pipeline import QuantizeJob, run_quantize_job  # noqa: E402
@@ -227,7 +228,7 @@ def test_cli_refuses_what_cannot_be_exported(tmp_path, tiny_model, tokenizer):
     assert_clean_failure(invoke("export", "--format", "compressed-tensors", artifact, out),
                          "model.layers.1.mlp.up_proj: zero point", "row 3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # nothing written, no temporary directory left
-    assert_clean_failure(invoke("export", "--format", "gguf", artifact, out), "--format must be compressed-tensors")
+    assert_clean_failure(invoke("export", "--format", "onnx", artifact, out), "--format must be compressed-tensors or gguf")
     assert_clean_failure(invoke("export", TINY_MODEL, out), "not a WKVQuant artifact")
     assert_clean_failure(invoke("export", tmp_path / "missing", out), "no such directory")
     (tmp_path / "busy").mkdir()

@@ -63,11 +63,12 @@ def test_every_target_is_found_and_writes_a_known_format():
 
 
 def test_export_formats_are_the_modules_of_wkvq_core_export():
-    assert FORMATS == {"compressed-tensors": "wkvq_core.export.compressed_tensors"}
-    module = exporter("compressed-tensors")
-    assert module.FORMAT == "compressed-tensors" and callable(module.export) and callable(module.describe)
-    with pytest.raises(ConfigError, match="--format must be compressed-tensors; got 'gguf'"):
-        exporter("gguf")
+    assert FORMATS == {"compressed-tensors": "wkvq_core.export.compressed_tensors", "gguf": "wkvq_core.export.gguf"}
+    for name in FORMATS:
+        module = exporter(name)
+        assert module.FORMAT == name and callable(module.export) and callable(module.describe)
+    with pytest.raises(ConfigError, match="--format must be compressed-tensors or gguf; got 'onnx'"):
+        exporter("onnx")
 
 
 def test_the_runtime_targets_kv_quantizer_is_what_the_packed_cache_stores():

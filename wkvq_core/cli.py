@@ -424,7 +424,8 @@ def generate(
 def export(
     artifact: Annotated[Path, typer.Argument(metavar="DIR", help="A `wkvq quantize` output directory.")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (written atomically).")],
-    fmt: Annotated[str, typer.Option("--format", help="compressed-tensors (pack-quantized W4A16, for vLLM).")] = "compressed-tensors",
+    fmt: Annotated[str, typer.Option("--format", help="compressed-tensors (pack-quantized W4A16, for vLLM) or gguf "
+                                                      "(Q4_1, for llama.cpp).")] = "compressed-tensors",
 ) -> None:
     """Convert a quantized artifact for other runtimes; prints what the target format cannot express."""
     _quiet_transformers()

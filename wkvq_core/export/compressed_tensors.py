@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..artifact import MANIFEST, METRICS, WEIGHTS, ATTENTION_PROJECTIONS, is_artifact, load_quantized
+from ..artifact import MANIFEST, METRICS, WEIGHTS, ATTENTION_PROJECTIONS
 from ..atomic import atomic_directory
 from ..config import FP_BITS
 from ..errors import ArtifactError, ConfigError
@@ -42,11 +42,11 @@ from ..model import MLP_PROJECTIONS, decoder_layers
 from ..quant.packing import pack_bits, unpack_bits
 from ..runtime.hf_model import REMOTE_CODE_FILE
 from ..runtime.packed_linear import PackedLinear
+from . import NOTES, load_exportable
 
 FORMAT = "compressed-tensors"
 CT_FORMAT = "pack-quantized"
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writes
-NOTES = "wkvquant_export.json"
 _NOT_COPIED = {"config.json", WEIGHTS, MANIFEST, METRICS, REMOTE_CODE_FILE}
 BASE_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 _RUNTIME_DTYPES = {"float16": "float16", "float32": "float16", "bfloat16": "bfloat16"}
@@ -155,37 +155,13 @@ def _not_expressed(wkv: dict[str, Any]) -> list[dict[str, str]]:
     return items
 
 
-def _target(out: Path, artifact: Path) -> None:
-    if out.resolve() == artifact.resolve():
-        raise ConfigError(f"{out}: the output directory must differ from the artifact")
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"{out}: exists and is not a directory")
-        if any(out.iterdir()) and not (out / NOTES).is_file():
-            raise ConfigError(f"{out}: exists, is not empty and is not a previous export; remove it or pick another")
-
-
 def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir` (atomically: temporary sibling directory, then rename; a previous export there is replaced)
     from the WKVQuant artifact in `artifact_dir`. Returns `out_dir`."""
     artifact, out = Path(artifact_dir), Path(out_dir)
-    if not artifact.is_dir():
-        raise ArtifactError(f"{artifact}: no such directory")
-    if not is_artifact(artifact):
-        raise ArtifactError(f"{artifact}: not a WKVQuant artifact (config.json without quant_method 'wkvquant')")
-    _target(out, artifact)
-    model = load_quantized(artifact)  # fp32: every stored dtype (fp16 / bf16 / fp32) round-trips exactly
-    quant = model.config.quantization_config
+    model, quant = load_exportable(artifact, out, CT_FORMAT)
     wkv = quant["wkvquant_config"]
-    bits, group_size, act_bits = quant["w_bits"], quant["group_size"], quant.get("act_bits", FP_BITS)
-    if bits == FP_BITS:
-        raise ConfigError(f"{artifact}: weights are not quantized (w_bits 16); nothing to export as {CT_FORMAT}")
-    if act_bits != FP_BITS:
-        raise ConfigError(f"{artifact}: activations are quantized to {act_bits} bits (W{bits}A{act_bits}); "
-                          f"only weight-only (A16) models can be exported")
-    if wkv.get("kv", {}).get("rotate", False):
-        raise ConfigError(f"{artifact}: its V values are rotated (kv rotate) at run time, outside the quantized "
-                          f"v_proj / o_proj weights; {CT_FORMAT} cannot express that (quantize without it to export)")
+    bits, group_size = quant["w_bits"], quant["group_size"]
     stored_dtype = getattr(torch, quant.get("non_quantized_dtype", "float16"))
     config = json.loads((artifact / "config.json").read_text())
     arch = (config.get("architectures") or ["LlamaForCausalLM"])[0].removeprefix("WKVQuant")

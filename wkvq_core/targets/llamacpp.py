@@ -166,4 +166,4 @@ def kv_quantizer(kv: KVQuantConfig) -> LlamaCppKV:
 
 
 TARGET = Target(name="llamacpp", summary="llama.cpp (GGUF): q4_0 / q8_0 KV cache blocks, Hadamard-rotated, no POQ",
-                kv_quantizer=kv_quantizer, poq=False, export=None)
+                kv_quantizer=kv_quantizer, poq=False, export="gguf")
