@@ -162,7 +162,7 @@ def test_the_target_maps_kv_bits_to_cache_types_and_refuses_what_llamacpp_lacks(
 def test_the_target_is_found_by_discovery():
     target = get_target("llamacpp")
     assert TARGETS["llamacpp"] is target is llamacpp.TARGET
-    assert target.poq is False and target.export is None and target.kv_quantizer is llamacpp.kv_quantizer
+    assert target.poq is False and target.export == "gguf" and target.kv_quantizer is llamacpp.kv_quantizer
     assert "llamacpp" not in Path(targets.__file__).read_text()  # no registry: the module is found
 
 
