@@ -10,7 +10,6 @@ GGUF's dequantized values, so 4-bit weight groups aligned with the GGUF's own bl
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -159,8 +158,6 @@ def _convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    if importlib.util.find_spec("gguf") is None:  # transformers' loader needs it: fail with our message
-        raise ModelError("converting a GGUF needs the `gguf` package: pip install 'wkvquant[models]'")
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     source = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
