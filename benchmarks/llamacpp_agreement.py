@@ -77,7 +77,7 @@ def build_artifact(root: Path, group_size: int = 32) -> Path:
 
 def eval_ids(artifact: Path, tokens: int) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(artifact)
-    text = load_text(str(ASSETS / "tinystories" / "eval.txt"))[: 16 * tokens]  # ample: < 4 characters a token
+    text = load_text(str(ASSETS / "tinystories" / "eval.txt"))[: 4 * tokens]  # ~2 characters a token here
     ids = tokenizer(text)["input_ids"][:tokens]
     if len(ids) < tokens:
         raise ValueError(f"the eval text has {len(ids)} tokens, fewer than {tokens}")
