@@ -102,7 +102,8 @@ def emulate_llamacpp_(model, kv_type: str, rotate: bool = True) -> None:
     llamacpp target's quantizer, no POQ, and K unsmoothed (the GGUF export drops the K smoothing; the V smoothing
     stays folded into v_proj / o_proj)."""
     for attn in attentions(model):
-        attn.kv_quantizer, attn.poq, attn.kv_quant, attn.smoothing = kv_quantizer_for(kv_type, rotate), False, True, False
+        attn.kv_quantizer, attn.kv_quant = kv_quantizer_for(kv_type, rotate), True
+        attn.poq = attn.smoothing = False
 
 
 def q8_1_activations(module, args):

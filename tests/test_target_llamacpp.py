@@ -159,8 +159,9 @@ def test_quantizer_rotates_quantizes_and_rotates_back(head_dim, kv_type):
         plain = torch.from_numpy(engine_reference(x.numpy(), kv_type, None, kind))
         assert torch.equal(unrotated(x, 0, kind), plain)
         assert torch.equal(quantizer(x, 0, kind), plain) == (head_dim % 64 != 0)
-    hf_order_blocks = torch.from_numpy(gguf_fake_quant(x.numpy(), kv_type))  # K's blocks over the wrong channels
-    assert torch.equal(unrotated(x, 0, VALUE), hf_order_blocks) and not torch.equal(unrotated(x, 0, KEY), hf_order_blocks)
+    hf_order_blocks = torch.from_numpy(gguf_fake_quant(x.numpy(), kv_type))  # blocks over HF's channel order
+    assert torch.equal(unrotated(x, 0, VALUE), hf_order_blocks)
+    assert not torch.equal(unrotated(x, 0, KEY), hf_order_blocks)
     if head_dim == 128:  # K rotated in one block of 128, V in blocks of 64
         assert not torch.allclose(quantizer(x, 0, KEY), quantizer(x, 0, VALUE))
 
