@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from wkvq_core import targets
 from wkvq_core.config import KVQuantConfig, WeightQuantConfig
 from wkvq_core.errors import ConfigError
+from wkvq_core.export.gguf import permute_rotary
 from wkvq_core.quant.kv_quant import KEY, VALUE, WKVAttention
 from wkvq_core.targets import RUNTIME, TARGETS, get_target, llamacpp
 
@@ -113,11 +114,34 @@ def test_rotation_block_sizes_follow_build_input_k_rot_and_v_rot():
         assert llamacpp.rotation_size(head_dim, VALUE) == value_size, head_dim
 
 
-def engine_reference(x: np.ndarray, kv_type: str, rotation: int | None) -> np.ndarray:
-    """Rotate as ggml, quantize-dequantize as gguf, rotate back (H is its own inverse)."""
-    if rotation is None:
-        return gguf_fake_quant(x, kv_type)
-    return ggml_rotate(gguf_fake_quant(ggml_rotate(x, rotation), kv_type), rotation)
+def gguf_key_order(x: np.ndarray) -> np.ndarray:
+    """K channels (last dim, one head) as llama.cpp holds them: convert_hf_to_gguf's LlamaModel.permute of the k_proj
+    rows, w.reshape(n_head, 2, head_dim // 2, ...).swapaxes(1, 2), on one head."""
+    return x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2).swapaxes(-1, -2).reshape(x.shape)
+
+
+def test_key_order_is_the_gguf_exports():
+    head_dim, heads = 64, 3
+    rows = torch.arange(heads * head_dim)
+    exported = permute_rotary(rows, heads).reshape(heads, head_dim) % head_dim
+    assert all(np.array_equal(order.numpy(), gguf_key_order(np.arange(head_dim))) for order in exported)
+    x = torch.randn(2, head_dim)
+    assert torch.equal(llamacpp.interleave_pairs(x), x[:, exported[0]])
+    assert torch.equal(llamacpp.deinterleave_pairs(llamacpp.interleave_pairs(x)), x)
+
+
+def engine_reference(x: np.ndarray, kv_type: str, rotation: int | None, kind: str) -> np.ndarray:
+    """K reordered as llama.cpp holds it; rotate as ggml, quantize-dequantize as gguf, rotate back (H is its own
+    inverse); K back in HF's order."""
+    order = np.arange(x.shape[-1])
+    if kind == KEY:
+        order = gguf_key_order(order)
+    x = x[..., order]
+    if rotation is not None:
+        x = ggml_rotate(gguf_fake_quant(ggml_rotate(x, rotation), kv_type), rotation)
+    else:
+        x = gguf_fake_quant(x, kv_type)
+    return x[..., np.argsort(order)]
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 96])
@@ -128,12 +152,16 @@ def test_quantizer_rotates_quantizes_and_rotates_back(head_dim, kv_type):
     x[..., 7] += 6.0  # an outlier channel, which the rotation spreads
     quantizer = llamacpp.kv_quantizer_for(kv_type)
     for kind in (KEY, VALUE):
-        expected = engine_reference(x.numpy(), kv_type, llamacpp.rotation_size(head_dim, kind))
+        expected = engine_reference(x.numpy(), kv_type, llamacpp.rotation_size(head_dim, kind), kind)
         torch.testing.assert_close(quantizer(x, 0, kind), torch.from_numpy(expected), atol=1e-5, rtol=0)
-    plain = torch.from_numpy(gguf_fake_quant(x.numpy(), kv_type))
     unrotated = llamacpp.kv_quantizer_for(kv_type, rotate=False)
-    assert torch.equal(unrotated(x, 0, KEY), plain) and torch.equal(unrotated(x, 0, VALUE), plain)
-    assert torch.equal(quantizer(x, 0, KEY), plain) == (head_dim % 64 != 0)
+    for kind in (KEY, VALUE):
+        plain = torch.from_numpy(engine_reference(x.numpy(), kv_type, None, kind))
+        assert torch.equal(unrotated(x, 0, kind), plain)
+        assert torch.equal(quantizer(x, 0, kind), plain) == (head_dim % 64 != 0)
+    hf_order_blocks = torch.from_numpy(gguf_fake_quant(x.numpy(), kv_type))  # blocks over HF's channel order
+    assert torch.equal(unrotated(x, 0, VALUE), hf_order_blocks)
+    assert not torch.equal(unrotated(x, 0, KEY), hf_order_blocks)
     if head_dim == 128:  # K rotated in one block of 128, V in blocks of 64
         assert not torch.allclose(quantizer(x, 0, KEY), quantizer(x, 0, VALUE))
 
@@ -193,8 +221,8 @@ def test_attention_with_the_target_is_eager_attention_over_its_quantized_kv():
         key = layer.k_proj(hidden).view(shape).transpose(1, 2)
         value = layer.v_proj(hidden).view(shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        key = torch.from_numpy(engine_reference(key.numpy(), "q4_0", 64)).repeat_interleave(n_rep, dim=1)
-        value = torch.from_numpy(engine_reference(value.numpy(), "q4_0", 64)).repeat_interleave(n_rep, dim=1)
+        key = torch.from_numpy(engine_reference(key.numpy(), "q4_0", 64, KEY)).repeat_interleave(n_rep, dim=1)
+        value = torch.from_numpy(engine_reference(value.numpy(), "q4_0", 64, VALUE)).repeat_interleave(n_rep, dim=1)
         scores = query @ key.transpose(-1, -2) / 8.0
         scores = scores.masked_fill(torch.ones(t_new, t_new).triu(1).bool(), float("-inf"))
         out = (torch.softmax(scores, dim=-1) @ value).transpose(1, 2).reshape(1, t_new, -1)

@@ -12,6 +12,11 @@ What llama.cpp computes on one layer's K / V (src/llama-graph.cpp build_attn, sr
 orthonormal, so attention over the unrotated dequantized K / V equals the engine's over rotated Q, K, V, with the
 output rotated back (up to fp32 rounding of the rotations, whose summation order is the backend's).
 
+Channel order: llama.cpp's llama graph uses interleaved rotary pairs, so its K rows come permuted (convert_hf_to_gguf's
+`LlamaModel.permute`, `export.gguf.permute_rotary`): per head it stores [k_0, k_{D/2}, k_1, k_{D/2+1}, ...] where HF
+has [k_0 .. k_{D/2-1} | k_{D/2} .. k_{D-1}]. Its blocks of 32 and its rotation run over that order; `LlamaCppKV` takes
+K in HF's order, reorders, and orders the result back (V and Q's dot products are unaffected).
+
 The attention must hand it what llama.cpp stores: K after RoPE (`k_pre_rope` off), no rotation of its own
 (`rotate` off), no full-precision sink tokens or prefill; `kv_quantizer` rejects those options.
 
@@ -122,6 +127,16 @@ def block_rotate(x: torch.Tensor, size: int) -> torch.Tensor:
     return (blocks @ rotation_matrix(size).to(x.device)).reshape(x.shape)
 
 
+def interleave_pairs(x: torch.Tensor) -> torch.Tensor:
+    """HF's rotate_half channel order of the last dim -> llama.cpp's interleaved rotary pairs."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
+
+
+def deinterleave_pairs(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `interleave_pairs`."""
+    return x.unflatten(-1, (x.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
+
+
 @dataclass(frozen=True)
 class LlamaCppKV:
     """K~ / V~ as llama.cpp stores them in a `kv_type` cache, with its Hadamard rotation (`rotate`) where it applies;
@@ -136,10 +151,12 @@ class LlamaCppKV:
         if self.kv_type == "f16":  # not a quantized type: llama.cpp does not rotate
             return x.float().to(torch.float16).to(x.dtype)
         size = rotation_size(x.shape[-1], kind) if self.rotate else None
-        x32 = x.float()
+        x32 = interleave_pairs(x.float()) if kind == KEY else x.float()
         if size is None:
-            return fake_quant_blocks(x32, self.kv_type).to(x.dtype)
-        return block_rotate(fake_quant_blocks(block_rotate(x32, size), self.kv_type), size).to(x.dtype)
+            stored = fake_quant_blocks(x32, self.kv_type)
+        else:
+            stored = block_rotate(fake_quant_blocks(block_rotate(x32, size), self.kv_type), size)
+        return (deinterleave_pairs(stored) if kind == KEY else stored).to(x.dtype)
 
 
 def kv_quantizer_for(kv_type: str, rotate: bool = True) -> LlamaCppKV:
