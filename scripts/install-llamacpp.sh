@@ -27,7 +27,6 @@ command -v cmake >/dev/null || echo "install-llamacpp: no system cmake; the buil
 rm -rf "$dir"
 mkdir -p "$dir/sdist"
 python3 -m venv "$dir/venv" || fail "python3 -m venv failed: install the venv module (e.g. python3-venv)"
-"$python" -m pip install -q --upgrade pip
 "$python" -m pip download -q --no-binary :all: --no-deps -d "$dir/sdist" "llama-cpp-python==$version" \
     || fail "could not download the llama-cpp-python $version sdist"
 sdist=$(ls "$dir"/sdist/llama_cpp_python-$version.tar.gz)
