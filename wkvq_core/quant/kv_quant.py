@@ -272,7 +272,7 @@ class WKVAttention(nn.Module):
         self.k_shift = nn.Parameter(torch.zeros(shape, dtype=dtype))
         self.v_scale = nn.Parameter(torch.ones(shape, dtype=dtype))
         self.v_shift = nn.Parameter(torch.zeros(shape, dtype=dtype))
-        self.kv_bits, self.kv_group = kv_cfg.bits, kv_cfg.group_size
+        self.kv_bits = kv_cfg.bits
         self.smoothing = self.smoothing_configured = kv_cfg.smoothing
         self.poq = kv_cfg.poq and engine_poq
         self.kv_quantizer = kv_quantizer
