@@ -46,6 +46,7 @@ from ..errors import ArtifactError, ConfigError
 from ..model import MLP_PROJECTIONS, decoder_layers
 from ..quant.packing import unpack_bits
 from ..runtime.packed_linear import PackedLinear
+from ..targets.llamacpp import interleave_pairs
 from . import NOTES, load_exportable
 
 FORMAT = "gguf"
@@ -62,8 +63,9 @@ _FP_TYPES = {"float16": gguf.GGMLQuantizationType.F16, "float32": gguf.GGMLQuant
 
 def permute_rotary(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     """q_proj / k_proj rows (weights, biases, or any per-row data) from HF's rotate_half order to llama.cpp's
-    interleaved rotary pairs: `LlamaModel.permute` of llama.cpp's convert_hf_to_gguf.py."""
-    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    interleaved rotary pairs: `LlamaModel.permute` of llama.cpp's convert_hf_to_gguf.py, the order the llamacpp
+    target quantizes K in."""
+    return interleave_pairs(rows.unflatten(0, (n_head, -1)), dim=1).flatten(0, 1)
 
 
 def q4_1_blocks(name: str, lin: PackedLinear) -> tuple[np.ndarray, dict[str, Any]]:

@@ -127,9 +127,10 @@ def block_rotate(x: torch.Tensor, size: int) -> torch.Tensor:
     return (blocks @ rotation_matrix(size).to(x.device)).reshape(x.shape)
 
 
-def interleave_pairs(x: torch.Tensor) -> torch.Tensor:
-    """HF's rotate_half channel order of the last dim -> llama.cpp's interleaved rotary pairs."""
-    return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
+def interleave_pairs(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """HF's rotate_half channel order along `dim` (one head's channels) -> llama.cpp's interleaved rotary pairs."""
+    dim %= x.dim()
+    return x.unflatten(dim, (2, x.shape[dim] // 2)).transpose(dim, dim + 1).flatten(dim, dim + 1)
 
 
 def deinterleave_pairs(x: torch.Tensor) -> torch.Tensor:
