@@ -59,3 +59,14 @@ def load_exportable(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike,
         raise ConfigError(f"{artifact}: its V values are rotated (kv rotate) at run time, outside the quantized "
                           f"v_proj / o_proj weights; {fmt} cannot express that (quantize without it to export)")
     return model, quant
+
+
+def kv_not_expressed(kv: dict[str, Any], details: dict[str, str]) -> list[dict[str, str]]:
+    """The artifact's KV-cache features (its config's "kv" dict) that a format drops, each with the format's
+    `details[feature]`: the quantized cache, and with it POQ, the K smoothing, sink tokens and full-precision
+    prefill; nothing when the cache is not quantized."""
+    if kv.get("bits", FP_BITS) == FP_BITS:
+        return []
+    present = {"kv_cache_quantization": True, "poq": kv.get("poq", False), "k_smoothing": kv.get("smoothing", False),
+               "sink_tokens": kv.get("sink_tokens"), "fp_prefill": kv.get("fp_prefill")}
+    return [{"feature": feature, "detail": details[feature]} for feature, on in present.items() if on]

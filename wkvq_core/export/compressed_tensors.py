@@ -42,7 +42,7 @@ from ..model import MLP_PROJECTIONS, decoder_layers
 from ..quant.packing import pack_bits, unpack_bits
 from ..runtime.hf_model import REMOTE_CODE_FILE
 from ..runtime.packed_linear import PackedLinear
-from . import NOTES, load_exportable
+from . import NOTES, kv_not_expressed, load_exportable
 
 FORMAT = "compressed-tensors"
 CT_FORMAT = "pack-quantized"
@@ -129,30 +129,24 @@ def quantization_config(bits: int, group_size: int) -> dict[str, Any]:
 
 
 def _not_expressed(wkv: dict[str, Any]) -> list[dict[str, str]]:
-    kv, items = wkv.get("kv", {}), []
-    kv_bits = kv.get("bits", FP_BITS)
-    if kv_bits != FP_BITS:
-        group = kv.get("group_size") or "head_dim"
-        items.append({"feature": "kv_cache_quantization", "detail": (
-            f"{kv_bits}-bit dynamic asymmetric per-token KV quantization per KV head (group {group}); "
-            "compressed-tensors' kv_cache_scheme only describes static scales, so kv_cache_scheme is null and the "
-            "KV cache is whatever the runtime uses (full precision unless asked otherwise)")})
-        if kv.get("poq", False):
-            items.append({"feature": "poq", "detail": (
-                "past-only quantization (a token attends to its own K/V in full precision) only matters with the "
-                "quantized KV cache; dropped with it")})
-        if kv.get("smoothing", False):
-            items.append({"feature": "k_smoothing", "detail": (
-                "self_attn.k_scale / k_shift are dropped (vLLM would also mistake `k_scale` for an FP8 KV-cache scale). "
-                "Exact with a full-precision cache: scores (q * s) . (k - d) / s = q . k - q . d, and q . d is the "
-                "same for every key of a query, so the softmax is unchanged (with k_pre_rope the smoothing is undone "
-                "before RoPE: exact as well)")})
-        for option, detail in (("sink_tokens", "the first tokens kept in full precision in the cache"),
-                               ("fp_prefill", "full-precision attention within a prefill")):
-            if kv.get(option):
-                items.append({"feature": option, "detail": f"{detail}: a property of the quantized cache, dropped "
-                                                           "with it"})
-    return items
+    kv = wkv.get("kv", {})
+    dropped = "a property of the quantized cache, dropped with it"
+    return kv_not_expressed(kv, {
+        "kv_cache_quantization": (
+            f"{kv.get('bits', FP_BITS)}-bit dynamic asymmetric per-token KV quantization per KV head (group "
+            f"{kv.get('group_size') or 'head_dim'}); compressed-tensors' kv_cache_scheme only describes static "
+            "scales, so kv_cache_scheme is null and the KV cache is whatever the runtime uses (full precision unless "
+            "asked otherwise)"),
+        "poq": ("past-only quantization (a token attends to its own K/V in full precision) only matters with the "
+                "quantized KV cache; dropped with it"),
+        "k_smoothing": (
+            "self_attn.k_scale / k_shift are dropped (vLLM would also mistake `k_scale` for an FP8 KV-cache scale). "
+            "Exact with a full-precision cache: scores (q * s) . (k - d) / s = q . k - q . d, and q . d is the "
+            "same for every key of a query, so the softmax is unchanged (with k_pre_rope the smoothing is undone "
+            "before RoPE: exact as well)"),
+        "sink_tokens": f"the first tokens kept in full precision in the cache: {dropped}",
+        "fp_prefill": f"full-precision attention within a prefill: {dropped}",
+    })
 
 
 def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

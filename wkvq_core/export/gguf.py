@@ -47,7 +47,7 @@ from ..model import MLP_PROJECTIONS, decoder_layers
 from ..quant.packing import unpack_bits
 from ..runtime.packed_linear import PackedLinear
 from ..targets.llamacpp import interleave_pairs
-from . import NOTES, load_exportable
+from . import NOTES, kv_not_expressed, load_exportable
 
 FORMAT = "gguf"
 GGUF_FILE = "model.gguf"
@@ -232,27 +232,20 @@ def _hyperparameters(writer: gguf.GGUFWriter, config, where: Path) -> None:
 
 
 def _not_expressed(kv: dict[str, Any], cache_type: str) -> list[dict[str, str]]:
-    items = []
-    kv_bits = kv.get("bits", FP_BITS)
-    if kv_bits != FP_BITS:
-        group = kv.get("group_size") or "head_dim"
-        items.append({"feature": "kv_cache_quantization", "detail": (
-            f"{kv_bits}-bit dynamic asymmetric per-token KV quantization per KV head (group {group}); llama.cpp "
-            f"quantizes its cache its own way, chosen at run time: recommended {cache_type} (-ctk {cache_type} -ctv "
-            f"{cache_type}), symmetric blocks of 32 with an fp16 scale -- not the calibrated scheme")})
-        if kv.get("poq", False):
-            items.append({"feature": "poq", "detail": "past-only quantization (a token attends to its own K/V in "
-                                                      "full precision): llama.cpp attends to its cached K/V"})
-        if kv.get("smoothing", False):
-            items.append({"feature": "k_smoothing", "detail": (
-                "self_attn.k_scale / k_shift are dropped: exact with a full-precision cache (the shift adds q . d "
-                "to every score of a query, the scale cancels); with a quantized llama.cpp cache its K is "
-                "quantized unsmoothed")})
-        for option, detail in (("sink_tokens", "the first tokens kept in full precision in the cache"),
-                               ("fp_prefill", "full-precision attention within a prefill")):
-            if kv.get(option):
-                items.append({"feature": option, "detail": f"{detail}: a property of the calibrated cache"})
-    return items
+    return kv_not_expressed(kv, {
+        "kv_cache_quantization": (
+            f"{kv.get('bits', FP_BITS)}-bit dynamic asymmetric per-token KV quantization per KV head (group "
+            f"{kv.get('group_size') or 'head_dim'}); llama.cpp quantizes its cache its own way, chosen at run time: "
+            f"recommended {cache_type} (-ctk {cache_type} -ctv {cache_type}), symmetric blocks of 32 with an fp16 "
+            "scale -- not the calibrated scheme"),
+        "poq": ("past-only quantization (a token attends to its own K/V in full precision): llama.cpp attends to its "
+                "cached K/V"),
+        "k_smoothing": (
+            "self_attn.k_scale / k_shift are dropped: exact with a full-precision cache (the shift adds q . d to every "
+            "score of a query, the scale cancels); with a quantized llama.cpp cache its K is quantized unsmoothed"),
+        "sink_tokens": "the first tokens kept in full precision in the cache: a property of the calibrated cache",
+        "fp_prefill": "full-precision attention within a prefill: a property of the calibrated cache",
+    })
 
 
 def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -2,8 +2,8 @@
 writes. Calibration and evaluation use a target's KV arithmetic, so the smoothing is learned for that engine and the
 perplexity reported is the one it will give.
 
-A target is one module in this package that defines `TARGET` (a `base.Target`); `TARGETS` finds them all, so a new engine is a new
-module here (and, for a new file format, one in `wkvq_core.export`).
+A target is one module in this package that defines `TARGET` (a `base.Target`); `TARGETS` finds them all, so a new
+engine is a new module here (and, for a new file format, one in `wkvq_core.export`).
 """
 
 from __future__ import annotations
