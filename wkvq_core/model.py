@@ -121,11 +121,12 @@ def prepare_model_(model: PreTrainedModel, config: WKVQuantConfig) -> PreTrained
     target = get_target(RUNTIME)
     smoothing = config.kv.smoothing and config.kv.enabled
     kv_cfg = type(config.kv)(**{**config.kv.__dict__, "smoothing": smoothing})
+    kv_quantizer = target.kv_quantizer(kv_cfg)  # stateless: one serves every layer
     model.set_attn_implementation("eager")  # masks arrive as additive (B, 1, T, S) tensors
     rotary = getattr(model.model, "rotary_emb", None)  # needed by k_pre_rope only
     for layer in decoder_layers(model):
-        layer.self_attn = WKVAttention(layer.self_attn, config.weight, kv_cfg, target.kv_quantizer(kv_cfg),
-                                       target.poq, config.act_bits, rotary)
+        layer.self_attn = WKVAttention(layer.self_attn, config.weight, kv_cfg, kv_quantizer, target.poq,
+                                       config.act_bits, rotary)
         for name in MLP_PROJECTIONS:
             setattr(layer.mlp, name, QuantLinear(getattr(layer.mlp, name), config.weight, config.act_bits))
     model.requires_grad_(False)
