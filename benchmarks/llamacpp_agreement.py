@@ -59,18 +59,24 @@ def engine_installed() -> bool:
     return (engine_python().parent.parent.parent / "complete").exists() and engine_python().exists()
 
 
-def build_artifact(root: Path, group_size: int = 32) -> Path:
-    """The RTN artifact of a random GQA LLaMA with head_dim 64 and the stories260k tokenizer; returns its dir."""
+def rtn_config(group_size: int = 32) -> WKVQuantConfig:
+    """RTN 4-bit weights in groups of `group_size` (calibration epochs 0: the V / K smoothing from calibration
+    statistics, no training), the runtime target."""
+    return WKVQuantConfig(weight=WeightQuantConfig(group_size=group_size),
+                          calib=CalibConfig(nsamples=4, seqlen=64, epochs=0))
+
+
+def build_artifact(root: Path, config: WKVQuantConfig | None = None) -> Path:
+    """The artifact (`config`, default `rtn_config()`) of a random GQA LLaMA with head_dim 64 and the stories260k
+    tokenizer, calibrated on TinyStories; returns its dir (root/artifact)."""
     base = root / "base"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=512,
                                  rope_theta=10000.0, rms_norm_eps=1e-5, initializer_range=0.1)).save_pretrained(base)
     AutoTokenizer.from_pretrained(ASSETS / "stories260k").save_pretrained(base)
-    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=group_size),
-                            calib=CalibConfig(nsamples=4, seqlen=64, epochs=0))
     run_quantize_job(QuantizeJob(model=str(base), calib=str(ASSETS / "tinystories" / "calib.txt"),
-                                 out=root / "artifact", config=config, device="cpu"))
+                                 out=root / "artifact", config=config or rtn_config(), device="cpu"))
     return root / "artifact"
 
 

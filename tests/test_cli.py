@@ -273,7 +273,7 @@ EVAL_CASES = MODEL_CASES + [
     ("seqlen-0", {"--seqlen": "0"}, ["seqlen", "got 0"]),
     ("seqlen-1", {"--seqlen": "1"}, ["seqlen", "at least 2", "got 1"]),
     ("seqlen-beyond-context", {"--seqlen": "513"}, ["seqlen 513 exceeds the model's max_position_embeddings 512"]),
-    ("semantics-bogus", {"--semantics": "vllm"}, ["semantics must be one of llamacpp, runtime", "'vllm'"]),
+    ("semantics-bogus", {"--semantics": "vllm"}, ["--semantics must be one of runtime, llamacpp", "'vllm'"]),
     ("kv-type-with-runtime-semantics", {"--kv-type": "q4_0"}, ["llamacpp semantics only"]),
     ("no-rotation-with-runtime-semantics", {"--no-rotation": None}, ["llamacpp semantics only"]),
     ("kv-type-bogus", {"--semantics": "llamacpp", "--kv-type": "q5_0"},
@@ -281,7 +281,7 @@ EVAL_CASES = MODEL_CASES + [
     ("llamacpp-weight-groups-not-32-blocks", {"--semantics": "llamacpp"},
      ["down_proj", "groups of 172 input channels", "Q4_1's 32-weight blocks"]),
     ("llamacpp-kv-bits-without-cache-type", {"--semantics": "llamacpp", "--kv-bits": "3"},
-     ["no 3-bit KV cache type", "q4_0"]),
+     ["llamacpp target stores the KV cache as q4_0 or q4_1 (kv_bits 4)", "got kv_bits 3"]),
 ]
 
 

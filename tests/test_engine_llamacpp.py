@@ -28,6 +28,9 @@ from typer.testing import CliRunner
 
 from wkvq_core.calib.data import eval_windows, evaluation_ids, load_text
 from wkvq_core.cli import app
+from wkvq_core.config import DEFAULT_METHOD, CalibConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.export import NOTES
+from wkvq_core.targets import kv_config
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -141,3 +144,38 @@ def test_wkvq_eval_with_llamacpp_semantics_gives_the_engines_perplexity(setup):
     assert got["tokens"] == tokens == WINDOWS * (SEQLEN - 1)
     assert abs(math.log(got["ppl"]["wkv"] / ppl)) < 0.01  # measured: 0.0011
     assert wkvq_eval(artifact)["semantics"] == {"target": "runtime"}  # an artifact's own target by default
+
+
+@pytest.fixture(scope="module")
+def llamacpp_artifact(tmp_path_factory, engine):
+    """(artifact, gguf dir) of the same model calibrated for the llamacpp target (the recommended method as that
+    target computes it, groups of 32, one epoch over 4 samples of 64 tokens)."""
+    root = tmp_path_factory.mktemp("llamacpp-target")
+    config = WKVQuantConfig(target="llamacpp", weight=WeightQuantConfig(group_size=32),
+                            kv=kv_config(DEFAULT_METHOD, "llamacpp"),
+                            calib=CalibConfig(nsamples=4, seqlen=64, epochs=1))
+    artifact = agreement.build_artifact(root, config)
+    agreement.export_gguf(artifact, root / "gguf")
+    return artifact, root / "gguf"
+
+
+def test_a_llamacpp_target_artifact_exports_exactly_and_runs_with_its_predicted_perplexity(llamacpp_artifact):
+    """Every Q4_1 block exact, no feature left unexpressed; `wkvq eval` computes its own target's semantics by
+    default (q4_0 cache, as calibrated) and gives llama.cpp's perplexity within the 1% of the test above; token by
+    token the prediction is as close to the engine as on the RTN artifact."""
+    artifact, gguf_dir = llamacpp_artifact
+    notes = json.loads((gguf_dir / NOTES).read_text())
+    assert notes["q4_1"]["inexact_blocks"] == 0 and notes["q4_1"]["max_abs_deviation"] == 0.0
+    assert notes["not_expressed"] == [] and notes["recommended_cache_type"] == {"k": "q4_0", "v": "q4_0"}
+    got = wkvq_eval(artifact)
+    assert got["semantics"] == {"target": "llamacpp", "kv_cache_type": "q4_0", "rotation": True,
+                                "matmul_inputs": "q8_1"}
+    gguf_path, windows = gguf_dir / agreement.GGUF_FILE, eval_windows_of(artifact)
+    ppl, tokens = engine_perplexity(gguf_path, windows, "q4_0")
+    assert got["tokens"] == tokens
+    assert abs(math.log(got["ppl"]["wkv"] / ppl)) < 0.01  # measured: 0.0003
+    ids = windows[0].tolist()
+    engine = agreement.engine_logits(gguf_path, ids, "q4_0")
+    prediction = agreement.our_logits(artifact, ids, "q4_0", round_activations=True)
+    floor = agreement.Agreement.of(prediction, agreement.our_logits(artifact, ids, "q4_0"), ids)
+    assert agreement.Agreement.of(engine, prediction, ids).mean_abs_nll < 0.8 * floor.mean_abs_nll  # measured: 0.49

@@ -28,18 +28,17 @@ import gguf
 import torch
 from torch import nn
 
-from ..config import FP_BITS, WKVQuantConfig
+from ..config import FP_BITS, TARGET_NAMES, WKVQuantConfig, head_dim
 from ..errors import ConfigError
 from ..model import attentions, decoder_layers
 from ..quant.weight_clip import QuantLinear
 from ..runtime.packed_linear import PackedLinear
 from ..targets import RUNTIME, get_target
-from ..targets.llamacpp import BLOCK, KV_TYPES, TYPE_FOR_BITS, kv_quantizer_for
+from ..targets.llamacpp import BITS_OF_TYPE, BLOCK, TARGET as LLAMACPP_TARGET, cache_type as config_cache_type
+from ..targets.llamacpp import kv_quantizer_for
 
-LLAMACPP = "llamacpp"
-SEMANTICS = (RUNTIME, LLAMACPP)
+LLAMACPP = LLAMACPP_TARGET.name
 Q8_1_BLOCK = 32  # QK8_1
-CACHE_BITS = {"q4_0": 4, "q4_1": 4, "q8_0": 8, "f16": FP_BITS}
 
 
 @dataclass(frozen=True)
@@ -59,24 +58,8 @@ class Semantics:
         if self.kv_cache_type is None:
             return None
         block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.kv_cache_type.upper()]]
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-        per_head = head_dim / block * block_bytes
+        per_head = head_dim(model_config.to_dict()) / block * block_bytes
         return 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * per_head
-
-
-def model_target(config: WKVQuantConfig) -> str:
-    """The target a model was quantized for (artifacts from before targets existed: the runtime)."""
-    return getattr(config, "target", RUNTIME)
-
-
-def default_cache_type(config: WKVQuantConfig) -> str:
-    """llama.cpp's cache type for a config: its own `kv.cache_type`, else the one of its KV bits."""
-    cache_type = getattr(config.kv, "cache_type", None)
-    if cache_type is not None:
-        return cache_type
-    if config.kv.bits not in TYPE_FOR_BITS:
-        raise ConfigError(f"llama.cpp has no {config.kv.bits}-bit KV cache type: name one of {', '.join(KV_TYPES)}")
-    return TYPE_FOR_BITS[config.kv.bits]
 
 
 def q8_1_round(x: torch.Tensor) -> torch.Tensor:
@@ -128,11 +111,11 @@ def _unsmooth_keys_(attn: nn.Module) -> None:
 def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cache_type: str | None = None,
                      rotate: bool | None = None, round_matmul_inputs: bool = True) -> Semantics:
     """Make `model` (quantized with `config`) compute what `target`'s engine computes, in place; apply once, to a
-    freshly loaded or prepared model. llamacpp: `cache_type` (default `default_cache_type(config)`), `rotate`
-    (default True; False: LLAMA_ATTN_ROT_DISABLE=1), `round_matmul_inputs` (False leaves out the Q8_1 rounding:
-    for measuring what it does)."""
-    if target not in SEMANTICS:
-        raise ConfigError(f"semantics must be one of {', '.join(sorted(SEMANTICS))}; got {target!r}")
+    freshly loaded or prepared model. llamacpp: `cache_type` (default `targets.llamacpp.cache_type(config.kv)`),
+    `rotate` (default True; False: LLAMA_ATTN_ROT_DISABLE=1), `round_matmul_inputs` (False leaves out the Q8_1
+    rounding: for measuring what it does)."""
+    if target not in TARGET_NAMES:
+        raise ConfigError(f"semantics must be one of {', '.join(sorted(TARGET_NAMES))}; got {target!r}")
     if target == RUNTIME:
         if cache_type is not None or rotate is not None:
             raise ConfigError("a KV cache type and the rotation switch apply to the llamacpp semantics only")
@@ -142,8 +125,8 @@ def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cach
             attn.kv_quantizer, attn.poq = quantizer, config.kv.poq and runtime.poq
         return Semantics(RUNTIME)
 
-    cache_type, rotate = cache_type or default_cache_type(config), rotate is not False
-    quantizer = kv_quantizer_for(cache_type, rotate)
+    quantizer = kv_quantizer_for(cache_type or config_cache_type(config.kv), rotate is not False)
+    cache_type, rotate = quantizer.kv_type, quantizer.rotate
     linears = _llamacpp_linears(model)
     for attn in attentions(model):
         if attn.head_dim % BLOCK:
@@ -152,12 +135,12 @@ def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cach
         if attn.rotation is not None:
             raise ConfigError("the model rotates V (kv rotate) at run time, outside its v_proj / o_proj weights; the "
                               "GGUF export cannot express that")
-        if attn.smoothing_configured and not attn.v_folded:
-            raise ConfigError("the V smoothing is not folded into v_proj / o_proj yet (a calibrated model in "
-                              "memory): save it as an artifact and evaluate that")
-        if model_target(config) != LLAMACPP:
+        if attn.smoothing_configured and not attn.smoothing_folded:
+            raise ConfigError("the smoothing is not folded into the projections yet (a calibrated model in memory): "
+                              "save it as an artifact and evaluate that")
+        if config.target != LLAMACPP:
             _unsmooth_keys_(attn)
-        attn.kv_quantizer, attn.poq, attn.kv_bits = quantizer, False, CACHE_BITS[cache_type]
+        attn.kv_quantizer, attn.poq, attn.kv_bits = quantizer, False, BITS_OF_TYPE[cache_type]
         attn.kv_quant = attn.kv_bits != FP_BITS
         attn.k_pre_rope, attn.sink_tokens, attn.fp_prefill = False, 0, False
     if round_matmul_inputs:
