@@ -66,9 +66,9 @@ def rtn_config(group_size: int = 32) -> WKVQuantConfig:
                           calib=CalibConfig(nsamples=4, seqlen=64, epochs=0))
 
 
-def build_artifact(root: Path, config: WKVQuantConfig | None = None) -> Path:
+def build_artifact(root: Path, config: WKVQuantConfig | None = None, **job) -> Path:
     """The artifact (`config`, default `rtn_config()`) of a random GQA LLaMA with head_dim 64 and the stories260k
-    tokenizer, calibrated on TinyStories; returns its dir (root/artifact)."""
+    tokenizer, calibrated on TinyStories (`job`: more `QuantizeJob` fields); returns its dir (root/artifact)."""
     base = root / "base"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -76,7 +76,7 @@ def build_artifact(root: Path, config: WKVQuantConfig | None = None) -> Path:
                                  rope_theta=10000.0, rms_norm_eps=1e-5, initializer_range=0.1)).save_pretrained(base)
     AutoTokenizer.from_pretrained(ASSETS / "stories260k").save_pretrained(base)
     run_quantize_job(QuantizeJob(model=str(base), calib=str(ASSETS / "tinystories" / "calib.txt"),
-                                 out=root / "artifact", config=config or rtn_config(), device="cpu"))
+                                 out=root / "artifact", config=config or rtn_config(), device="cpu", **job))
     return root / "artifact"
 
 

@@ -149,12 +149,13 @@ def test_wkvq_eval_with_llamacpp_semantics_gives_the_engines_perplexity(setup):
 @pytest.fixture(scope="module")
 def llamacpp_artifact(tmp_path_factory, engine):
     """(artifact, gguf dir) of the same model calibrated for the llamacpp target (the recommended method as that
-    target computes it, groups of 32, one epoch over 4 samples of 64 tokens)."""
+    target computes it, groups of 32, one epoch over 4 samples of SEQLEN tokens), its job evaluated on the windows
+    `wkvq_eval` reads."""
     root = tmp_path_factory.mktemp("llamacpp-target")
     config = WKVQuantConfig(target="llamacpp", weight=WeightQuantConfig(group_size=32),
                             kv=kv_config(DEFAULT_METHOD, "llamacpp"),
-                            calib=CalibConfig(nsamples=4, seqlen=64, epochs=1))
-    artifact = agreement.build_artifact(root, config)
+                            calib=CalibConfig(nsamples=4, seqlen=SEQLEN, epochs=1))
+    artifact = agreement.build_artifact(root, config, eval=str(EVAL_TEXT), eval_tokens=SEQLEN * WINDOWS)
     agreement.export_gguf(artifact, root / "gguf")
     return artifact, root / "gguf"
 
@@ -173,7 +174,9 @@ def test_a_llamacpp_target_artifact_exports_exactly_and_runs_with_its_predicted_
     gguf_path, windows = gguf_dir / agreement.GGUF_FILE, eval_windows_of(artifact)
     ppl, tokens = engine_perplexity(gguf_path, windows, "q4_0")
     assert got["tokens"] == tokens
-    assert abs(math.log(got["ppl"]["wkv"] / ppl)) < 0.01  # measured: 0.0003
+    assert abs(math.log(got["ppl"]["wkv"] / ppl)) < 0.01  # measured: 0.0021
+    job = json.loads((artifact / "metrics.json").read_text())["eval"]  # predicted by the job, before saving
+    assert job["tokens"] == tokens and abs(math.log(job["ppl"]["wkv"] / ppl)) < 0.01  # measured: 0.00006
     ids = windows[0].tolist()
     engine = agreement.engine_logits(gguf_path, ids, "q4_0")
     prediction = agreement.our_logits(artifact, ids, "q4_0", round_activations=True)

@@ -39,6 +39,7 @@ from .quant.packing import pack_bits, packed_size
 from .quant.primitives import hadamard
 from .runtime.hf_model import QUANT_METHOD, REMOTE_CODE, REMOTE_CODE_FILE, artifact_config
 from .runtime.packed_linear import PackedLinear
+from .targets import get_target
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: model_type llama / mistral, readable by load_quantized only
@@ -257,6 +258,7 @@ def packed_skeleton_(model, quantization: dict[str, Any], keys: set[str]):
     holds `keys`, in place: `WKVAttention` with the V smoothing folded and the K smoothing as stored, `PackedLinear`
     for quantized linears; their tensors left uninitialised, to be loaded by name."""
     wkv = WKVQuantConfig.from_dict(quantization["wkvquant_config"])
+    target = get_target(wkv.target)
     dtype = model.get_input_embeddings().weight.dtype
     prepare_model_(model, WKVQuantConfig(weight=WeightQuantConfig(bits=FP_BITS), kv=wkv.kv, target=wkv.target))
     shape = lambda attn: (attn.n_kv_heads, attn.head_dim)  # noqa: E731
@@ -267,6 +269,9 @@ def packed_skeleton_(model, quantization: dict[str, Any], keys: set[str]):
             for name in names:
                 setattr(module, name, _empty_linear(getattr(module, name), f"{prefix}.{part}.{name}", keys,
                                                     wkv.weight.bits, wkv.weight.group_size, wkv.act_bits, dtype))
+        for lin in layer.modules():
+            if isinstance(lin, PackedLinear):
+                lin.input_rounding = target.matmul_input
         attn = layer.self_attn
         attn.smoothing_folded = True
         _unstored(attn, "v_scale", torch.ones(shape(attn), dtype=dtype, device="cpu"))

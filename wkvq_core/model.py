@@ -123,14 +123,15 @@ def prepare_model_(model: PreTrainedModel, config: WKVQuantConfig) -> PreTrained
     smoothing = config.kv.smoothing and config.kv.enabled
     kv_cfg = dataclasses.replace(config.kv, smoothing=smoothing)
     kv_quantizer = target.kv_quantizer(kv_cfg)  # stateless: one serves every layer
-    scale_bits = target.weight_scale_bits
     model.set_attn_implementation("eager")  # masks arrive as additive (B, 1, T, S) tensors
     rotary = getattr(model.model, "rotary_emb", None)  # needed by k_pre_rope only
     for layer in decoder_layers(model):
         layer.self_attn = WKVAttention(layer.self_attn, config.weight, kv_cfg, kv_quantizer, target.poq,
-                                       config.act_bits, rotary, target.k_smoothing_folded, scale_bits)
+                                       config.act_bits, rotary, target.k_smoothing_folded)
         for name in MLP_PROJECTIONS:
-            setattr(layer.mlp, name, QuantLinear(getattr(layer.mlp, name), config.weight, config.act_bits, scale_bits))
+            setattr(layer.mlp, name, QuantLinear(getattr(layer.mlp, name), config.weight, config.act_bits))
+    for lin in quant_linears(model):
+        lin.scale_bits, lin.input_rounding = target.weight_scale_bits, target.matmul_input
     model.requires_grad_(False)
     return model
 

@@ -12,8 +12,8 @@ prepared model (RTN weights, `prepare_model_`) in place; `perplexity` then gives
   - K as the export carries it: a model of another target loses its per-channel K smoothing (the export drops
     it); a llamacpp-target model keeps its own, which the export folds into q_proj / k_proj. The V smoothing is
     folded into v_proj / o_proj either way;
-  - the inputs of the 4-bit linears rounded to Q8_1 blocks (`q8_1_round`), as llama.cpp's CPU Q4_1 matmuls
-    round them (ggml's vec_dot type for Q4_1).
+  - the inputs of the 4-bit linears rounded to Q8_1 blocks (`targets.llamacpp.q8_1_round`), as llama.cpp's CPU
+    Q4_1 matmuls round them (ggml's vec_dot type for Q4_1).
   An "f16" cache leaves K/V unquantized here (llama.cpp rounds them to fp16, which this leaves out).
   Not computed: the fp16 rounding of the Q8_1 block sums that multiply Q4_1's m, the F16 matmuls of the
   embeddings / lm_head, the flash attention's own rounding of the queries, and the Q4_1 blocks that the export
@@ -35,10 +35,9 @@ from ..quant.weight_clip import QuantLinear
 from ..runtime.packed_linear import PackedLinear
 from ..targets import RUNTIME, get_target
 from ..targets.llamacpp import BITS_OF_TYPE, BLOCK, TARGET as LLAMACPP_TARGET, cache_type as config_cache_type
-from ..targets.llamacpp import kv_quantizer_for
+from ..targets.llamacpp import kv_quantizer_for, q8_1_round
 
 LLAMACPP = LLAMACPP_TARGET.name
-Q8_1_BLOCK = 32  # QK8_1
 
 
 @dataclass(frozen=True)
@@ -60,22 +59,6 @@ class Semantics:
         block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.kv_cache_type.upper()]]
         per_head = head_dim(model_config.to_dict()) / block * block_bytes
         return 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * per_head
-
-
-def q8_1_round(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as ggml's x86 quantize_row_q8_1 rounds a Q4_1 matmul's input along its last dim: blocks of 32,
-    codes round-half-even(x * 127 / amax), value code * fp16(amax / 127); returned in x's dtype."""
-    blocks = x.float().reshape(*x.shape[:-1], -1, Q8_1_BLOCK)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    inverse = torch.where(amax == 0, 0.0, 127 / torch.where(amax == 0, 1.0, amax))
-    return (torch.round(blocks * inverse) * (amax / 127).half().float()).reshape(x.shape).to(x.dtype)
-
-
-def _q8_1_inputs(module: nn.Module, args: tuple) -> tuple | None:
-    """Forward pre-hook of a 4-bit linear: its input rounded by `q8_1_round` while its weight is quantized."""
-    if isinstance(module, QuantLinear) and not module.weight_quant:
-        return None
-    return q8_1_round(args[0]), *args[1:]
 
 
 def _llamacpp_linears(model: nn.Module) -> list[nn.Module]:
@@ -123,6 +106,9 @@ def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cach
         quantizer = runtime.kv_quantizer(config.kv)
         for attn in attentions(model):
             attn.kv_quantizer, attn.poq = quantizer, config.kv.poq and runtime.poq
+        for linear in model.modules():
+            if isinstance(linear, (PackedLinear, QuantLinear)):
+                linear.input_rounding = runtime.matmul_input
         return Semantics(RUNTIME)
 
     quantizer = kv_quantizer_for(cache_type or config_cache_type(config.kv), rotate is not False)
@@ -135,15 +121,11 @@ def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cach
         if attn.rotation is not None:
             raise ConfigError("the model rotates V (kv rotate) at run time, outside its v_proj / o_proj weights; the "
                               "GGUF export cannot express that")
-        if attn.smoothing_configured and not attn.smoothing_folded:
-            raise ConfigError("the smoothing is not folded into the projections yet (a calibrated model in memory): "
-                              "save it as an artifact and evaluate that")
         if config.target != LLAMACPP:
             _unsmooth_keys_(attn)
         attn.kv_quantizer, attn.poq, attn.kv_bits = quantizer, False, BITS_OF_TYPE[cache_type]
         attn.kv_quant = attn.kv_bits != FP_BITS
         attn.k_pre_rope, attn.sink_tokens, attn.fp_prefill = False, 0, False
-    if round_matmul_inputs:
-        for linear in linears:
-            linear.register_forward_pre_hook(_q8_1_inputs)
+    for linear in linears:
+        linear.input_rounding = q8_1_round if round_matmul_inputs else None
     return Semantics(LLAMACPP, cache_type, rotate, "q8_1" if round_matmul_inputs else None)

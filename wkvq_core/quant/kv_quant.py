@@ -249,13 +249,11 @@ class WKVAttention(nn.Module):
     engine that runs the KV cache computes; POQ only where that engine does it (`engine_poq`).
     k_folded: the K smoothing is one scale per rotary pair (channels i and i + D/2, which RoPE mixes), with no
     shift, folded into q_proj (times s) and k_proj (divided by s) before their weights are quantized, as an engine
-    without per-channel K scales runs it; otherwise a scale and shift per channel on K after RoPE (q times s).
-    weight_scale_bits: significant bits of the projections' weight scales (`QuantLinear`)."""
+    without per-channel K scales runs it; otherwise a scale and shift per channel on K after RoPE (q times s)."""
 
     def __init__(
         self, attn: nn.Module, weight_cfg: WeightQuantConfig, kv_cfg: KVQuantConfig, kv_quantizer: KVQuantizer,
         engine_poq: bool, act_bits: int = FP_BITS, rotary: nn.Module | None = None, k_folded: bool = False,
-        weight_scale_bits: int | None = None,
     ) -> None:
         super().__init__()
         self.config, self.layer_idx = attn.config, attn.layer_idx
@@ -272,7 +270,7 @@ class WKVAttention(nn.Module):
         if k_folded and kv_cfg.k_pre_rope:
             raise ConfigError("a K smoothing folded into q_proj / k_proj applies before RoPE already: no k_pre_rope")
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, QuantLinear(getattr(attn, name), weight_cfg, act_bits, weight_scale_bits))
+            setattr(self, name, QuantLinear(getattr(attn, name), weight_cfg, act_bits))
         shape = (self.n_kv_heads, self.head_dim)
         dtype = attn.k_proj.weight.dtype
         self.k_scale = nn.Parameter(torch.ones(shape, dtype=dtype))

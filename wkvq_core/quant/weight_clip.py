@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -28,11 +30,11 @@ class QuantLinear(nn.Module):
 
     `fake_quant(w)` is public so an attention module can quantize a weight with smoothing folded in
     (v_proj / o_proj) using this layer's clip factors. `weight_quant` / `act_quant` switch quantization on and off.
-    scale_bits: significant bits of the scales, as a target's export needs them (None: fp16's 11).
+    A target sets `scale_bits` (significant bits of the scales, as its export needs them; None: fp16's 11) and
+    `input_rounding` (what its engine does to the input of a quantized-weight matmul; None: nothing).
     """
 
-    def __init__(self, linear: nn.Linear, config: WeightQuantConfig, act_bits: int = FP_BITS,
-                 scale_bits: int | None = None) -> None:
+    def __init__(self, linear: nn.Linear, config: WeightQuantConfig, act_bits: int = FP_BITS) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         group = self.in_features if config.group_size == -1 else config.group_size
@@ -44,7 +46,8 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.bits, self.group_size, self.act_bits = config.bits, config.group_size, act_bits
-        self.scale_bits = scale_bits
+        self.scale_bits: int | None = None
+        self.input_rounding: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.clip = (
             LearnableWeightClip(self.out_features, self.in_features // group, config.lwc_init)
             if config.lwc and config.enabled
@@ -72,6 +75,8 @@ class QuantLinear(nn.Module):
     def _quantized_linear(self, x: torch.Tensor, quantized_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.act_quant:
             x = fake_quant_per_token(x, self.act_bits)
+        if self.input_rounding is not None and self.weight_quant:
+            x = self.input_rounding(x)
         return F.linear(x, quantized_weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

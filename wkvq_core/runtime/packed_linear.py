@@ -8,6 +8,8 @@ CPU int4 matmul (`_weight_int4pack_mm_for_cpu`) was measured 30x slower than an 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -30,6 +32,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("zeros", zeros)
         self.register_buffer("bias", bias)
         self._kept: tuple[tuple, torch.Tensor] | None = None
+        self.input_rounding: Callable[[torch.Tensor], torch.Tensor] | None = None  # a target's (`QuantLinear`)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         codes = unpack_bits(self.qweight, self.bits, self.in_features)
@@ -38,6 +41,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits != 16:
             x = fake_quant_per_token(x, self.act_bits)
+        if self.input_rounding is not None:
+            x = self.input_rounding(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self._weight(x.dtype), bias)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from ..config import KVQuantConfig, WKVQuantConfig
 from ..quant.kv_quant import KVQuantizer
 
@@ -23,3 +25,5 @@ class Target:
     # per-channel K scales); False: per-channel scale and shift on K, applied by the runtime
     k_smoothing_folded: bool = False
     weight_scale_bits: int | None = None  # significant bits of the weight scales (None: fp16's 11)
+    # what the engine does to the input of a quantized-weight matmul (e.g. a rounding to 8-bit blocks); None: nothing
+    matmul_input: Callable[[torch.Tensor], torch.Tensor] | None = None

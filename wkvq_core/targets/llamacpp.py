@@ -42,6 +42,7 @@ from ..quant.primitives import hadamard
 from .base import Target
 
 BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
+Q8_1_BLOCK = 32  # QK8_1
 MIN_ROTATION = 64
 QUANTIZED_TYPES = ("q4_0", "q4_1", "q8_0")
 KV_TYPES = ("f16", *QUANTIZED_TYPES)
@@ -58,6 +59,17 @@ def roundf_ste(x: torch.Tensor) -> torch.Tensor:
     magnitude = x.detach().abs()
     whole = magnitude.floor()
     rounded = torch.copysign(whole + (2 * (magnitude - whole)).floor(), x.detach())
+    return (rounded - x).detach() + x
+
+
+def q8_1_round(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as ggml's x86 quantize_row_q8_1 rounds a Q4_1 matmul's input (ggml's vec_dot type for Q4_1) along
+    its last dim: blocks of 32, codes round-half-even(x * 127 / amax), value code * fp16(amax / 127); in x's dtype,
+    the gradient passed straight through. Left out: the fp16 rounding of the block sums that multiply Q4_1's m."""
+    blocks = x.detach().float().reshape(*x.shape[:-1], -1, Q8_1_BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax == 0, 0.0, 127 / torch.where(amax == 0, 1.0, amax))
+    rounded = (torch.round(blocks * inverse) * (amax / 127).half().float()).reshape(x.shape).to(x.dtype)
     return (rounded - x).detach() + x
 
 
@@ -234,4 +246,5 @@ def check(config: WKVQuantConfig, model_config: dict[str, Any] | None = None) ->
 TARGET = Target(name="llamacpp", summary="llama.cpp (GGUF): q4_0 / q4_1 / q8_0 KV cache blocks, Hadamard-rotated, "
                                          "no POQ",
                 kv_quantizer=kv_quantizer, poq=False, export="gguf", check=check,
-                refused_kv_options=REFUSED_KV_OPTIONS, k_smoothing_folded=True, weight_scale_bits=WEIGHT_SCALE_BITS)
+                refused_kv_options=REFUSED_KV_OPTIONS, k_smoothing_folded=True, weight_scale_bits=WEIGHT_SCALE_BITS,
+                matmul_input=q8_1_round)
