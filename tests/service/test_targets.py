@@ -1,0 +1,220 @@
+"""Jobs for a deployment target (config.target): what the target's engine cannot run is refused at submit naming the
+field (SQLite and Postgres), and a llamacpp job ships a GGUF beside the packed artifact, downloadable with its sha256
+checked, counted in the team's storage and removed with the job. Jobs run in-process by the worker's JobRunner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import gguf
+import pytest
+from sqlalchemy import select
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from api.jobs.schemas import KV_CACHE_TYPES, QuantConfig
+from api.models import Artifact, Job, JobEvent, Team
+from api.teams.usage import usage_service
+from tests.conftest import TINY_MODEL
+from tests.service.conftest import service_settings, team_key
+from tests.service.test_api import assert_invalid, count, stored_files
+from worker.runner import JobRunner, job_config
+from wkvq_core.errors import ConfigError
+from wkvq_core.export import NOTES
+from wkvq_core.targets.llamacpp import KV_TYPES
+
+from .processes import REPO, service_env
+
+GGUF_MODEL = "llama-hd64"  # head_dim 64, linear inputs 128 and 256: every group size the GGUF takes
+HD16_MODEL = "llama-hd16"  # head_dim 16: llama.cpp's 32-channel KV blocks do not fit a head (config.json only)
+LLAMACPP_JOB = {
+    "model": {"source": "local", "name": GGUF_MODEL},
+    "calibration": {"source": "builtin", "name": "tinystories"},
+    "config": {"target": "llamacpp", "nsamples": 4, "seqlen": 64, "epochs": 1, "crr_k": 2, "eval_tokens": 2048},
+}
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A random LLaMA the GGUF export accepts (as benchmarks/llamacpp_agreement.py builds it), stories260k, and a
+    head_dim-16 model's config.json."""
+    root = tmp_path_factory.mktemp("models")
+    LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=512,
+                                 initializer_range=0.1)).save_pretrained(root / GGUF_MODEL)
+    AutoTokenizer.from_pretrained(TINY_MODEL).save_pretrained(root / GGUF_MODEL)
+    shutil.copytree(TINY_MODEL, root / "stories260k")
+    (root / HD16_MODEL).mkdir()
+    (root / HD16_MODEL / "config.json").write_text(json.dumps(
+        LLAMA | {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}))
+    return root
+
+
+@pytest.fixture
+def settings(db_url, tmp_path, models_dir):
+    return service_settings(db_url, str(tmp_path / "store"), MODELS_DIR=models_dir)
+
+
+@pytest.fixture
+def team_a(team_headers) -> dict[str, str]:
+    return team_headers("a")
+
+
+def body(model: str = GGUF_MODEL, **config: Any) -> dict[str, Any]:
+    return LLAMACPP_JOB | {"model": {"source": "local", "name": model}, "config": LLAMACPP_JOB["config"] | config}
+
+
+def run_one(service) -> None:
+    runner = JobRunner(service, "test-worker")
+    lease = runner.claim_next(["default"])
+    assert lease is not None
+    runner.execute(lease)
+
+
+BAD_TARGET_JOBS = {
+    # id: (body, field, message fragment)
+    "stories260k-per-row-172": (body("stories260k"), "group_size", "intermediate_size (172 input channels)"),
+    "stories260k-explicit-per-row": (body("stories260k", group_size=-1), "group_size", "multiple of 32"),
+    "stories260k-group-32": (body("stories260k", group_size=32), "group_size", "does not divide"),
+    "stories260k-fp-weights-head_dim-8": (body("stories260k", w_bits=16), "kv_bits", "head_dim is 8"),
+    "head_dim-16": (body(HD16_MODEL), "kv_bits", "head_dim is 16"),
+    "kv_group_size-16": (body(kv_group_size=16), "kv_group_size", "blocks of 32"),
+    "w_bits-3": (body(w_bits=3), "w_bits", "w_bits 3"),
+    "group_size-16": (body(group_size=16), "group_size", "multiple of 32"),
+    "kv_bits-3": (body(kv_bits=3), "kv_bits", "kv_bits 3"),
+    "cache-type-of-other-bits": (body(kv_cache_type="q8_0"), "kv_cache_type", "kv_bits is 4"),
+    "cache-type-on-runtime": (body(target="runtime", kv_cache_type="q4_0"), "kv_cache_type", "runtime"),
+    "unknown-cache-type": (body(kv_cache_type="q5_0"), "kv_cache_type", "'q4_0'"),
+    "unknown-target": (body(target="vllm"), "target", "'llamacpp'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TARGET_JOBS)
+def test_what_the_target_cannot_run_is_refused_naming_the_field(client, service, team_a, case):
+    job, field, message = BAD_TARGET_JOBS[case]
+    assert_invalid(client.post("/v1/jobs", json=job, headers=team_a), ("config", field), message)
+    assert count(service, Job) == 0
+    assert stored_files(service) == []
+
+
+def test_schema_cache_types_are_the_targets():
+    assert KV_CACHE_TYPES == KV_TYPES or set(KV_CACHE_TYPES) == set(KV_TYPES)
+
+
+def test_old_job_rows_without_a_target_run_as_runtime():
+    config = QuantConfig().model_dump()
+    stored_before_targets = {k: v for k, v in config.items() if k not in ("target", "kv_cache_type")}
+    assert job_config({"config": stored_before_targets}) == job_config({"config": config})
+    assert job_config({"config": stored_before_targets}).target == "runtime"
+    llamacpp = job_config({"config": config | {"target": "llamacpp", "kv_cache_type": "q4_1"}})
+    assert (llamacpp.target, llamacpp.kv.cache_type) == ("llamacpp", "q4_1")
+    assert not llamacpp.kv.sink_tokens and not llamacpp.kv.k_pre_rope  # the method's options llama.cpp cannot run
+
+
+def download(client, headers, artifact: dict[str, Any]) -> bytes:
+    response = client.get(artifact["download_url"], headers=headers)
+    assert response.status_code == 200
+    assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"] == response.headers["x-content-sha256"]
+    assert len(response.content) == artifact["size"]
+    return response.content
+
+
+def test_llamacpp_job_ships_a_gguf_that_is_verified_counted_and_deleted(client, service, team_a, tmp_path):
+    created = client.post("/v1/jobs", json=LLAMACPP_JOB, headers=team_a)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    assert created.json()["config"]["group_size"] == 128  # the model's default, a multiple of 32
+    run_one(service)
+    job = client.get(f"/v1/jobs/{job_id}", headers=team_a).json()
+    assert (job["status"], job["stage"], job["error"]) == ("succeeded", "done", None), job
+    with service.session() as session:
+        stages = [e.message for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
+                                                                             JobEvent.kind == "stage"))]
+    assert stages[-2:] == ["exporting", "publishing"]
+
+    artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job_id}/artifacts", headers=team_a).json()}
+    assert set(artifacts) == {"model.tar", "model.gguf", NOTES}
+    assert artifacts["model.gguf"]["media_type"] == "application/octet-stream"
+    assert artifacts[NOTES]["media_type"] == "application/json"
+    assert artifacts["model.gguf"]["download_url"].endswith(f"/v1/jobs/{job_id}/artifacts/model.gguf")
+    files = {name: download(client, team_a, a) for name, a in artifacts.items()}
+
+    (tmp_path / "model.gguf").write_bytes(files["model.gguf"])
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["wkvquant.recommended_cache_type_k"].contents() == "q4_0"
+    notes = json.loads(files[NOTES])
+    assert notes["recommended_cache_type"] == {"k": "q4_0", "v": "q4_0"}
+    assert notes["source"]["quantization_config"]["wkvquant_config"]["target"] == "llamacpp"
+    (tmp_path / "model.tar").write_bytes(files["model.tar"])
+    with tarfile.open(tmp_path / "model.tar") as tar:  # the GGUF was written from this artifact's weights
+        [weights] = [m for m in tar.getmembers() if m.name.endswith("/model.safetensors")]
+        digest = hashlib.sha256(tar.extractfile(weights).read()).hexdigest()
+    assert notes["source"]["model.safetensors_sha256"] == digest
+
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics", headers=team_a).json()
+    assert metrics["eval"]["engine"] == {"target": "llamacpp", "cache_type": "q4_0"}
+    assert set(metrics["eval"]["ppl"]) == {"fp", "w", "wkv"} and set(metrics["eval"]["baselines"]["rtn"]) == {"w", "wkv"}
+    export = metrics["export"]
+    assert (export["format"], export["file"], export["notes"]) == ("gguf", "model.gguf", NOTES)
+    assert (export["size"], export["sha256"]) == (artifacts["model.gguf"]["size"], artifacts["model.gguf"]["sha256"])
+    assert export["recommended_cache_type"] == notes["recommended_cache_type"]
+    assert metrics["artifact"]["sha256"] == artifacts["model.tar"]["sha256"]
+
+    reserved = job["estimate"]["breakdown"]["storage"]
+    assert reserved["export"] >= artifacts["model.gguf"]["size"] + artifacts[NOTES]["size"]
+    with service.session() as session:
+        team = session.scalar(select(Team).where(Team.name == "a"))
+        stored = usage_service.stored_bytes(session, team.id)
+        checkpoints = stored - sum(a["size"] for a in artifacts.values())
+        assert checkpoints > 0 and stored_files(service, f"jobs/{job_id}")  # checkpoints kept (KEEP_CHECKPOINTS)
+
+    assert client.delete(f"/v1/jobs/{job_id}", headers=team_a).status_code == 204
+    assert count(service, Artifact) == 0
+    assert stored_files(service, f"jobs/{job_id}") == []
+    assert client.get(artifacts["model.gguf"]["download_url"], headers=team_a).status_code == 410
+
+
+def test_a_failing_export_fails_the_job_readably_and_publishes_nothing(client, service, team_a, monkeypatch):
+    import worker.runner
+
+    def broken(fmt):
+        def export(artifact_dir, out_dir):
+            raise ConfigError("model.layers.0.mlp.down_proj: per-row groups of 172 input channels are not a multiple "
+                              "of Q4_1's 32-weight blocks")
+        return SimpleNamespace(export=export)
+
+    monkeypatch.setattr(worker.runner, "exporter", broken)
+    job_id = client.post("/v1/jobs", json=LLAMACPP_JOB, headers=team_a).json()["id"]
+    run_one(service)
+    job = client.get(f"/v1/jobs/{job_id}", headers=team_a).json()
+    assert job["status"] == "failed"
+    assert job["error"] == ("the gguf export of the quantized model failed: model.layers.0.mlp.down_proj: per-row "
+                            "groups of 172 input channels are not a multiple of Q4_1's 32-weight blocks")
+    assert count(service, Artifact) == 0
+    assert not [p for p in stored_files(service) if "model." in p.name or p.name.endswith(NOTES)]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_wkvq_submit_with_a_target_and_cache_type(live_server, service, tmp_path):
+    env = service_env("sqlite://", tmp_path) | {"WKVQ_URL": live_server, "WKVQ_API_KEY": team_key(service, "a")}
+    submit = [sys.executable, "-m", "wkvq_client", "submit", "--calib", "builtin:tinystories", "--nsamples", "4",
+              "--epochs", "1", "--target", "llamacpp"]
+    result = subprocess.run([*submit, GGUF_MODEL, "--kv-cache-type", "q4_1", "--json"],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = json.loads(result.stdout)["config"]
+    assert (config["target"], config["kv_cache_type"]) == ("llamacpp", "q4_1")
+    refused = subprocess.run([*submit, "stories260k"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "config.group_size" in refused.stderr and "172" in refused.stderr, refused.stderr
+    status = subprocess.run([sys.executable, "-m", "wkvq_client", "status", json.loads(result.stdout)["id"]],
+                            env=env | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "llamacpp (q4_1 cache), W4 KV4" in status.stdout, status.stdout
