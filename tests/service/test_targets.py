@@ -30,7 +30,7 @@ from wkvq_core.errors import ConfigError
 from wkvq_core.export import NOTES
 from wkvq_core.targets.llamacpp import KV_TYPES
 
-from .processes import REPO, service_env
+from .processes import REPO, admin_key, service_env, start_server
 
 GGUF_MODEL = "llama-hd64"  # head_dim 64, linear inputs 128 and 256: every group size the GGUF takes
 HD16_MODEL = "llama-hd16"  # head_dim 16: llama.cpp's 32-channel KV blocks do not fit a head (config.json only)
@@ -218,3 +218,34 @@ def test_wkvq_submit_with_a_target_and_cache_type(live_server, service, tmp_path
     status = subprocess.run([sys.executable, "-m", "wkvq_client", "status", json.loads(result.stdout)["id"]],
                             env=env | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "llamacpp (q4_1 cache), W4 KV4" in status.stdout, status.stdout
+
+
+@pytest.mark.slow
+def test_llamacpp_job_through_wkvq_serve_and_the_client_commands(models_dir, tmp_path):
+    """Real processes and HTTP: `wkvq serve` (SQLite, its in-process worker), `wkvq submit --target llamacpp --wait`,
+    `wkvq download --name model.gguf` (sha256 checked by the client, and here again)."""
+    env = service_env(f"sqlite:///{tmp_path}/wkvq.db", tmp_path / "store", WKVQ_MODELS_DIR=str(models_dir))
+    server, base = start_server(env, tmp_path)
+    try:
+        (tmp_path / "xdg").mkdir()
+        user = env | {"WKVQ_URL": base, "WKVQ_API_KEY": admin_key(env, tmp_path, "team-a"),
+                      "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "COLUMNS": "200"}
+
+        def client(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "wkvq_client", *args], env=user, cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=600)
+
+        submitted = client("submit", GGUF_MODEL, "--calib", "builtin:tinystories", "--target", "llamacpp",
+                           "--kv-cache-type", "q4_1", "--nsamples", "4", "--seqlen", "64", "--epochs", "1",
+                           "--crr-k", "2", "--wait", "--json")
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        job = json.loads(submitted.stdout)
+        assert job["status"] == "succeeded" and job["config"]["kv_cache_type"] == "q4_1"
+        downloaded = client("download", job["id"], str(tmp_path / "out"), "--name", "model.gguf")
+        assert downloaded.returncode == 0 and "verified" in downloaded.stdout, downloaded.stdout + downloaded.stderr
+    finally:
+        server.stop()
+    gguf_bytes = (tmp_path / "out" / "model.gguf").read_bytes()
+    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    assert reader.fields["wkvquant.recommended_cache_type_k"].contents() == "q4_1"  # the cache it was calibrated for
+    assert hashlib.sha256(gguf_bytes).hexdigest() in downloaded.stdout
