@@ -372,9 +372,9 @@ def test_the_new_job_form_lists_models_gpu_classes_and_datasets(web, sign_in):
     ({"seqlen": "1024"}, {"seqlen": "max_position_embeddings 512"}),
     ({"gpu_class": "h100"}, {"gpu_class": "unknown GPU class 'h100'"}),
     ({"calib_source": "file"}, {"file": "choose a UTF-8 text file"}),
-    ({"target": "llamacpp"}, {"group_size": "intermediate_size (172 input channels)"}),
+    ({"target": "llamacpp"}, {"target": "head_dim divisible by 32; this model's is 8"}),
     ({"target": "llamacpp", "kv_cache_type": "q8_0"}, {"kv_cache_type": "kv_bits is 4"}),
-], ids=["pydantic", "validator", "group-size", "seqlen", "gpu-class", "no-file", "llamacpp-172", "cache-type"])
+], ids=["pydantic", "validator", "group-size", "seqlen", "gpu-class", "no-file", "llamacpp-head_dim", "cache-type"])
 def test_form_errors_render_inline(web, sign_in, changes, errors):
     sign_in("a")
     response = web.post("/dashboard/jobs/new", data=FORM | changes)

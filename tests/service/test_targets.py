@@ -34,6 +34,7 @@ from .processes import REPO, admin_key, service_env, start_server
 
 GGUF_MODEL = "llama-hd64"  # head_dim 64, linear inputs 128 and 256: every group size the GGUF takes
 HD16_MODEL = "llama-hd16"  # head_dim 16: llama.cpp's 32-channel KV blocks do not fit a head (config.json only)
+I172_MODEL = "llama-i172"  # head_dim 64, intermediate size 172 as stories260k's: per-row groups only (config.json)
 LLAMACPP_JOB = {
     "model": {"source": "local", "name": GGUF_MODEL},
     "calibration": {"source": "builtin", "name": "tinystories"},
@@ -44,17 +45,18 @@ LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    """A random LLaMA the GGUF export accepts (as benchmarks/llamacpp_agreement.py builds it), stories260k, and a
-    head_dim-16 model's config.json."""
+    """A random LLaMA the GGUF export accepts (as benchmarks/llamacpp_agreement.py builds it), stories260k, and the
+    config.json of two models it does not."""
     root = tmp_path_factory.mktemp("models")
     LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=512,
                                  initializer_range=0.1)).save_pretrained(root / GGUF_MODEL)
     AutoTokenizer.from_pretrained(TINY_MODEL).save_pretrained(root / GGUF_MODEL)
     shutil.copytree(TINY_MODEL, root / "stories260k")
-    (root / HD16_MODEL).mkdir()
-    (root / HD16_MODEL / "config.json").write_text(json.dumps(
-        LLAMA | {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}))
+    for name, dims in ((HD16_MODEL, {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}),
+                       (I172_MODEL, {"hidden_size": 128, "intermediate_size": 172, "num_attention_heads": 2})):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(LLAMA | dims | {"num_hidden_layers": 2}))
     return root
 
 
@@ -81,13 +83,16 @@ def run_one(service) -> None:
 
 BAD_TARGET_JOBS = {
     # id: (body, field, message fragment)
-    "stories260k-per-row-172": (body("stories260k"), "group_size", "intermediate_size (172 input channels)"),
-    "stories260k-explicit-per-row": (body("stories260k", group_size=-1), "group_size", "multiple of 32"),
+    "stories260k-head_dim-8": (body("stories260k"), "target", "head_dim divisible by 32; this model's is 8"),
+    "stories260k-fp-weights": (body("stories260k", w_bits=16), "target", "this model's is 8"),
+    "stories260k-fp-cache-per-row-172": (body("stories260k", kv_bits=16), "group_size",
+                                         "group_size -1 (one group per row) needs the model's intermediate_size (172)"),
     "stories260k-group-32": (body("stories260k", group_size=32), "group_size", "does not divide"),
-    "stories260k-fp-weights-head_dim-8": (body("stories260k", w_bits=16), "kv_bits", "head_dim is 8"),
-    "head_dim-16": (body(HD16_MODEL), "kv_bits", "head_dim is 16"),
+    "per-row-172": (body(I172_MODEL), "group_size", "intermediate_size (172) to be a multiple of 32"),
+    "head_dim-16": (body(HD16_MODEL), "target", "this model's is 16"),
     "kv_group_size-16": (body(kv_group_size=16), "kv_group_size", "blocks of 32"),
     "w_bits-3": (body(w_bits=3), "w_bits", "w_bits 3"),
+    "w_bits-16": (body(w_bits=16), "w_bits", "gguf export, which holds quantized weights"),
     "group_size-16": (body(group_size=16), "group_size", "multiple of 32"),
     "kv_bits-3": (body(kv_bits=3), "kv_bits", "kv_bits 3"),
     "cache-type-of-other-bits": (body(kv_cache_type="q8_0"), "kv_cache_type", "kv_bits is 4"),
@@ -214,7 +219,7 @@ def test_wkvq_submit_with_a_target_and_cache_type(live_server, service, tmp_path
     config = json.loads(result.stdout)["config"]
     assert (config["target"], config["kv_cache_type"]) == ("llamacpp", "q4_1")
     refused = subprocess.run([*submit, "stories260k"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "config.group_size" in refused.stderr and "172" in refused.stderr, refused.stderr
+    assert refused.returncode == 2 and "config.target" in refused.stderr and "head_dim" in refused.stderr, refused.stderr
     status = subprocess.run([sys.executable, "-m", "wkvq_client", "status", json.loads(result.stdout)["id"]],
                             env=env | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "llamacpp (q4_1 cache), W4 KV4" in status.stdout, status.stdout
