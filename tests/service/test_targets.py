@@ -10,9 +10,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import gguf
 import pytest
@@ -22,7 +23,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from api.jobs.schemas import KV_CACHE_TYPES, QuantConfig
 from api.models import Artifact, Job, JobEvent, Team
 from api.teams.usage import usage_service
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, fresh_pg_database
 from tests.service.conftest import service_settings, team_key
 from tests.service.test_api import assert_invalid, count, stored_files
 from worker.runner import JobRunner, job_config
@@ -30,7 +31,7 @@ from wkvq_core.errors import ConfigError
 from wkvq_core.export import NOTES
 from wkvq_core.targets.llamacpp import KV_TYPES
 
-from .processes import REPO, admin_key, service_env, start_server
+from .processes import REPO, RedisServer, admin_key, service_env, start_server, start_worker
 
 GGUF_MODEL = "llama-hd64"  # head_dim 64, linear inputs 128 and 256: every group size the GGUF takes
 HD16_MODEL = "llama-hd16"  # head_dim 16: llama.cpp's 32-channel KV blocks do not fit a head (config.json only)
@@ -225,32 +226,48 @@ def test_wkvq_submit_with_a_target_and_cache_type(live_server, service, tmp_path
     assert "llamacpp (q4_1 cache), W4 KV4" in status.stdout, status.stdout
 
 
-@pytest.mark.slow
-def test_llamacpp_job_through_wkvq_serve_and_the_client_commands(models_dir, tmp_path):
-    """Real processes and HTTP: `wkvq serve` (SQLite, its in-process worker), `wkvq submit --target llamacpp --wait`,
-    `wkvq download --name model.gguf` (sha256 checked by the client, and here again)."""
-    env = service_env(f"sqlite:///{tmp_path}/wkvq.db", tmp_path / "store", WKVQ_MODELS_DIR=str(models_dir))
-    server, base = start_server(env, tmp_path)
-    try:
+@pytest.fixture(params=["embedded", "celery"])
+def served_pool(request, models_dir, tmp_path) -> Iterator[dict[str, str]]:
+    """`wkvq serve` with the models directory: embedded (SQLite, its in-process worker), or the GPU-pool layout
+    (Postgres, a private Redis, a `wkvq worker` Celery process). Yields the environment of the client commands."""
+    with ExitStack() as stack:
+        if request.param == "embedded":
+            env = service_env(f"sqlite:///{tmp_path}/wkvq.db", tmp_path / "store", WKVQ_MODELS_DIR=str(models_dir))
+        else:
+            redis = RedisServer(tmp_path)
+            stack.callback(redis.stop)
+            env = service_env(stack.enter_context(fresh_pg_database()), tmp_path / "store", WKVQ_DISPATCHER="celery",
+                              WKVQ_BROKER_URL=redis.url, WKVQ_MODELS_DIR=str(models_dir))
+        server, base = start_server(env, tmp_path)
+        stack.callback(server.stop)
+        if request.param == "celery":
+            stack.callback(start_worker(env, tmp_path, "w").stop)
         (tmp_path / "xdg").mkdir()
-        user = env | {"WKVQ_URL": base, "WKVQ_API_KEY": admin_key(env, tmp_path, "team-a"),
-                      "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "COLUMNS": "200"}
+        yield env | {"WKVQ_URL": base, "WKVQ_API_KEY": admin_key(env, tmp_path, "team-a"),
+                     "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "COLUMNS": "200"}
 
-        def client(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "wkvq_client", *args], env=user, cwd=tmp_path,
-                                  capture_output=True, text=True, timeout=600)
 
-        submitted = client("submit", GGUF_MODEL, "--calib", "builtin:tinystories", "--target", "llamacpp",
-                           "--kv-cache-type", "q4_1", "--nsamples", "4", "--seqlen", "64", "--epochs", "1",
-                           "--crr-k", "2", "--wait", "--json")
-        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-        job = json.loads(submitted.stdout)
-        assert job["status"] == "succeeded" and job["config"]["kv_cache_type"] == "q4_1"
-        downloaded = client("download", job["id"], str(tmp_path / "out"), "--name", "model.gguf")
-        assert downloaded.returncode == 0 and "verified" in downloaded.stdout, downloaded.stdout + downloaded.stderr
-    finally:
-        server.stop()
-    gguf_bytes = (tmp_path / "out" / "model.gguf").read_bytes()
-    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+@pytest.mark.slow
+def test_llamacpp_job_through_real_processes_and_the_client_commands(served_pool, tmp_path):
+    """Real processes and HTTP: `wkvq submit --target llamacpp --wait`, `wkvq download --name model.gguf` (sha256
+    checked by the client, and here again), `wkvq delete`."""
+    def client(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "wkvq_client", *args], env=served_pool, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    submitted = client("submit", GGUF_MODEL, "--calib", "builtin:tinystories", "--target", "llamacpp",
+                       "--kv-cache-type", "q4_1", "--nsamples", "4", "--seqlen", "64", "--epochs", "1", "--crr-k", "2",
+                       "--wait", "--json")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job = json.loads(submitted.stdout)
+    assert job["status"] == "succeeded" and job["config"]["kv_cache_type"] == "q4_1"
+    downloaded = client("download", job["id"], str(tmp_path / "out"), "--name", "model.gguf")
+    assert downloaded.returncode == 0 and "verified" in downloaded.stdout, downloaded.stdout + downloaded.stderr
+    gguf_path = tmp_path / "out" / "model.gguf"
+    assert hashlib.sha256(gguf_path.read_bytes()).hexdigest() in downloaded.stdout
+    reader = gguf.GGUFReader(gguf_path)
     assert reader.fields["wkvquant.recommended_cache_type_k"].contents() == "q4_1"  # the cache it was calibrated for
-    assert hashlib.sha256(gguf_bytes).hexdigest() in downloaded.stdout
+    stored = tmp_path / "store" / "jobs" / job["id"]
+    assert [p.read_bytes() for p in stored.rglob("*model.gguf")] == [gguf_path.read_bytes()]
+    assert client("delete", job["id"]).returncode == 0
+    assert not list(stored.rglob("*model.*"))
