@@ -10,9 +10,8 @@ from sqlalchemy.orm import Session
 
 from wkvq_core.calib.estimate import (ModelShape, ResourceEstimate, estimate_resources, estimate_storage,
                                       eval_windows_for_chars, format_bytes, format_seconds)
-from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.config import RUNTIME_TARGET, CalibConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.errors import ConfigError
-from wkvq_core.targets import RUNTIME, get_target, kv_config
 
 from ..core.config import GpuBudget, Settings
 from ..core.errors import InvalidField
@@ -35,8 +34,10 @@ EXPORT_OVERHEAD = 1 << 20  # the export's header, metadata and notes json
 def job_wkvq_config(spec_config: dict[str, Any]) -> WKVQuantConfig:
     """The library config of a job's `config` (as stored in its spec; older rows without `method` run the paper,
     without `target` the runtime): what the worker runs and what the estimate at submit is computed for."""
+    from wkvq_core.targets import kv_config  # on first use: it imports torch, which API processes load only then
+
     c = spec_config
-    target = c.get("target", RUNTIME)
+    target = c.get("target", RUNTIME_TARGET)
     return WKVQuantConfig(
         target=target,
         weight=WeightQuantConfig(bits=c["w_bits"], group_size=c["group_size"], lwc=c["lwc"]),
@@ -51,6 +52,8 @@ def export_bytes(model_config: dict[str, Any], config: WKVQuantConfig) -> int:
     """An upper bound of the target's export (0 without one): a GGUF holds every quantized linear as Q4_1 (20 bytes
     per 32 weights), biases, norms and the rest in F32 at most, and the vocabulary (bounded by the tokenizer's
     bytes, counted apart)."""
+    from wkvq_core.targets import get_target
+
     if get_target(config.target).export is None:
         return 0
     shape = ModelShape.from_config(model_config)

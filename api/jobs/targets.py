@@ -8,7 +8,6 @@ from typing import Any
 
 from wkvq_core.config import FP_BITS
 from wkvq_core.errors import ConfigError
-from wkvq_core.targets import check_config
 
 from ..core.errors import InvalidField
 from .estimate import job_wkvq_config
@@ -29,6 +28,8 @@ def field_of(message: str) -> str:
 def check_target(model_config: dict[str, Any], quant: QuantConfig) -> None:
     """InvalidField unless the target can run `quant` (the model's defaults already filled in) on the model, and
     its export can be written (every export needs quantized weights: `wkvq_core.export.load_exportable`)."""
+    from wkvq_core.targets import check_config  # on first use: it imports torch (see estimate.job_wkvq_config)
+
     try:
         target = check_config(job_wkvq_config(quant.model_dump(mode="json")), model_config)
     except ConfigError as exc:

@@ -125,6 +125,15 @@ def test_old_job_rows_without_a_target_run_as_runtime():
     assert not llamacpp.kv.sink_tokens and not llamacpp.kv.k_pre_rope  # the method's options llama.cpp cannot run
 
 
+def test_api_processes_load_torch_only_once_a_job_is_submitted(tmp_path):
+    """wkvq_core.targets imports torch (~360 MB): the API imports it on first use, so that processes serving reads
+    stay small."""
+    code = "import sys, api.main; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], env=service_env("sqlite://", tmp_path), cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stdout + result.stderr
+
+
 def download(client, headers, artifact: dict[str, Any]) -> bytes:
     response = client.get(artifact["download_url"], headers=headers)
     assert response.status_code == 200
