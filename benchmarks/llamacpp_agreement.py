@@ -2,8 +2,9 @@
 (llama-cpp-python, CPU, its own venv: `bash scripts/install-llamacpp.sh`) and from our packed runtime
 (`load_quantized`) with the KV cache as
 - "runtime": the artifact's own per-token KV quantization with POQ (what our runtime computes), or none (f16 rows);
-- "llamacpp": `targets.llamacpp.kv_quantizer_for(type, rotate)` (the prediction of llama.cpp's cache), no POQ and no
-  K smoothing (the export drops it; the V smoothing is folded into the weights of both).
+- "llamacpp": `evaluation.semantics.apply_semantics_` (what `wkvq eval --semantics llamacpp` computes): the
+  llamacpp target's cache of that type, no POQ, no K smoothing (the export drops it; the V smoothing is folded into
+  the weights of both), the 4-bit linears' inputs rounded to Q8_1 blocks as llama.cpp's CPU matmuls round them.
 
     python benchmarks/llamacpp_agreement.py            # prints a markdown table
     python benchmarks/llamacpp_agreement.py --write    # and appends it to benchmarks/RESULTS.md
@@ -17,7 +18,6 @@ the V / K smoothing from calibration statistics, no training) to 4-bit weights i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -38,10 +38,9 @@ from wkvq_core.calib.data import load_text
 from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.export.gguf import GGUF_FILE
 from wkvq_core.export.gguf import export as export_gguf
-from wkvq_core.model import attentions, quant_state
+from wkvq_core.evaluation.semantics import LLAMACPP, apply_semantics_
+from wkvq_core.model import quant_state
 from wkvq_core.pipeline import QuantizeJob, run_quantize_job
-from wkvq_core.runtime.packed_linear import PackedLinear
-from wkvq_core.targets.llamacpp import kv_quantizer_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(wkvq_core.__file__).parent / "assets"
@@ -60,18 +59,24 @@ def engine_installed() -> bool:
     return (engine_python().parent.parent.parent / "complete").exists() and engine_python().exists()
 
 
-def build_artifact(root: Path, group_size: int = 32) -> Path:
-    """The RTN artifact of a random GQA LLaMA with head_dim 64 and the stories260k tokenizer; returns its dir."""
+def rtn_config(group_size: int = 32) -> WKVQuantConfig:
+    """RTN 4-bit weights in groups of `group_size` (calibration epochs 0: the V / K smoothing from calibration
+    statistics, no training), the runtime target."""
+    return WKVQuantConfig(weight=WeightQuantConfig(group_size=group_size),
+                          calib=CalibConfig(nsamples=4, seqlen=64, epochs=0))
+
+
+def build_artifact(root: Path, config: WKVQuantConfig | None = None) -> Path:
+    """The artifact (`config`, default `rtn_config()`) of a random GQA LLaMA with head_dim 64 and the stories260k
+    tokenizer, calibrated on TinyStories; returns its dir (root/artifact)."""
     base = root / "base"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=512,
                                  rope_theta=10000.0, rms_norm_eps=1e-5, initializer_range=0.1)).save_pretrained(base)
     AutoTokenizer.from_pretrained(ASSETS / "stories260k").save_pretrained(base)
-    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=group_size),
-                            calib=CalibConfig(nsamples=4, seqlen=64, epochs=0))
     run_quantize_job(QuantizeJob(model=str(base), calib=str(ASSETS / "tinystories" / "calib.txt"),
-                                 out=root / "artifact", config=config, device="cpu"))
+                                 out=root / "artifact", config=config or rtn_config(), device="cpu"))
     return root / "artifact"
 
 
@@ -97,42 +102,19 @@ def engine_logits(gguf_path: Path, ids: list[int], kv_type: str, rotate: bool = 
         return np.load(out)
 
 
-def emulate_llamacpp_(model, kv_type: str, rotate: bool = True) -> None:
-    """Every attention of a `load_quantized` model stores its K / V as llama.cpp's `kv_type` cache does: the
-    llamacpp target's quantizer, no POQ, and K unsmoothed (the GGUF export drops the K smoothing; the V smoothing
-    stays folded into v_proj / o_proj)."""
-    for attn in attentions(model):
-        attn.kv_quantizer, attn.kv_quant = kv_quantizer_for(kv_type, rotate), True
-        attn.poq = attn.smoothing = False
-
-
-def q8_1_activations(module, args):
-    """Forward pre-hook: the input rounded as ggml's x86 quantize_row_q8_1 does for a Q4_1 matmul (blocks of 32,
-    codes round-half-even(x * 127 / amax), value code * fp16(amax / 127)); the fp16 rounding of the block sums
-    that multiply Q4_1's m is left out."""
-    x = args[0]
-    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    inverse = torch.where(amax == 0, 0.0, 127 / torch.where(amax == 0, 1.0, amax))
-    return (torch.round(blocks * inverse) * (amax / 127).half().float()).reshape(x.shape).to(x.dtype), *args[1:]
-
-
 def our_logits(artifact: Path, ids: list[int], kv: str | None, rotate: bool = True,
                round_activations: bool = False) -> np.ndarray:
     """(tokens, vocab) logits of our packed runtime: kv None -> no KV quantization; "runtime" -> the artifact's own
-    KV quantization (with POQ); a llama.cpp cache type -> `emulate_llamacpp_`. round_activations: the inputs of
-    the 4-bit linears rounded as llama.cpp's CPU matmuls round them (`q8_1_activations`)."""
+    KV quantization (with POQ); a llama.cpp cache type -> `apply_semantics_` llamacpp (what `wkvq eval --semantics
+    llamacpp` computes). round_activations (not with "runtime"): the inputs of the 4-bit linears rounded as
+    llama.cpp's CPU matmuls round them (Q8_1); False leaves that out."""
     model = load_quantized(artifact)
-    if round_activations:
-        for module in model.modules():
-            if isinstance(module, PackedLinear):
-                module.register_forward_pre_hook(q8_1_activations)
-    if kv in (None, "runtime"):
-        state = quant_state(model, weights=True, kv=kv == "runtime")
-    else:
-        emulate_llamacpp_(model, kv, rotate)
-        state = contextlib.nullcontext()
-    with torch.no_grad(), state:
+    if kv is not None and kv != "runtime" or round_activations:
+        if kv == "runtime":
+            raise ValueError("the runtime's own KV quantization has no Q8_1 matmul rounding")
+        config = WKVQuantConfig.from_dict(model.config.quantization_config["wkvquant_config"])
+        apply_semantics_(model, config, LLAMACPP, kv or "f16", rotate, round_matmul_inputs=round_activations)
+    with torch.no_grad(), quant_state(model, weights=True, kv=kv is not None):
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
@@ -171,39 +153,42 @@ CASES = (("q8_0", True), ("q4_1", True), ("q4_0", True), ("q8_0", False), ("q4_1
 
 
 def measure(root: Path, tokens: int, cases=CASES) -> dict:
-    """The f16 cache against our runtime without KV quantization (and the f16 prediction); per quantized cache
-    type and rotation, the engine against our prediction, the prediction of the other rotation and the runtime's own
-    KV quantization; and the noise floor: our prediction with the matmul inputs rounded as llama.cpp's (Q8_1)
-    against it without, i.e. how far that rounding alone moves the logits and the KV effect (a K / V value near a
-    4-bit rounding boundary flips code with it)."""
+    """Against llama.cpp: with an f16 cache, our runtime without KV quantization and the llamacpp semantics (its
+    Q8_1-rounded matmul inputs); per quantized cache type and rotation, the llamacpp semantics' prediction, the same
+    with the other rotation, and the runtime's own KV quantization; and the noise floor: the prediction against
+    itself without the Q8_1 rounding, i.e. how far that rounding alone moves the logits and the KV effect (a K / V
+    value near a 4-bit rounding boundary flips code with it); the engine's own rounding is the same size but not the
+    same (ggml's arithmetic differs in ways not emulated)."""
     artifact = build_artifact(root)
     export_gguf(artifact, root / "gguf")
     gguf_path = root / "gguf" / GGUF_FILE
     ids = eval_ids(artifact, tokens)
     unquantized, runtime_kv = our_logits(artifact, ids, None), our_logits(artifact, ids, "runtime")
+    predicted_f16 = our_logits(artifact, ids, "f16", round_activations=True)
     engine_f16 = engine_logits(gguf_path, ids, "f16")
-    baselines, rounded = (engine_f16, unquantized), our_logits(artifact, ids, None, round_activations=True)
     result = dict(f16=dict(no_kv_quant=Agreement.of(engine_f16, unquantized, ids),
-                           prediction=Agreement.of(engine_f16, our_logits(artifact, ids, "f16"), ids),
-                           noise_floor=Agreement.of(rounded, unquantized, ids)), rows=[])
+                           prediction=Agreement.of(engine_f16, predicted_f16, ids),
+                           noise_floor=Agreement.of(predicted_f16, unquantized, ids)), rows=[])
     for kv_type, rotate in cases:
-        engine, prediction = engine_logits(gguf_path, ids, kv_type, rotate), our_logits(artifact, ids, kv_type, rotate)
+        engine = engine_logits(gguf_path, ids, kv_type, rotate)
+        prediction = our_logits(artifact, ids, kv_type, rotate, round_activations=True)
+        exact_matmuls = our_logits(artifact, ids, kv_type, rotate)
+        other = our_logits(artifact, ids, kv_type, not rotate, round_activations=True)
         result["rows"].append(dict(
             kv_type=kv_type, rotate=rotate,
-            prediction=Agreement.of(engine, prediction, ids, baselines),
-            other_rotation=Agreement.of(engine, our_logits(artifact, ids, kv_type, not rotate), ids, baselines),
-            runtime_kv4=Agreement.of(engine, runtime_kv, ids, baselines),
-            noise_floor=Agreement.of(our_logits(artifact, ids, kv_type, rotate, round_activations=True), prediction,
-                                     ids, (rounded, unquantized))))
+            prediction=Agreement.of(engine, prediction, ids, (engine_f16, predicted_f16)),
+            other_rotation=Agreement.of(engine, other, ids, (engine_f16, predicted_f16)),
+            runtime_kv4=Agreement.of(engine, runtime_kv, ids, (engine_f16, unquantized)),
+            noise_floor=Agreement.of(prediction, exact_matmuls, ids, (predicted_f16, unquantized))))
     return result
 
 
 def table(result: dict) -> str:
     f16, pred, floor = (result["f16"][key] for key in ("no_kv_quant", "prediction", "noise_floor"))
-    lines = ["f16 cache: PPL llama.cpp {:.3f}, ours (no KV quantization) {:.3f}; max |Δlogit| {:.3f}, mean |ΔNLL| "
-             "{:.4f} (with the f16 rounding of K / V emulated: {:.3f}, {:.4f}; noise floor, ours with Q8_1-rounded "
-             "matmul inputs against ours: {:.3f}, {:.4f}).".format(
-                 f16.ppl_engine, f16.ppl_ours, f16.max_abs_logit, f16.mean_abs_nll, pred.max_abs_logit,
+    lines = ["f16 cache: PPL llama.cpp {:.3f}, ours without KV quantization {:.3f} (max |Δlogit| {:.3f}, mean |ΔNLL| "
+             "{:.4f}), the llamacpp semantics {:.3f} ({:.3f}, {:.4f}); noise floor, the Q8_1 rounding of the matmul "
+             "inputs alone: {:.3f}, {:.4f}.".format(
+                 f16.ppl_engine, f16.ppl_ours, f16.max_abs_logit, f16.mean_abs_nll, pred.ppl_ours, pred.max_abs_logit,
                  pred.mean_abs_nll, floor.max_abs_logit, floor.mean_abs_nll), "",
              "| cache (-ctk = -ctv) | rotation | PPL llama.cpp | PPL prediction | PPL runtime KV4 | "
              "mean \\|ΔNLL\\| prediction / runtime KV4 | max \\|Δlogit\\| prediction / runtime KV4 | "

@@ -273,6 +273,15 @@ EVAL_CASES = MODEL_CASES + [
     ("seqlen-0", {"--seqlen": "0"}, ["seqlen", "got 0"]),
     ("seqlen-1", {"--seqlen": "1"}, ["seqlen", "at least 2", "got 1"]),
     ("seqlen-beyond-context", {"--seqlen": "513"}, ["seqlen 513 exceeds the model's max_position_embeddings 512"]),
+    ("semantics-bogus", {"--semantics": "vllm"}, ["--semantics must be one of runtime, llamacpp", "'vllm'"]),
+    ("kv-type-with-runtime-semantics", {"--kv-type": "q4_0"}, ["llamacpp semantics only"]),
+    ("no-rotation-with-runtime-semantics", {"--no-rotation": None}, ["llamacpp semantics only"]),
+    ("kv-type-bogus", {"--semantics": "llamacpp", "--kv-type": "q5_0"},
+     ["KV cache type must be one of f16, q4_0, q4_1, q8_0", "'q5_0'"]),
+    ("llamacpp-weight-groups-not-32-blocks", {"--semantics": "llamacpp"},
+     ["down_proj", "groups of 172 input channels", "Q4_1's 32-weight blocks"]),
+    ("llamacpp-kv-bits-without-cache-type", {"--semantics": "llamacpp", "--kv-bits": "3"},
+     ["llamacpp target stores the KV cache as q4_0 or q4_1 (kv_bits 4)", "got kv_bits 3"]),
 ]
 
 
@@ -283,7 +292,7 @@ def _fill(template: str, bad: dict[str, Path]) -> str:
 def _options(defaults: dict[str, str], overrides: dict[str, str], bad: dict[str, Path]) -> list[str]:
     args = []
     for key, value in (defaults | overrides).items():
-        args += [key, _fill(str(value), bad)]
+        args += [key] if value is None else [key, _fill(str(value), bad)]  # None: a flag
     return args
 
 

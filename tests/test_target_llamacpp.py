@@ -18,7 +18,7 @@ from wkvq_core import targets
 from wkvq_core.artifact import load_quantized
 from wkvq_core.config import TARGET_NAMES, CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.errors import ConfigError
-from wkvq_core.export import NOTES
+from wkvq_core.export import NOTES, exporter
 from wkvq_core.export.gguf import export as export_gguf
 from wkvq_core.export.gguf import permute_rotary
 from wkvq_core.model import attentions, prepare_model_, quant_state
@@ -366,3 +366,10 @@ def test_a_job_for_a_model_llamacpp_cannot_run_fails_before_calibrating(tmp_path
     with pytest.raises(ConfigError, match="intermediate_size \\(172\\) to be a multiple of 32"):
         run_quantize_job(job)
     assert not (tmp_path / "out").exists()
+
+
+def test_exports_of_a_llamacpp_artifact_say_the_k_smoothing_is_kept(tmp_path):
+    """Folded into q_proj / k_proj, the K smoothing is in every export's weights, and POQ was never part of it."""
+    artifact, _ = quantize_random(tmp_path, "llamacpp", epochs=0)
+    notes = json.loads((exporter("compressed-tensors").export(artifact, tmp_path / "ct") / NOTES).read_text())
+    assert {item["feature"] for item in notes["not_expressed"]} == {"kv_cache_quantization"}

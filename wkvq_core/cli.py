@@ -182,6 +182,11 @@ def print_eval_table(result: dict) -> None:
         table.add_row(*row)
     out.print(table)
     out.print(f"KV cache: {result['kv_bytes_per_token']:.1f} bytes/token (fp16: {result['kv_bytes_per_token_fp16']:.1f})")
+    semantics = result.get("semantics", {})
+    if semantics.get("kv_cache_type"):
+        out.print(f"as llama.cpp computes it: {semantics['kv_cache_type']} cache, Hadamard rotation "
+                  f"{'on' if semantics['rotation'] else 'off'}, matmul inputs {semantics.get('matmul_inputs', 'exact')}",
+                  highlight=False)
 
 
 def _estimate_kind(device: str, estimate_for: str | None) -> str:
@@ -348,18 +353,30 @@ def evaluate(
     kv_bits: KVBits = 4,
     group_size: GroupSize = None,
     eval_tokens: EvalTokens = DEFAULT_EVAL_TOKENS,
+    semantics: Annotated[Optional[str], typer.Option(
+        "--semantics", help="Compute what this target's engine computes: runtime (our packed runtime) or llamacpp "
+                            "(llama.cpp on the GGUF export); default: the artifact's own target.")] = None,
+    kv_type: Annotated[Optional[str], typer.Option(
+        "--kv-type", help="llamacpp: the KV cache type, q4_0, q4_1, q8_0 or f16 (default: the artifact's, else "
+                          "from --kv-bits).")] = None,
+    rotation: Annotated[Optional[bool], typer.Option(
+        "--rotation/--no-rotation", help="llamacpp: its Hadamard rotation of a quantized cache (--no-rotation: "
+                                         "LLAMA_ATTN_ROT_DISABLE=1).")] = None,
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Perplexity with the quantized KV cache read exactly as in decoding (POQ)."""
+    """Perplexity with the quantized KV cache read exactly as in decoding, as the target's engine computes it."""
     _quiet_transformers()
     from .artifact import is_artifact
     from .calib.data import eval_windows, evaluation_ids, load_text
     from .calib.progress import CalibrationCallbacks
+    from .evaluation.semantics import apply_semantics_
     from .model import load_model, model_config, prepare_model_
     from .pipeline import evaluate_modes, resolve_device
 
     _check_device(device)
+    if semantics is not None and semantics not in TARGET_NAMES:
+        _fail(f"--semantics must be one of {', '.join(TARGET_NAMES)}; got {semantics!r}")
     modes = list(EvalMode) if mode == "all" else None
     try:
         if modes is None:
@@ -381,11 +398,16 @@ def evaluate(
             if modes == [EvalMode.FP]:  # nothing quantized: bit options do not apply
                 w_bits = kv_bits = 16
             group_size = resolve_group_size(group_size, model_json) if w_bits != FP_BITS else -1
-            config = _build_config(w_bits=w_bits, kv_bits=kv_bits, group_size=group_size)
+            config = _build_config(w_bits=w_bits, kv_bits=kv_bits, group_size=group_size,
+                                   target=semantics or RUNTIME_TARGET)  # RTN as that target quantizes
             prepare_model_(net, config)
+        computed = apply_semantics_(net, config, semantics or config.target, kv_type, rotation)
         ids, truncated = evaluation_ids(tokenizer, load_text(data), eval_tokens)
         result = evaluate_modes(net, config, eval_windows(ids, seqlen), modes, device=resolve_device(device),
                                 callbacks=CalibrationCallbacks(on_event=_LineEvents()))
+        result["semantics"] = computed.to_dict()
+        if computed.kv_bytes_per_token(net.config) is not None:
+            result["kv_bytes_per_token"] = computed.kv_bytes_per_token(net.config)
     except WKVQError as exc:
         _fail(str(exc))
     if truncated:

@@ -237,8 +237,9 @@ def _hyperparameters(writer: gguf.GGUFWriter, config, where: Path) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
 
 
-def _not_expressed(kv: dict[str, Any], cache_type: str) -> list[dict[str, str]]:
-    return kv_not_expressed(kv, {
+def _not_expressed(wkv: dict[str, Any], cache_type: str) -> list[dict[str, str]]:
+    kv = wkv.get("kv", {})
+    return kv_not_expressed(wkv, {
         "kv_cache_quantization": (
             f"{kv.get('bits', FP_BITS)}-bit dynamic asymmetric per-token KV quantization per KV head (group "
             f"{kv.get('group_size') or 'head_dim'}); llama.cpp quantizes its cache its own way, chosen at run time: "
@@ -343,7 +344,7 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
                f"llama.cpp's {cache_type} cache with its Hadamard rotation (-ctk {cache_type} -ctv {cache_type})"]
               if for_llamacpp else []),
         ],
-        "not_expressed": [] if for_llamacpp else _not_expressed(kv, cache_type),
+        "not_expressed": [] if for_llamacpp else _not_expressed(wkv, cache_type),
         "recommended_cache_type": {"k": cache_type, "v": cache_type},
         "tokenizer": tokenizer,
         "loading": (f"llama.cpp: llama-cli -m OUT/{GGUF_FILE} -ctk {cache_type} -ctv {cache_type}"

@@ -1,0 +1,149 @@
+"""Evaluation with a deployment target's semantics: the model computed as the target's engine computes it.
+
+`apply_semantics_(model, config, target, cache_type, rotate)` switches a loaded artifact (`load_quantized`) or a
+prepared model (RTN weights, `prepare_model_`) in place; `perplexity` then gives what that engine gives.
+
+- "runtime": our packed runtime (`WKVQuantCache`): the model's own KV quantization per token (its group size and
+  sink tokens) with POQ, its K smoothing.
+- "llamacpp": llama.cpp running the model's GGUF export (`export.gguf`):
+  - the KV cache as the llamacpp target stores it (`targets.llamacpp.LlamaCppKV`: blocks of 32 of the cache type,
+    Hadamard rotation unless `rotate` is False, i.e. LLAMA_ATTN_ROT_DISABLE=1; every token attends to its own
+    quantized K/V, no POQ; no sink tokens or full-precision prefill; K quantized after RoPE);
+  - K as the export carries it: a model of another target loses its per-channel K smoothing (the export drops
+    it); a llamacpp-target model keeps its own, which the export folds into q_proj / k_proj. The V smoothing is
+    folded into v_proj / o_proj either way;
+  - the inputs of the 4-bit linears rounded to Q8_1 blocks (`q8_1_round`), as llama.cpp's CPU Q4_1 matmuls
+    round them (ggml's vec_dot type for Q4_1).
+  An "f16" cache leaves K/V unquantized here (llama.cpp rounds them to fp16, which this leaves out).
+  Not computed: the fp16 rounding of the Q8_1 block sums that multiply Q4_1's m, the F16 matmuls of the
+  embeddings / lm_head, the flash attention's own rounding of the queries, and the Q4_1 blocks that the export
+  cannot write exactly (notes `q4_1.inexact_blocks`; none for a llamacpp-target artifact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import gguf
+import torch
+from torch import nn
+
+from ..config import FP_BITS, TARGET_NAMES, WKVQuantConfig, head_dim
+from ..errors import ConfigError
+from ..model import attentions, decoder_layers
+from ..quant.weight_clip import QuantLinear
+from ..runtime.packed_linear import PackedLinear
+from ..targets import RUNTIME, get_target
+from ..targets.llamacpp import BITS_OF_TYPE, BLOCK, TARGET as LLAMACPP_TARGET, cache_type as config_cache_type
+from ..targets.llamacpp import kv_quantizer_for
+
+LLAMACPP = LLAMACPP_TARGET.name
+Q8_1_BLOCK = 32  # QK8_1
+
+
+@dataclass(frozen=True)
+class Semantics:
+    """What `apply_semantics_` set up, as the json of an evaluation reports it."""
+
+    target: str
+    kv_cache_type: str | None = None  # llamacpp: the cache type (-ctk / -ctv)
+    rotation: bool | None = None  # llamacpp: its Hadamard rotation of a quantized cache
+    matmul_inputs: str | None = None  # llamacpp: "q8_1", the rounding of the 4-bit linears' inputs
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    def kv_bytes_per_token(self, model_config) -> float | None:
+        """Bytes of K and V cache per token over all layers in llama.cpp's cache type (None: not llamacpp)."""
+        if self.kv_cache_type is None:
+            return None
+        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.kv_cache_type.upper()]]
+        per_head = head_dim(model_config.to_dict()) / block * block_bytes
+        return 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * per_head
+
+
+def q8_1_round(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as ggml's x86 quantize_row_q8_1 rounds a Q4_1 matmul's input along its last dim: blocks of 32,
+    codes round-half-even(x * 127 / amax), value code * fp16(amax / 127); returned in x's dtype."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, Q8_1_BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax == 0, 0.0, 127 / torch.where(amax == 0, 1.0, amax))
+    return (torch.round(blocks * inverse) * (amax / 127).half().float()).reshape(x.shape).to(x.dtype)
+
+
+def _q8_1_inputs(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a 4-bit linear: its input rounded by `q8_1_round` while its weight is quantized."""
+    if isinstance(module, QuantLinear) and not module.weight_quant:
+        return None
+    return q8_1_round(args[0]), *args[1:]
+
+
+def _llamacpp_linears(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers' linears, checked to be what the GGUF export writes as Q4_1: 4-bit weights in groups of a
+    multiple of 32, unquantized activations."""
+    linears = []
+    for name, module in decoder_layers(model).named_modules():
+        if isinstance(module, (PackedLinear, QuantLinear)):
+            group = module.in_features if module.group_size == -1 else module.group_size
+            if module.bits != 4:
+                raise ConfigError(f"llama.cpp runs the GGUF export, whose linears are 4-bit Q4_1; layer {name} has "
+                                  f"{module.bits}-bit weights")
+            if group % BLOCK:
+                raise ConfigError(f"layer {name}: weight groups of {group} input channels are not a multiple of "
+                                  f"Q4_1's {BLOCK}-weight blocks")
+            if module.act_bits != FP_BITS:
+                raise ConfigError(f"layer {name}: {module.act_bits}-bit activations; llama.cpp runs weight-only (A16) "
+                                  "models")
+            linears.append(module)
+        elif isinstance(module, nn.Linear):
+            raise ConfigError(f"llama.cpp runs the GGUF export, whose linears are 4-bit Q4_1; layer {name} is not "
+                              "quantized")
+    return linears
+
+
+def _unsmooth_keys_(attn: nn.Module) -> None:
+    """Drop the attention's K smoothing (scale 1, shift 0), as the GGUF export of a runtime artifact does."""
+    with torch.no_grad():
+        attn.k_scale.fill_(1)
+        attn.k_shift.fill_(0)
+
+
+def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cache_type: str | None = None,
+                     rotate: bool | None = None, round_matmul_inputs: bool = True) -> Semantics:
+    """Make `model` (quantized with `config`) compute what `target`'s engine computes, in place; apply once, to a
+    freshly loaded or prepared model. llamacpp: `cache_type` (default `targets.llamacpp.cache_type(config.kv)`),
+    `rotate` (default True; False: LLAMA_ATTN_ROT_DISABLE=1), `round_matmul_inputs` (False leaves out the Q8_1
+    rounding: for measuring what it does)."""
+    if target not in TARGET_NAMES:
+        raise ConfigError(f"semantics must be one of {', '.join(sorted(TARGET_NAMES))}; got {target!r}")
+    if target == RUNTIME:
+        if cache_type is not None or rotate is not None:
+            raise ConfigError("a KV cache type and the rotation switch apply to the llamacpp semantics only")
+        runtime = get_target(RUNTIME)
+        quantizer = runtime.kv_quantizer(config.kv)
+        for attn in attentions(model):
+            attn.kv_quantizer, attn.poq = quantizer, config.kv.poq and runtime.poq
+        return Semantics(RUNTIME)
+
+    quantizer = kv_quantizer_for(cache_type or config_cache_type(config.kv), rotate is not False)
+    cache_type, rotate = quantizer.kv_type, quantizer.rotate
+    linears = _llamacpp_linears(model)
+    for attn in attentions(model):
+        if attn.head_dim % BLOCK:
+            raise ConfigError(f"llama.cpp's {cache_type} KV cache needs head_dim divisible by {BLOCK}; this model has "
+                              f"{attn.head_dim}")
+        if attn.rotation is not None:
+            raise ConfigError("the model rotates V (kv rotate) at run time, outside its v_proj / o_proj weights; the "
+                              "GGUF export cannot express that")
+        if attn.smoothing_configured and not attn.smoothing_folded:
+            raise ConfigError("the smoothing is not folded into the projections yet (a calibrated model in memory): "
+                              "save it as an artifact and evaluate that")
+        if config.target != LLAMACPP:
+            _unsmooth_keys_(attn)
+        attn.kv_quantizer, attn.poq, attn.kv_bits = quantizer, False, BITS_OF_TYPE[cache_type]
+        attn.kv_quant = attn.kv_bits != FP_BITS
+        attn.k_pre_rope, attn.sink_tokens, attn.fp_prefill = False, 0, False
+    if round_matmul_inputs:
+        for linear in linears:
+            linear.register_forward_pre_hook(_q8_1_inputs)
+    return Semantics(LLAMACPP, cache_type, rotate, "q8_1" if round_matmul_inputs else None)
