@@ -174,7 +174,9 @@ def _blocks(job) -> str:
 
 def _config(config: dict[str, Any]) -> str:
     kv_group = config.get("kv_group_size") or "head_dim"
-    return (f"W{config['w_bits']} KV{config['kv_bits']}, group {config['group_size']}, KV group {kv_group}, "
+    target = config.get("target", "runtime") + (f" ({config['kv_cache_type']} cache)" if config.get("kv_cache_type")
+                                                else "")
+    return (f"{target}, W{config['w_bits']} KV{config['kv_bits']}, group {config['group_size']}, KV group {kv_group}, "
             f"CRR k {config['crr_k']} ({config['loss']}), {config['epochs']} epochs, "
             f"{config['nsamples']} x {config['seqlen']} tokens, seed {config['seed']}")
 
@@ -220,6 +222,11 @@ def submit(
     poq: Annotated[bool, typer.Option(help="Past-only quantization.")] = True,
     method: Annotated[str, typer.Option(help="paper or recommended (the KV options that won on held-out text).")
                       ] = "recommended",
+    target: Annotated[str, typer.Option(help="runtime (the packed artifact) or llamacpp (also a GGUF; calibrated "
+                                             "and evaluated for llama.cpp's own KV cache).")] = "runtime",
+    kv_cache_type: Annotated[Optional[str], typer.Option(
+        "--kv-cache-type", help="llamacpp: llama.cpp's KV cache type, q4_0 | q4_1 | q8_0 | f16 (default: from "
+                                "--kv-bits).", show_default=False)] = None,
     gpu_class: Annotated[Optional[str], typer.Option(help="GPU class (default: the server's first).")] = None,
     priority: Annotated[int, typer.Option(help="-100..100, higher runs first.")] = 0,
     idempotency_key: Annotated[Optional[str], typer.Option(help="Resubmitting with the same key and body returns "
@@ -249,8 +256,9 @@ def submit(
             "calibration": data_spec(calib, "--calib", upload),
             "config": {"w_bits": w_bits, "kv_bits": kv_bits, "kv_group_size": kv_group_size, "crr_k": crr_k,
                        "loss": loss.value, "epochs": epochs, "nsamples": nsamples, "seed": seed, "lwc": lwc,
-                       "smoothing": smoothing, "poq": poq, "method": method}
-                      | {name: value for name, value in (("group_size", group_size), ("seqlen", seqlen))
+                       "smoothing": smoothing, "poq": poq, "method": method, "target": target}
+                      | {name: value for name, value in (("group_size", group_size), ("seqlen", seqlen),
+                                                         ("kv_cache_type", kv_cache_type))
                          if value is not None},  # left out: the server's defaults for the model
             "priority": priority,
         }
@@ -327,8 +335,9 @@ def watch(job_id: JobId) -> None:
 @app.command()
 def download(
     job_id: JobId,
-    directory: Annotated[Path, typer.Argument(help="Where model.tar goes (created if missing).", show_default=False)],
-    name: Annotated[str, typer.Option(help="The artifact's name.")] = "model.tar",
+    directory: Annotated[Path, typer.Argument(help="Where the artifact goes (created if missing).", show_default=False)],
+    name: Annotated[str, typer.Option(help="The artifact's name: model.tar, or for a llamacpp job model.gguf.")
+                    ] = "model.tar",
     extract: Annotated[bool, typer.Option("--extract", help="Unpack the model directory next to the tar.")] = False,
 ) -> None:
     """Download a job's artifact: resumes a partial download, checks its sha256, renames it into place."""

@@ -6,6 +6,7 @@ reaped) cannot overwrite the state of the job's new owner.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from sqlalchemy import func, select, update
 from api.core.context import ServiceContext
 from api.core.db import new_id, utcnow
 from api.core.redact import public_message
-from api.core.storage import StorageError
+from api.core.storage import StorageError, StoredObject
 from api.datasets.builtin import BUILTIN_TEXTS
 from api.jobs import states
 from api.jobs.estimate import job_wkvq_config
@@ -32,7 +33,9 @@ from api.queue.fair_share import claim_order, over_cap
 from wkvq_core.calib.progress import CalibrationCallbacks, CalibrationEvent, EventKind
 from wkvq_core.config import WKVQuantConfig
 from wkvq_core.errors import CalibrationCancelled, WKVQError
+from wkvq_core.export import NOTES, exporter
 from wkvq_core.pipeline import QuantizeJob, run_quantize_job
+from wkvq_core.targets import get_target, llamacpp
 
 from .artifact_tar import write_reproducible_tar
 from .checkpoints import StorageCheckpoints, drop_checkpoints
@@ -43,11 +46,48 @@ from .retry import with_db_retry
 
 log = logging.getLogger(__name__)
 ARTIFACT_NAME = "model.tar"
+EXPORTING = "exporting"  # the stage writing the target's export (a GGUF for llamacpp) from the packed artifact
+MEDIA_TYPES = {".tar": "application/x-tar", ".json": "application/json"}  # else application/octet-stream
 CANCEL_POLL_SECONDS = 0.5
 
 
 def job_config(spec: dict[str, Any]) -> WKVQuantConfig:
     return job_wkvq_config(spec["config"])
+
+
+def engine_of(config: WKVQuantConfig) -> dict[str, Any]:
+    """{"target": ..., "cache_type": ...}: the engine a job's metrics are measured for; llamacpp with the KV cache
+    type (-ctk / -ctv) its WKV perplexity predicts llama.cpp's for."""
+    if config.target != "llamacpp":
+        return {"target": config.target}
+    return {"target": config.target, "cache_type": llamacpp.cache_type(config.kv)}
+
+
+def export_format(config: WKVQuantConfig) -> str | None:
+    """The `wkvq_core.export` format the job's target is deployed with (None: the packed artifact itself)."""
+    return get_target(config.target).export
+
+
+def export_files(fmt: str, artifact_dir: Path, out_dir: Path, metrics: dict[str, Any]) -> list[Path]:
+    """Writes the export of the packed artifact; returns its files (the model file and the notes json) and records
+    in metrics["export"] what the job page shows: the format, its files and the notes' advice on running it."""
+    try:
+        exporter(fmt).export(artifact_dir, out_dir)
+    except WKVQError as exc:
+        raise WKVQError(f"the {fmt} export of the quantized model failed: {exc}") from exc
+    notes = json.loads((out_dir / NOTES).read_text())
+    metrics["export"] = {"format": fmt, "file": notes["file"], "notes": NOTES,
+                         **{key: notes[key] for key in ("recommended_cache_type", "loading") if key in notes}}
+    return [out_dir / notes["file"], out_dir / NOTES]
+
+
+def describe_stored(metrics: dict[str, Any], stored: dict[str, StoredObject]) -> None:
+    """Size and sha256 of the stored files in the job's metrics (the packed artifact's and its export's)."""
+    metrics["artifact"] = {"name": ARTIFACT_NAME, "size": stored[ARTIFACT_NAME].size,
+                           "sha256": stored[ARTIFACT_NAME].sha256}
+    if "export" in metrics:
+        obj = stored[metrics["export"]["file"]]
+        metrics["export"] |= {"size": obj.size, "sha256": obj.sha256}
 
 
 def artifact_top_dir(spec: dict[str, Any]) -> str:
@@ -232,15 +272,26 @@ class JobRunner:
         metrics = run_quantize_job(quantize_job, callbacks)
         if heartbeat.lost.is_set():
             raise LeaseLost()
+        if "eval" in metrics:  # the engine whose arithmetic the perplexities were measured with
+            metrics["eval"]["engine"] = engine_of(quantize_job.config)
         tar_path = workdir / ARTIFACT_NAME
         write_reproducible_tar(workdir / "artifact", tar_path, artifact_top_dir(spec))
+        files = [tar_path]
+        export = export_format(quantize_job.config)
+        if export is not None:
+            self._event(lease, heartbeat, "stage", EXPORTING, progress={"stage": EXPORTING})
+            files += export_files(export, workdir / "artifact", workdir / "export", metrics)
         self._enter_publishing(lease, heartbeat)
-        stored = self.ctx.store.put_file(str(tar_path), f"jobs/{lease.job_id}/{lease.token}-{ARTIFACT_NAME}")
-        metrics["artifact"] = {"name": ARTIFACT_NAME, "size": stored.size, "sha256": stored.sha256}
+        stored: list[tuple[str, StoredObject]] = []
         try:
+            for path in files:
+                key = f"jobs/{lease.job_id}/{lease.token}-{path.name}"
+                stored.append((path.name, self.ctx.store.put_file(str(path), key)))
+            describe_stored(metrics, dict(stored))
             self._db(lambda: self._publish(lease, stored, metrics), f"publishing job {lease.job_id}")
         except BaseException:
-            self.ctx.store.delete(stored.uri)
+            for _, obj in stored:
+                self.ctx.store.delete(obj.uri)
             raise
 
     def _enter_publishing(self, lease: Lease, heartbeat: _Heartbeat) -> None:
@@ -266,23 +317,29 @@ class JobRunner:
         heartbeat.lost.set()
         raise LeaseLost()
 
-    def _publish(self, lease: Lease, stored, metrics: dict[str, Any]) -> None:
-        """One transaction: artifact row, metrics, status succeeded (fenced)."""
+    def _publish(self, lease: Lease, stored: list[tuple[str, StoredObject]], metrics: dict[str, Any]) -> None:
+        """One transaction: the artifact rows (the packed model, and the target's export if it has one), metrics,
+        status succeeded (fenced)."""
         with self.ctx.session() as session:
             if not states.finish(session, lease.job_id, lease.token, JobStatus.SUCCEEDED, stage=DONE, error=None):
                 session.rollback()
                 raise LeaseLost()
-            previous = session.scalar(select(Artifact).where(Artifact.job_id == lease.job_id, Artifact.name == ARTIFACT_NAME))
-            if previous is not None:  # republished after a manual requeue: the new bytes replace the old
-                session.delete(previous)
-                session.flush()
-            session.add(Artifact(job_id=lease.job_id, name=ARTIFACT_NAME, uri=stored.uri, sha256=stored.sha256,
-                                 size=stored.size, media_type="application/x-tar"))
+            previous = list(session.scalars(select(Artifact).where(  # republished after a manual requeue: replaced
+                Artifact.job_id == lease.job_id, Artifact.name.in_([name for name, _ in stored]))))
+            for artifact in previous:
+                session.delete(artifact)
+            session.flush()
+            for name, obj in stored:
+                session.add(Artifact(job_id=lease.job_id, name=name, uri=obj.uri, sha256=obj.sha256, size=obj.size,
+                                     media_type=MEDIA_TYPES.get(Path(name).suffix, "application/octet-stream")))
             session.merge(JobMetrics(job_id=lease.job_id, metrics=metrics))
-            add_event(session, lease.job_id, "succeeded", f"artifact {ARTIFACT_NAME} ({stored.size} bytes)")
+            add_event(session, lease.job_id, "succeeded",
+                      ", ".join(f"artifact {name} ({obj.size} bytes)" for name, obj in stored))
             session.commit()
-        if previous is not None and previous.uri != stored.uri:
-            self.ctx.store.delete(previous.uri)
+        kept = {obj.uri for _, obj in stored}
+        for artifact in previous:
+            if artifact.uri not in kept:
+                self.ctx.store.delete(artifact.uri)
         if not self.ctx.settings.KEEP_CHECKPOINTS:
             drop_checkpoints(self.ctx, lease.job_id)
 

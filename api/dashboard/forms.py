@@ -15,13 +15,16 @@ from ..core.context import ServiceContext
 from ..core.errors import Conflict, InvalidField, PayloadTooLarge, TooManyRequests
 from ..datasets.service import dataset_service
 from ..jobs.model_source import local_models
-from ..jobs.schemas import BUILTIN_DATASETS, JobCreate, QuantConfig
+from ..jobs.schemas import BUILTIN_DATASETS, KV_CACHE_TYPES, TARGETS, JobCreate, QuantConfig
 from ..jobs.service import job_service
 from ..models import Job, Team
 
 PRESETS = {"W4KV4": (4, 4), "W4": (4, 16), "W4KV8": (4, 8)}  # (w_bits, kv_bits)
 PRESET_LABELS = {"W4KV4": "W4KV4 (4-bit weights, 4-bit KV cache)", "W4": "W4 (4-bit weights, fp16 KV cache)",
                  "W4KV8": "W4KV8 (4-bit weights, 8-bit KV cache)"}
+TARGET_LABELS = {"runtime": "WKVQuant runtime (the packed artifact, our KV cache)",
+                 "llamacpp": "llama.cpp (a GGUF, llama.cpp's own KV cache)"}
+CHOICE_FIELDS = ("target", "kv_cache_type")  # config fields chosen from a list; empty: left out
 NUMBER_FIELDS = ("group_size", "nsamples", "seqlen", "epochs", "crr_k", "seed")
 MODEL_DEFAULTS = ("group_size", "seqlen")  # left empty: the API picks them for the model (model_source.check_dims)
 CALIBRATION_SOURCES = ("builtin", "dataset", "file")
@@ -33,6 +36,8 @@ class JobForm(BaseModel):
 
     model: str = ""
     preset: str = "W4KV4"
+    target: str = "runtime"
+    kv_cache_type: str | None = None
     group_size: str | None = None
     nsamples: str | None = None
     seqlen: str | None = None
@@ -62,7 +67,8 @@ class JobForm(BaseModel):
     def body(self, dataset_id: str) -> dict[str, Any]:
         w_bits, kv_bits = PRESETS.get(self.preset, (None, None))
         config: dict[str, Any] = {"w_bits": w_bits, "kv_bits": kv_bits}
-        config.update({f: value for f in NUMBER_FIELDS if (value := getattr(self, f)) not in (None, "")})
+        fields = (*CHOICE_FIELDS, *NUMBER_FIELDS)
+        config.update({f: value for f in fields if (value := getattr(self, f)) not in (None, "")})
         if self.calib_source == "builtin":
             calibration = {"source": "builtin", "name": self.builtin_name}
         else:
@@ -79,7 +85,9 @@ def field_for(loc: Sequence[str | int]) -> str:
     head = parts[0]
     if head == "config":
         name = parts[1] if len(parts) > 1 else ""
-        return name if name in NUMBER_FIELDS else "preset" if name in ("w_bits", "kv_bits") else "form"
+        if name in NUMBER_FIELDS or name in CHOICE_FIELDS:
+            return name
+        return "preset" if name in ("w_bits", "kv_bits") else "form"
     if head in ("evaluation", "calibration"):
         return "calibration"
     return head if head in ("model", "gpu_class", "file") else "form"
@@ -134,5 +142,6 @@ def submit_form(ctx: ServiceContext, session: Session, team: Team, form: JobForm
 def form_context(ctx: ServiceContext, session: Session, team: Team, form: JobForm,
                  errors: dict[str, str] | None = None) -> dict[str, Any]:
     return {"form": form, "errors": errors or {}, "models": local_models(ctx.settings), "presets": PRESET_LABELS,
+            "targets": {name: TARGET_LABELS.get(name, name) for name in TARGETS}, "kv_cache_types": KV_CACHE_TYPES,
             "gpu_classes": ctx.settings.GPU_CLASSES, "builtins": BUILTIN_DATASETS,
             "datasets": dataset_service.list(session, team=team), "nav": "new"}

@@ -19,6 +19,33 @@ from .web import duration, filesize
 EVENT_PAGE = 500
 EVENT_LOG_LIMIT = 40
 PPL_MODES = {"fp": "full precision", "w": "W: weights quantized", "wkv": "WKV: weights + KV cache"}
+LLAMACPP = "llamacpp"
+
+
+def engine_labels(engine: dict[str, Any] | None) -> dict[str, str]:
+    """What the perplexities and the RTN baseline of a job mean under its target (metrics["eval"]["engine"]): for
+    llama.cpp, WKV is the perplexity predicted for the GGUF run with that KV cache type, RTN uses llama.cpp's own
+    uncalibrated cache. Older jobs and runtime jobs: the packed runtime's."""
+    if not engine or engine.get("target") != LLAMACPP:
+        return {**PPL_MODES, "rtn": "RTN, job's KV options"}
+    cache = engine.get("cache_type") or "f16"
+    return {"fp": "full precision", "w": "W: weights quantized (f16 cache)",
+            "wkv": f"predicted llama.cpp perplexity ({cache} cache)", "rtn": f"RTN + llama.cpp's own {cache} cache"}
+
+
+def target_label(config: dict[str, Any]) -> str:
+    """The job's target as the job page says it: "runtime", "llamacpp" or "llamacpp, q4_1 cache"."""
+    target = config.get("target", "runtime")  # jobs from before targets ran as runtime
+    return f"{target}, {config['kv_cache_type']} cache" if config.get("kv_cache_type") else target
+
+
+def run_commands(export: dict[str, Any] | None) -> list[str]:
+    """The llama.cpp commands that run a job's GGUF with the cache type its export notes recommend."""
+    if not export or export.get("format") != "gguf":
+        return []
+    cache = export.get("recommended_cache_type") or {"k": "f16", "v": "f16"}
+    flags = f"-ctk {cache['k']} -ctv {cache['v']}" + (" -fa on" if cache["v"] != "f16" else "")  # quantized V: FA
+    return [f"llama-cli -m {export['file']} {flags}", f"llama-perplexity -m {export['file']} -f TEXT {flags}"]
 
 
 def model_label(model: dict[str, Any]) -> str:
@@ -31,7 +58,8 @@ def bits_label(config: dict[str, Any]) -> str:
 
 
 def job_row(job: JobRead) -> dict[str, Any]:
-    return {"job": job, "model": model_label(job.model), "bits": bits_label(job.config)}
+    return {"job": job, "model": model_label(job.model), "bits": bits_label(job.config),
+            "target": target_label(job.config)}
 
 
 def all_events(session: Session, job_id: str) -> list[JobEvent]:
@@ -85,10 +113,11 @@ def metric_summary(metrics: dict[str, Any] | None, whole_run: float | None = Non
     reference = ppl.get("fp")
     rtn = (evaluation.get("baselines") or {}).get("rtn")  # None for jobs from before the baselines
     baseline = rtn or {}
-    rows = [{"mode": mode, "label": label, "ppl": ppl[mode],
+    labels = engine_labels(evaluation.get("engine"))
+    rows = [{"mode": mode, "label": labels[mode], "ppl": ppl[mode],
              "delta": None if reference is None or mode == "fp" else ppl[mode] - reference,
              "rtn": baseline.get(mode), "rtn_delta": ppl[mode] - baseline[mode] if mode in baseline else None}
-            for mode, label in PPL_MODES.items() if mode in ppl]
+            for mode in PPL_MODES if mode in ppl]
     facts = []
     kv, kv16 = evaluation.get("kv_bytes_per_token"), evaluation.get("kv_bytes_per_token_fp16")
     if kv and kv16:
@@ -107,7 +136,12 @@ def metric_summary(metrics: dict[str, Any] | None, whole_run: float | None = Non
         facts.append(("Device", metrics["calibration"]["device"]))
     if (metrics.get("artifact") or {}).get("size") is not None:
         facts.append(("Artifact size", filesize(metrics["artifact"]["size"])))
-    return {"ppl": rows, "rtn": rtn is not None, "facts": facts}
+    if (metrics.get("export") or {}).get("size") is not None:
+        facts.append((f"{metrics['export']['file']} size", filesize(metrics["export"]["size"])))
+    export = metrics.get("export") or {}
+    return {"ppl": rows, "rtn": rtn is not None, "rtn_label": labels["rtn"],
+            "llamacpp": (evaluation.get("engine") or {}).get("target") == LLAMACPP, "facts": facts,
+            "run_commands": run_commands(export), "export_notes": export.get("notes")}
 
 
 def job_detail(session: Session, *, team: Team, job_id: str) -> dict[str, Any]:

@@ -8,9 +8,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from wkvq_core.calib.estimate import (ResourceEstimate, estimate_resources, estimate_storage, eval_windows_for_chars,
-                                format_bytes, format_seconds)
-from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig, kv_config
+from wkvq_core.calib.estimate import (ModelShape, ResourceEstimate, estimate_resources, estimate_storage,
+                                      eval_windows_for_chars, format_bytes, format_seconds)
+from wkvq_core.config import RUNTIME_TARGET, CalibConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.errors import ConfigError
 
 from ..core.config import GpuBudget, Settings
@@ -28,19 +28,38 @@ LOC = ("body", "config")
 # A hub model's tokenizer files are not looked up at submit: what an artifact's tokenizer is assumed to take at most
 HUB_TOKENIZER_BYTES = 32_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+EXPORT_OVERHEAD = 1 << 20  # the export's header, metadata and notes json
 
 
 def job_wkvq_config(spec_config: dict[str, Any]) -> WKVQuantConfig:
-    """The library config of a job's `config` (as stored in its spec; older rows without `method` run the paper):
-    what the worker runs and what the estimate at submit is computed for."""
+    """The library config of a job's `config` (as stored in its spec; older rows without `method` run the paper,
+    without `target` the runtime): what the worker runs and what the estimate at submit is computed for."""
+    from wkvq_core.targets import kv_config  # on first use: it imports torch, which API processes load only then
+
     c = spec_config
+    target = c.get("target", RUNTIME_TARGET)
     return WKVQuantConfig(
+        target=target,
         weight=WeightQuantConfig(bits=c["w_bits"], group_size=c["group_size"], lwc=c["lwc"]),
-        kv=kv_config(c.get("method", "paper"), bits=c["kv_bits"], group_size=c["kv_group_size"],
-                     smoothing=c["smoothing"], poq=c["poq"]),
+        kv=kv_config(c.get("method", "paper"), target, bits=c["kv_bits"], group_size=c["kv_group_size"],
+                     smoothing=c["smoothing"], poq=c["poq"], cache_type=c.get("kv_cache_type")),
         calib=CalibConfig(nsamples=c["nsamples"], seqlen=c["seqlen"], epochs=c["epochs"], crr_k=c["crr_k"],
                           loss=c["loss"], seed=c["seed"]),
     )
+
+
+def export_bytes(model_config: dict[str, Any], config: WKVQuantConfig) -> int:
+    """An upper bound of the target's export (0 without one): a GGUF holds every quantized linear as Q4_1 (20 bytes
+    per 32 weights), biases, norms and the rest in F32 at most, and the vocabulary (bounded by the tokenizer's
+    bytes, counted apart)."""
+    from wkvq_core.targets import get_target
+
+    if get_target(config.target).export is None:
+        return 0
+    shape = ModelShape.from_config(model_config)
+    linears = shape.linears().values()
+    per_layer = sum(o * i for o, i in linears) // 32 * 20 + 4 * (sum(o for o, _ in linears) + 2 * shape.hidden)
+    return shape.layers * per_layer + shape.resident_params * 4 + EXPORT_OVERHEAD
 
 
 @cache
@@ -76,8 +95,10 @@ def estimate_job(settings: Settings, session: Session, *, team: Team, body: JobC
     except ConfigError as exc:
         raise InvalidField(LOC, str(exc)) from None
     estimate.inputs["eval_text"] = source
-    estimate.breakdown["storage"] = {**estimate_storage(model_config, config),
-                                     "tokenizer": _tokenizer_bytes(settings, body)}
+    tokenizer = _tokenizer_bytes(settings, body)
+    estimate.breakdown["storage"] = {**estimate_storage(model_config, config), "tokenizer": tokenizer}
+    if export := export_bytes(model_config, config):  # the export carries the vocabulary too
+        estimate.breakdown["storage"]["export"] = export + tokenizer
     return estimate
 
 

@@ -7,13 +7,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wkvq_core.config import DEFAULT_EVAL_TOKENS, DEFAULT_METHOD
+from wkvq_core.config import DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, TARGET_NAMES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FP_BITS = 16
 BUILTIN_DATASETS = ("tinystories",)  # keys of api.datasets.builtin.BUILTIN_TEXTS
+TARGETS = tuple(TARGET_NAMES)
+KV_CACHE_TYPES = ("q4_0", "q4_1", "q8_0", "f16")  # wkvq_core.targets.llamacpp.KV_TYPES (no torch import here)
 
 
 class Strict(BaseModel):
@@ -100,6 +102,14 @@ class QuantConfig(Strict):
     lwc: bool = True
     smoothing: bool = True
     poq: bool = True
+    target: Literal[TARGETS] = Field(  # type: ignore[valid-type]
+        "runtime", description="the engine the model is calibrated and evaluated for (wkvq_core.targets): runtime, "
+                               "the packed artifact on WKVQuant's runtime; llamacpp, a GGUF on llama.cpp with its own "
+                               "KV cache (the job also ships model.gguf, and its WKV perplexity is the one predicted "
+                               "for llama.cpp)")
+    kv_cache_type: Literal[KV_CACHE_TYPES] | None = Field(  # type: ignore[valid-type]
+        None, description="llamacpp: llama.cpp's KV cache type (-ctk / -ctv), agreeing with kv_bits: 4 -> q4_0 or "
+                          "q4_1, 8 -> q8_0, 16 -> f16; null: q4_0, q8_0 or f16 from kv_bits")
     method: Literal["paper", "recommended"] = Field(
         DEFAULT_METHOD, description="paper: arXiv 2402.12065 exactly; recommended: with the KV options that won on "
                                     "held-out text (docs/method.md, benchmarks/RESULTS.md)")
@@ -153,7 +163,8 @@ class JobRead(BaseModel):
     last_loss: float | None
     epoch: int | None = Field(None, description="epochs finished in the block being calibrated (of config.epochs)")
     stage: str | None = Field(None, description="the stage the latest attempt is in, or ended in: loading, baselines, "
-                                                "calibrating, evaluating, writing, publishing (a job publishing its "
+                                                "calibrating, evaluating, writing, exporting (a target with an export "
+                                                "format: the GGUF), publishing (a job publishing its "
                                                 "artifact can no longer be cancelled), done (succeeded); null before "
                                                 "it starts")
     worker: str | None

@@ -24,6 +24,7 @@ from ..teams.usage import usage_service
 from .estimate import check_budget, estimate_job, reserved_bytes
 from .model_source import check_dims, check_hub_data, model_config
 from .schemas import JobCreate, JobRead, UploadedData
+from .targets import check_target
 from .states import DONE, PUBLISHING, RETRYABLE  # noqa: F401  (re-exported: the dashboard and the worker use them)
 
 MAX_EVENTS_PER_JOB = 5000  # past it, a job's oldest events are dropped (cancel/retry loops cannot grow it forever)
@@ -131,6 +132,7 @@ class JobService:
                                                       f"available: {', '.join(settings.GPU_CLASSES)}")
         model = model_config(settings, body.model, hub_config)
         check_dims(model, body.config)
+        check_target(model, body.config)
         check_hub_data(body)
         for field in ("calibration", "evaluation"):
             spec = getattr(body, field)

@@ -280,7 +280,7 @@ def test_a_finished_job_shows_metrics_and_downloads_by_cookie(web, sign_in, serv
     assert 'data-status="succeeded"' in html and "hx-trigger" not in html.split('id="job-live"')[1][:300]
     assert html.count('class="ppl-row"') == 3 and "12.000" in html and "+1.500" in html
     assert "Δ vs RTN" in html and "15.250" in html and "-3.250" in html and "-0.250" in html  # RTN baselines
-    assert "RTN, job's KV options" in html and "attention-sink tokens" in html  # not `wkvq eval`'s plain RTN
+    assert "RTN, job's KV options" in html_lib.unescape(html) and "attention-sink tokens" in html  # not plain RTN
     assert "Calibration with per-block evaluation</th><td class=\"num\">12 s" in html  # not "Calibration time"
     assert "Whole run</th><td class=\"num\">1 min 15 s" in html
     assert "4.0× smaller" in html and "3.0 MiB" in html and sha256 in html
@@ -298,6 +298,37 @@ def test_a_finished_job_shows_metrics_and_downloads_by_cookie(web, sign_in, serv
         session.commit()
     html = web.get(f"/dashboard/jobs/{job_id}").text
     assert html.count('class="ppl-row"') == 3 and "12.000" in html and "RTN" not in html
+
+
+def test_a_llamacpp_job_shows_its_target_the_engine_labels_and_how_to_run_the_gguf(web, sign_in, service):
+    job_id = submit_api(web, sign_in("a"))
+    with service.session() as session:  # as stored for a llamacpp job (stories260k itself is refused for one)
+        job = session.get(Job, job_id)
+        job.spec = job.spec | {"config": job.spec["config"] | {"target": "llamacpp", "kv_cache_type": "q4_1"}}
+        session.commit()
+    finish_with_artifact(service, job_id, b"x" * 1000)
+    export = {"format": "gguf", "file": "model.gguf", "notes": "wkvquant_export.json", "size": 4096, "sha256": "0" * 64,
+              "recommended_cache_type": {"k": "q4_1", "v": "q4_1"}}
+    with service.session() as session:
+        row = session.get(JobMetrics, job_id)
+        row.metrics = row.metrics | {"eval": METRICS["eval"] | {"engine": {"target": "llamacpp", "cache_type": "q4_1"}},
+                                     "export": export}
+        session.commit()
+    html = html_lib.unescape(web.get(f"/dashboard/jobs/{job_id}").text)
+    assert '<span id="target">llamacpp, q4_1 cache</span>' in html
+    assert "predicted llama.cpp perplexity (q4_1 cache)</td><td class=\"num\">12.000" in html
+    assert "RTN + llama.cpp's own q4_1 cache</th>" in html and "attention-sink" not in html
+    assert "llama-cli -m model.gguf -ctk q4_1 -ctv q4_1 -fa on" in html
+    assert "llama-perplexity -m model.gguf -f TEXT -ctk q4_1 -ctv q4_1 -fa on" in html
+    assert "model.gguf size</th><td class=\"num\">4.0 KiB" in html
+
+    with service.session() as session:  # a runtime job's page has no engine labels and no GGUF command
+        row = session.get(JobMetrics, job_id)
+        row.metrics = METRICS
+        session.get(Job, job_id).spec = TINY_JOB
+        session.commit()
+    html = html_lib.unescape(web.get(f"/dashboard/jobs/{job_id}").text)
+    assert '<span id="target">runtime</span>' in html and "llama" not in html and "WKV: weights + KV cache" in html
 
 
 def test_cancel_and_retry_buttons(web, sign_in):
@@ -341,7 +372,9 @@ def test_the_new_job_form_lists_models_gpu_classes_and_datasets(web, sign_in):
     ({"seqlen": "1024"}, {"seqlen": "max_position_embeddings 512"}),
     ({"gpu_class": "h100"}, {"gpu_class": "unknown GPU class 'h100'"}),
     ({"calib_source": "file"}, {"file": "choose a UTF-8 text file"}),
-], ids=["pydantic", "validator", "group-size", "seqlen", "gpu-class", "no-file"])
+    ({"target": "llamacpp"}, {"target": "head_dim divisible by 32; this model's is 8"}),
+    ({"target": "llamacpp", "kv_cache_type": "q8_0"}, {"kv_cache_type": "kv_bits is 4"}),
+], ids=["pydantic", "validator", "group-size", "seqlen", "gpu-class", "no-file", "llamacpp-head_dim", "cache-type"])
 def test_form_errors_render_inline(web, sign_in, changes, errors):
     sign_in("a")
     response = web.post("/dashboard/jobs/new", data=FORM | changes)
