@@ -35,7 +35,7 @@ from wkvq_core.config import WKVQuantConfig
 from wkvq_core.errors import CalibrationCancelled, WKVQError
 from wkvq_core.export import NOTES, exporter
 from wkvq_core.pipeline import QuantizeJob, run_quantize_job
-from wkvq_core.targets import get_target, llamacpp
+from wkvq_core.targets import get_target
 
 from .artifact_tar import write_reproducible_tar
 from .checkpoints import StorageCheckpoints, drop_checkpoints
@@ -56,11 +56,12 @@ def job_config(spec: dict[str, Any]) -> WKVQuantConfig:
 
 
 def engine_of(config: WKVQuantConfig) -> dict[str, Any]:
-    """{"target": ..., "cache_type": ...}: the engine a job's metrics are measured for; llamacpp with the KV cache
-    type (-ctk / -ctv) its WKV perplexity predicts llama.cpp's for."""
-    if config.target != "llamacpp":
-        return {"target": config.target}
-    return {"target": config.target, "cache_type": llamacpp.cache_type(config.kv)}
+    """{"target": ..., "cache_type": ...}: the engine a job's metrics are measured for, with the KV cache type (as
+    the engine names it, e.g. llama.cpp's -ctk / -ctv) its WKV perplexity predicts the engine's for."""
+    target = get_target(config.target)
+    if target.cache_type is None:
+        return {"target": target.name}
+    return {"target": target.name, "cache_type": target.cache_type(config.kv)}
 
 
 def export_format(config: WKVQuantConfig) -> str | None:

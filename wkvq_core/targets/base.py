@@ -27,3 +27,5 @@ class Target:
     weight_scale_bits: int | None = None  # significant bits of the weight scales (None: fp16's 11)
     # what the engine does to the input of a quantized-weight matmul (e.g. a rounding to 8-bit blocks); None: nothing
     matmul_input: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # the engine's name for the KV cache type of a config (llamacpp: -ctk / -ctv); None: the engine has no such name
+    cache_type: Callable[[KVQuantConfig], str] | None = None
