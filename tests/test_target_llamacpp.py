@@ -23,7 +23,7 @@ from wkvq_core.export.gguf import export as export_gguf
 from wkvq_core.export.gguf import permute_rotary
 from wkvq_core.model import attentions, prepare_model_, quant_state
 from wkvq_core.pipeline import QuantizeJob, quantize_model_, run_quantize_job
-from wkvq_core.quant.kv_quant import KEY, VALUE, WKVAttention
+from wkvq_core.quant.kv_quant import KEY, QUERY, VALUE, WKVAttention
 from wkvq_core.targets import RUNTIME, TARGETS, get_target, llamacpp
 
 ASSETS = Path(wkvq_core.__file__).parent / "assets"
@@ -141,17 +141,27 @@ def test_key_order_is_the_gguf_exports():
     assert torch.equal(llamacpp.deinterleave_pairs(llamacpp.interleave_pairs(x)), x)
 
 
+def x86_q8_round(x: np.ndarray) -> np.ndarray:
+    """ggml-cpu's x86 quantize_row_q8_0 / q8_1 values: blocks of 32, id = 127 / amax in fp32, codes rounded half to
+    even, times fp16(amax / 127)."""
+    blocks = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inverse = np.where(amax == 0, np.float32(0), np.float32(127) / np.where(amax == 0, np.float32(1), amax))
+    return (np.rint(blocks * inverse) * (amax / np.float32(127)).astype(np.float16).astype(np.float32)).reshape(x.shape)
+
+
 def engine_reference(x: np.ndarray, kv_type: str, rotation: int | None, kind: str) -> np.ndarray:
-    """K reordered as llama.cpp holds it; rotate as ggml, quantize-dequantize as gguf, rotate back (H is its own
-    inverse); K back in HF's order."""
+    """K (and the query multiplied with it) reordered as llama.cpp holds it; rotate as ggml, quantize-dequantize as
+    gguf (the query: round as ggml-cpu's x86 q8), rotate back (H is its own inverse); back in HF's order."""
     order = np.arange(x.shape[-1])
-    if kind == KEY:
+    if kind in (KEY, QUERY):
         order = gguf_key_order(order)
     x = x[..., order]
+    fake_quant = x86_q8_round if kind == QUERY else lambda y: gguf_fake_quant(y, kv_type)
     if rotation is not None:
-        x = ggml_rotate(gguf_fake_quant(ggml_rotate(x, rotation), kv_type), rotation)
+        x = ggml_rotate(fake_quant(ggml_rotate(x, rotation)), rotation)
     else:
-        x = gguf_fake_quant(x, kv_type)
+        x = fake_quant(x)
     return x[..., np.argsort(order)]
 
 
@@ -175,6 +185,18 @@ def test_quantizer_rotates_quantizes_and_rotates_back(head_dim, kv_type):
     assert not torch.equal(unrotated(x, 0, KEY), hf_order_blocks)
     if head_dim == 128:  # K rotated in one block of 128, V in blocks of 64
         assert not torch.allclose(quantizer(x, 0, KEY), quantizer(x, 0, VALUE))
+
+
+@pytest.mark.parametrize(("head_dim", "kv_type", "rotate"), [(64, "q4_0", True), (128, "q4_1", True),
+                                                          (96, "q8_0", True), (64, "q4_0", False)])
+def test_the_query_is_rounded_as_llamacpp_multiplies_it_with_quantized_k(head_dim, kv_type, rotate):
+    x = (torch.randn(2, 4, 5, head_dim) * torch.logspace(-2, 1, head_dim)).float()
+    ours = llamacpp.kv_quantizer_for(kv_type, rotate)(x, 3, QUERY)
+    rotation = llamacpp.rotation_size(head_dim, KEY) if rotate else None
+    np.testing.assert_allclose(ours.numpy(), engine_reference(x.numpy(), kv_type, rotation, QUERY), atol=1e-5,
+                               rtol=1e-5)
+    assert not torch.allclose(ours, x, atol=1e-4)
+    assert torch.equal(get_target(RUNTIME).kv_quantizer(KVQuantConfig())(x, 3, QUERY), x)
 
 
 def test_quantizer_keeps_the_dtype_and_f16_is_a_rounding():
@@ -218,6 +240,9 @@ def test_attention_with_the_target_is_eager_attention_over_its_quantized_kv():
                          num_hidden_layers=1, intermediate_size=96, vocab_size=64)
     model = LlamaForCausalLM(config).eval()
     layer = model.model.layers[0].self_attn
+    with torch.no_grad():  # scores of a few units, so that the rounding of the query shows
+        layer.q_proj.weight.mul_(30)
+        layer.k_proj.weight.mul_(30)
     t_new, n_rep = 9, 2
     hidden = torch.randn(1, t_new, 64)
     cos, sin = model.model.rotary_emb(hidden, torch.arange(t_new)[None])
@@ -237,6 +262,7 @@ def test_attention_with_the_target_is_eager_attention_over_its_quantized_kv():
         key = layer.k_proj(hidden).view(shape).transpose(1, 2)
         value = layer.v_proj(hidden).view(shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query = torch.from_numpy(engine_reference(query.numpy(), "q4_0", 64, QUERY))
         key = torch.from_numpy(engine_reference(key.numpy(), "q4_0", 64, KEY)).repeat_interleave(n_rep, dim=1)
         value = torch.from_numpy(engine_reference(value.numpy(), "q4_0", 64, VALUE)).repeat_interleave(n_rep, dim=1)
         scores = query @ key.transpose(-1, -2) / 8.0

@@ -199,11 +199,13 @@ def poq_attention_fused(
 
 
 KEY, VALUE = "key", "value"  # which of K~ / V~ a KVQuantizer is given (engines may treat them differently)
+QUERY = "query"  # the query, as the engine rounds it for its dot products with the stored K~
 
 
 class KVQuantizer(Protocol):
     """What an engine computes on the smoothed K~ or V~ (`kind` KEY or VALUE; (B, H_kv, T, D)) of the tokens at
-    positions past.. as it stores them: their fake-quantized values. A target (`wkvq_core.targets`) supplies one."""
+    positions past.. as it stores them: their fake-quantized values; and (`kind` QUERY; (B, H, T, D)) on the query
+    it multiplies with them. A target (`wkvq_core.targets`) supplies one."""
 
     def __call__(self, x: torch.Tensor, past: int, kind: str) -> torch.Tensor: ...
 
@@ -218,6 +220,8 @@ class PerTokenKV:
     sink_tokens: int = 0
 
     def __call__(self, x: torch.Tensor, past: int, kind: str) -> torch.Tensor:
+        if kind == QUERY:
+            return x
         keep = min(max(self.sink_tokens - past, 0), x.shape[-2])
         quantized = fake_quant_per_token(x[..., keep:, :], self.bits, self.group_size)
         return torch.cat([x[..., :keep, :], quantized], dim=-2) if keep else quantized
@@ -350,7 +354,8 @@ class WKVAttention(nn.Module):
         return proj.linear(x, *self.projection(name)) if self._folds(name) else proj(x)
 
     def _quant(self, x: torch.Tensor, past: int, kind: str) -> torch.Tensor:
-        """K~ or V~ (`kind`; (B, H_kv, T, D)) of the tokens at positions past.. as the KV cache's engine stores them."""
+        """K~ or V~ (`kind`; (B, H_kv, T, D)) of the tokens at positions past.. as the KV cache's engine stores them,
+        or the query as it multiplies it with K~."""
         return self.kv_quantizer(x, past, kind) if self.kv_quant else x
 
     def _rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -417,6 +422,7 @@ class WKVAttention(nn.Module):
         if not self.k_pre_rope:
             query = self._rotate(query)
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        query = self._quant(query, past, QUERY)
         if getattr(cache, "stores_packed", False):  # the cache quantizes and packs
             if cache.layers[self.layer_idx].sink_tokens != self.sink_tokens:
                 raise ConfigError(f"the cache keeps {cache.layers[self.layer_idx].sink_tokens} sink tokens unquantized, "

@@ -7,7 +7,9 @@ What llama.cpp computes on one layer's K / V (src/llama-graph.cpp build_attn, sr
   (H @ H = I) before o_proj;
 - the new tokens' K / V are written to the cache (ggml_set_rows: quantize_row_*_ref arithmetic, blocks of 32
   consecutive channels of one head per token), then every query attends to the cache's dequantized K / V,
-  its own token's included: no POQ.
+  its own token's included: no POQ;
+- the query is rounded to the quantized K type's vec_dot type (Q8_0 / Q8_1 blocks of 32; F16 for an f16 cache)
+  for its dot products with K (ggml-cpu's flash attention: q_to_vec_dot; the mul_mat path converts it the same).
 `LlamaCppKV` is that on the K~ / V~ the attention hands it: rotate, quantize-dequantize, rotate back. The rotation is
 orthonormal, so attention over the unrotated dequantized K / V equals the engine's over rotated Q, K, V, with the
 output rotated back (up to fp32 rounding of the rotations, whose summation order is the backend's).
@@ -23,8 +25,8 @@ The attention must hand it what llama.cpp stores: K after RoPE (`k_pre_rope` off
 Bit-exactness: the block arithmetic on fp32 input equals ggml-quants.c's quantize_row_{q4_0,q4_1,q8_0}_ref with
 dequantize_row_*; that is what the CPU backend writes for q4_0 / q4_1, and the CUDA one (cpy-utils.cuh) for all
 three up to fused multiply-adds. The CPU backend's x86 quantize_row_q8_0 differs: id = 127 / amax and
-round-half-to-even, so a q8_0 code can differ by one in rare ties. Not emulated: the attention's own arithmetic
-(the CPU flash attention rounds each query row to q8_0 / q8_1 for its dot products with quantized K).
+round-half-to-even, so a q8_0 code can differ by one in rare ties. The query's rounding is that x86 one. Not
+emulated: the rest of the attention's own arithmetic (fp16 accumulations, its softmax).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 
 from ..config import FP_BITS, KVQuantConfig, WKVQuantConfig, head_dim, linear_inputs
 from ..errors import ConfigError
-from ..quant.kv_quant import KEY, VALUE
+from ..quant.kv_quant import KEY, QUERY, VALUE
 from ..quant.primitives import hadamard
 from .base import Target
 
@@ -160,10 +162,12 @@ class LlamaCppKV:
     rotate: bool = True
 
     def __call__(self, x: torch.Tensor, past: int, kind: str) -> torch.Tensor:
-        if kind not in (KEY, VALUE):
-            raise ValueError(f"kind must be {KEY!r} or {VALUE!r}; got {kind!r}")
+        if kind not in (KEY, VALUE, QUERY):
+            raise ValueError(f"kind must be {KEY!r}, {VALUE!r} or {QUERY!r}; got {kind!r}")
         if self.kv_type == "f16":  # not a quantized type: llama.cpp does not rotate
             return x.float().to(torch.float16).to(x.dtype)
+        if kind == QUERY:
+            return self._query(x)
         size = rotation_size(x.shape[-1], kind) if self.rotate else None
         x32 = interleave_pairs(x.float()) if kind == KEY else x.float()
         if size is None:
@@ -171,6 +175,15 @@ class LlamaCppKV:
         else:
             stored = block_rotate(fake_quant_blocks(block_rotate(x32, size), self.kv_type), size)
         return (deinterleave_pairs(stored) if kind == KEY else stored).to(x.dtype)
+
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        """The query as llama.cpp multiplies it with a quantized K: in K's channel order and rotation, rounded to
+        the K type's vec_dot type (Q8_0 for q4_0 / q8_0, Q8_1 for q4_1: the same values, `q8_1_round`)."""
+        size = rotation_size(x.shape[-1], KEY) if self.rotate else None
+        q32 = interleave_pairs(x.float())
+        rounded = q8_1_round(q32) if size is None else block_rotate(q8_1_round(block_rotate(q32, size)), size)
+        return deinterleave_pairs(rounded).to(x.dtype)
 
 
 def kv_quantizer_for(kv_type: str, rotate: bool = True) -> LlamaCppKV:
