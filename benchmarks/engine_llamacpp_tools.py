@@ -2,14 +2,16 @@
 scripts/install-llamacpp.sh` prints its python); it imports nothing from the project:
 
     $ENGINE_PY benchmarks/engine_llamacpp_tools.py nll model.gguf windows.json nll.npy --type-k q4_0 --type-v q4_0
-    $ENGINE_PY benchmarks/engine_llamacpp_tools.py quantize f16.gguf out.gguf Q4_K_M
+    $ENGINE_PY benchmarks/engine_llamacpp_tools.py quantize f16.gguf out.gguf Q4_K_M [--imatrix imatrix.npz]
 
 nll: windows.json is a json list of equal-length token-id lists; each window is evaluated as one batch from an empty
 cache (ids as given, no BOS added) and its tokens 1..n-1 scored from llama.cpp's logits of the previous position:
 writes the (windows, n - 1) float64 negative log-likelihoods. One model load for all windows, one CPU thread, flash
 attention on (a quantized V cache needs it); LLAMA_ATTN_ROT_DISABLE=1 in the environment turns off llama.cpp's
 Hadamard rotation of a quantized cache.
-quantize: llama.cpp's own recipe (`llama_model_quantize`, what the llama-quantize tool calls, no importance matrix).
+quantize: llama.cpp's own recipe (`llama_model_quantize`, what the llama-quantize tool calls); --imatrix: an importance
+matrix (.npz of GGUF weight name -> float32 per input column, what llama-quantize passes after reading a llama-imatrix
+file: the mean squared input activation), handed over as the API's `llama_model_imatrix_data` array.
 """
 
 from __future__ import annotations
@@ -44,9 +46,16 @@ def window_nll(model_path: str, windows: list[list[int]], type_k: str, type_v: s
     return out
 
 
-def quantize(source: str, out: str, ftype: str, threads: int) -> None:
+def quantize(source: str, out: str, ftype: str, threads: int, imatrix: str | None) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = FTYPES[ftype], threads
+    if imatrix is not None:
+        values = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in np.load(imatrix).items()}
+        entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()  # the last one (name NULL) ends it
+        for entry, (name, v) in zip(entries, values.items()):
+            entry.name, entry.size = name.encode(), v.size
+            entry.data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = entries
     if llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params)):
         raise SystemExit(f"llama_model_quantize {source} -> {ftype} failed")
 
@@ -65,9 +74,10 @@ def main() -> None:
     q.add_argument("out")
     q.add_argument("ftype", choices=FTYPES)
     q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--imatrix", help=".npz: GGUF weight name -> mean squared input activation per column")
     args = parser.parse_args()
     if args.command == "quantize":
-        quantize(args.source, args.out, args.ftype, args.threads)
+        quantize(args.source, args.out, args.ftype, args.threads, args.imatrix)
         return
     with open(args.windows) as f:
         windows = json.load(f)

@@ -4,7 +4,7 @@ from llama.cpp's own logits (llama-cpp-python 0.3.36 on CPU, its own venv: `bash
   a) the original weights as an F16 GGUF (our export of the unquantized model) with an f16 / q8_0 / q4_0 / q4_1 KV
      cache (llama.cpp's Hadamard rotation of a quantized cache on), and q4_0 with the rotation off;
   b) llama.cpp's own 4-bit recipes from that F16 GGUF (`llama_model_quantize`, what llama-quantize runs: Q4_0, Q4_1,
-     Q4_K_M; no importance matrix, see `IMATRIX`) with an f16 and a q4_0 cache;
+     Q4_K_M), without and with an importance matrix (see `IMATRIX`), with an f16 and a q4_0 cache;
   c) our `llamacpp`-target artifacts (calibrated, one per seed, and RTN), exported with the GGUF exporter, with each
      cache type, beside our prediction: the library's perplexity of the calibrated model under the llamacpp target
      on the same windows (the job's `metrics["eval"]["ppl"]["wkv"]`; with the f16 cache: weights only).
@@ -68,9 +68,11 @@ MODEL = "smollm2-135m"
 CACHE_TYPES = ("f16", "q8_0", "q4_0", "q4_1")
 RECIPES = ("Q4_0", "Q4_1", "Q4_K_M")
 LINEAR = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight")
-IMATRIX = ("llama-cpp-python ships no llama-imatrix (nor llama-quantize) tool, and `llama_model_quantize` takes an "
-           "importance matrix only as a pointer to a C++ std::unordered_map, which ctypes cannot build: no imatrix "
-           "rows")
+IMATRIX = ("llama-cpp-python ships no llama-imatrix (nor llama-quantize) tool, but `llama_model_quantize` takes an "
+           "importance matrix as an array of (tensor name, values): the imatrix rows compute what llama-imatrix "
+           "accumulates -- per blk.* linear, the mean over tokens of each input column's squared activation -- with "
+           "our FP32 model (torch) on the calibration windows of seed 0 (the same tokens as our calibration), and "
+           "hand it to the engine's quantize")
 
 
 # --- llama.cpp (its own venv, by subprocess) -------------------------------------------------------------------
@@ -207,11 +209,42 @@ def original_gguf(model_dir: Path, work: Path) -> Path:
     return out / GGUF_FILE
 
 
-def recipe_gguf(source: Path, ftype: str, work: Path) -> Path:
-    out = work / f"llamacpp-{ftype}.gguf"
+def recipe_gguf(source: Path, ftype: str, work: Path, imatrix: Path | None = None) -> Path:
+    out = work / f"llamacpp-{ftype}{f'-{imatrix.stem}' if imatrix else ''}.gguf"
     if not out.exists():
-        engine("quantize", str(source), str(out.with_suffix(".tmp")), ftype, "--threads", "2")
+        engine("quantize", str(source), str(out.with_suffix(".tmp")), ftype, "--threads", "2",
+               *(["--imatrix", str(imatrix)] if imatrix else []))
         out.with_suffix(".tmp").rename(out)
+    return out
+
+
+@torch.no_grad()
+def importance_matrix(model_dir: Path, samples: torch.Tensor, out: Path) -> Path:
+    """llama-imatrix's statistic from our FP32 model: GGUF weight name -> mean squared input activation per column
+    of each decoder linear, over `samples` (.npz)."""
+    if out.exists():
+        return out
+    model, _ = load_model(str(model_dir))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    sums, counts, hooks = {}, {}, []
+
+    def accumulate(name):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    for hf_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and hf_name.startswith("model.layers."):
+            hooks.append(module.register_forward_pre_hook(accumulate(names.get_name(f"{hf_name}.weight",
+                                                                                    try_suffixes=(".weight",)))))
+    for sample in samples:
+        model(sample[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    np.savez(out.with_suffix(".tmp.npz"), **{n: (sums[n] / counts[n]).float().numpy() for n in sums})
+    out.with_suffix(".tmp.npz").rename(out)
     return out
 
 
@@ -302,12 +335,13 @@ def goals(rows: list[Row]) -> list[str]:
     lines, ours = [], find(OURS, "q4_0")
     if ours is not None:
         cost = statistics.mean(ours.delta())
-        for weights in (ORIGINAL, RTN, *(f"llama.cpp {r}" for r in RECIPES)):
-            theirs = find(weights, "q4_0")
-            if theirs is not None and theirs.delta() is not None:
+        for theirs in rows:
+            if theirs.cache == "q4_0" and theirs.rotate and theirs.delta() is not None and (
+                    theirs.weights in (ORIGINAL, RTN) or theirs.weights.startswith("llama.cpp ")):
                 own = theirs.delta()[0]
                 lines.append(f"- {verdict(cost <= own / 2)}: our calibrated KV4 cost (q4_0, Δppl vs f16 KV on our "
-                             f"weights) {cost:+.3f} ≤ half of llama.cpp's own q4_0 cost on {weights} ({own:+.3f})")
+                             f"weights) {cost:+.3f} ≤ half of llama.cpp's own q4_0 cost on {theirs.weights} "
+                             f"({own:+.3f})")
         ppl, size = statistics.mean(ours.ppl()), ours.size.linears
         rivals = [r for r in rows if r.weights.startswith("llama.cpp ") and r.cache == "q4_0"
                   and r.size.linears <= size + 1e-9]
@@ -349,6 +383,11 @@ def run(args) -> str:
         for ftype in RECIPES:
             add_rows(rows, f"llama.cpp {ftype}", [recipe_gguf(original, ftype, work)], [("f16", True), ("q4_0", True)],
                      m, model_config)
+        samples = calibration_samples(calib_ids, args.nsamples, args.calib_seqlen, 0)
+        imatrix = importance_matrix(model_dir, samples, work / f"imatrix-{args.nsamples}x{args.calib_seqlen}.npz")
+        for ftype in RECIPES:
+            add_rows(rows, f"llama.cpp {ftype} + imatrix", [recipe_gguf(original, ftype, work, imatrix)],
+                     [("f16", True), ("q4_0", True)], m, model_config)
     records = {}
     if "c" in args.parts:
         path, record = ours_gguf(f"ours-rtn-g{args.group_size}", ours_config(args, 0, rtn=True), model_dir, calib_ids,
@@ -359,7 +398,7 @@ def run(args) -> str:
         built = [ours_gguf(f"ours-g{args.group_size}-s{seed}", ours_config(args, seed, rtn=False), model_dir,
                            calib_ids, windows, work) for seed in args.seeds]
         records[OURS] = [r for _, r in built]
-        add_rows(rows, OURS, [p for p, _ in built], quantized, m, model_config,
+        add_rows(rows, OURS, [p for p, _ in built], [(c, True) for c in args.c_caches], m, model_config,
                  {c: [r["predicted"][c] for _, r in built] for c in CACHE_TYPES})
 
     calib = records.get(OURS)
@@ -396,12 +435,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--c-caches", default=",".join(CACHE_TYPES), help="cache types of part c's calibrated rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (calibration, predictions)")
     parser.add_argument("--jobs", type=int, default=1, help="llama.cpp runs at once (1 thread each)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "engines"), help="GGUFs, artifacts and cached runs")
     parser.add_argument("--write", action="store_true", help="append the section to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     args.parts, args.seeds = args.parts.split(","), [int(s) for s in args.seeds.split(",")]
+    args.c_caches = args.c_caches.split(",")
+    if "f16" not in args.c_caches or not set(args.c_caches) <= set(CACHE_TYPES):
+        parser.error(f"--c-caches: cache types among {', '.join(CACHE_TYPES)}, f16 (the baseline) included")
     if not engine_installed():
         sys.exit(f"no llama.cpp engine at {engine_python()}: run `bash {INSTALL_SCRIPT}` first")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
