@@ -50,7 +50,7 @@ def test_automodel_builds_the_packed_model_of_load_quantized(artifact):
     auto = AutoModelForCausalLM.from_pretrained(out)
     reference = wkvq_core.load_quantized(out)
     assert type(auto.model.layers[0].mlp.up_proj) is PackedLinear
-    assert type(auto.model.layers[0].self_attn).__name__ == "WKVAttention" and auto.model.layers[0].self_attn.v_folded
+    assert type(auto.model.layers[0].self_attn).__name__ == "WKVAttention" and auto.model.layers[0].self_attn.smoothing_folded
     auto_state, reference_state = auto.state_dict(), reference.state_dict()
     assert auto_state.keys() == reference_state.keys()
     for key, value in reference_state.items():

@@ -1,21 +1,32 @@
 """The llamacpp target's KV arithmetic against independent references: the gguf package's numpy Q4_0 / Q4_1 / Q8_0
 (ggml-quants.c's reference arithmetic), a port of llama.cpp's ggml_gen_hadamard, and a hand-written attention."""
 
+import copy
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from gguf import GGMLQuantizationType, quants
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+import wkvq_core
 from wkvq_core import targets
-from wkvq_core.config import KVQuantConfig, WeightQuantConfig
+from wkvq_core.artifact import load_quantized
+from wkvq_core.config import TARGET_NAMES, CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.errors import ConfigError
+from wkvq_core.export import NOTES, exporter
+from wkvq_core.export.gguf import export as export_gguf
 from wkvq_core.export.gguf import permute_rotary
+from wkvq_core.model import attentions, prepare_model_, quant_state
+from wkvq_core.pipeline import QuantizeJob, quantize_model_, run_quantize_job
 from wkvq_core.quant.kv_quant import KEY, VALUE, WKVAttention
 from wkvq_core.targets import RUNTIME, TARGETS, get_target, llamacpp
+
+ASSETS = Path(wkvq_core.__file__).parent / "assets"
 
 
 def gguf_fake_quant(x: np.ndarray, kv_type: str) -> np.ndarray:
@@ -177,8 +188,13 @@ def test_quantizer_keeps_the_dtype_and_f16_is_a_rounding():
 def test_the_target_maps_kv_bits_to_cache_types_and_refuses_what_llamacpp_lacks():
     assert llamacpp.kv_quantizer(KVQuantConfig(bits=4)) == llamacpp.LlamaCppKV("q4_0", rotate=True)
     assert llamacpp.kv_quantizer(KVQuantConfig(bits=8, group_size=32)) == llamacpp.LlamaCppKV("q8_0", rotate=True)
-    with pytest.raises(ConfigError, match="q4_0 \\(kv_bits 4\\), q8_0 \\(8\\) or f16 \\(16\\); got kv_bits 3"):
+    assert llamacpp.kv_quantizer(KVQuantConfig(bits=4, cache_type="q4_1")) == llamacpp.LlamaCppKV("q4_1")
+    with pytest.raises(ConfigError, match="q4_0 or q4_1 \\(kv_bits 4\\), q8_0 \\(8\\) or f16 \\(16\\); got kv_bits 3"):
         llamacpp.kv_quantizer(KVQuantConfig(bits=3))
+    with pytest.raises(ConfigError, match="cache_type q8_0 holds 8-bit values; kv_bits is 4"):
+        llamacpp.kv_quantizer(KVQuantConfig(bits=4, cache_type="q8_0"))
+    with pytest.raises(ConfigError, match="must be one of f16, q4_0, q4_1, q8_0; got 'q5_0'"):
+        llamacpp.kv_quantizer(KVQuantConfig(bits=4, cache_type="q5_0"))
     with pytest.raises(ConfigError, match="blocks of 32; got kv_group_size 64"):
         llamacpp.kv_quantizer(KVQuantConfig(bits=4, group_size=64))
     with pytest.raises(ConfigError, match="has no k_pre_rope, sink_tokens: turn them off"):
@@ -230,3 +246,130 @@ def test_attention_with_the_target_is_eager_attention_over_its_quantized_kv():
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(ours, attention(RUNTIME, kv), atol=1e-3)
     assert not torch.allclose(ours, attention("llamacpp", KVQuantConfig(bits=16)), atol=1e-3)
+
+
+def test_a_method_under_a_target_keeps_only_what_its_engine_computes():
+    recommended = targets.kv_config("recommended", "llamacpp", bits=4)
+    assert (recommended.k_pre_rope, recommended.sink_tokens, recommended.smooth_param, recommended.lr) == (
+        False, 0, "relative", 1e-2)
+    assert targets.kv_config("recommended", RUNTIME, bits=4).k_pre_rope is True
+    assert set(TARGET_NAMES) == set(TARGETS)
+    with pytest.raises(ConfigError, match="target must be one of runtime, llamacpp; got 'vllm'"):
+        WKVQuantConfig(target="vllm")
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (WKVQuantConfig(weight=WeightQuantConfig(bits=3), target="llamacpp"), "Q4_1 blocks .*got w_bits 3"),
+    (WKVQuantConfig(weight=WeightQuantConfig(group_size=48), target="llamacpp"), "multiple of 32 .*got 48"),
+    (WKVQuantConfig(act_bits=8, target="llamacpp"), "act_bits 16 with the llamacpp target"),
+    (WKVQuantConfig(kv=KVQuantConfig(group_size=64), target="llamacpp"), "blocks of 32; got kv_group_size 64"),
+    (WKVQuantConfig(kv=KVQuantConfig(sink_tokens=4), target="llamacpp"), "has no sink_tokens"),
+    (WKVQuantConfig(kv=KVQuantConfig(cache_type="q4_1")), "the runtime target has one per bit width"),
+])
+def test_check_config_names_what_the_engine_cannot_run(config, message):
+    with pytest.raises(ConfigError, match=message):
+        targets.check_config(config)
+
+
+def test_the_target_is_stored_only_when_it_is_not_the_runtime():
+    assert "target" not in WKVQuantConfig().to_dict() and "cache_type" not in WKVQuantConfig().to_dict()["kv"]
+    config = WKVQuantConfig(kv=KVQuantConfig(cache_type="q4_1"), target="llamacpp")
+    assert config.to_dict()["target"] == "llamacpp" and config.to_dict()["kv"]["cache_type"] == "q4_1"
+    assert WKVQuantConfig.from_dict(config.to_dict()) == config
+    assert WKVQuantConfig.from_dict(WKVQuantConfig().to_dict()).target == RUNTIME
+
+
+def random_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512,
+                                        initializer_range=0.1)).eval()
+
+
+def test_folded_k_smoothing_is_exact_with_quantization_off():
+    """K scales per rotary pair folded into q_proj / k_proj and the V smoothing into v_proj / o_proj leave the model
+    unchanged (the original, unprepared model is the reference), even when the pair's two parameters differ."""
+    original = random_llama()
+    model = prepare_model_(copy.deepcopy(original), WKVQuantConfig(target="llamacpp"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for attn in attentions(model):
+            assert attn.k_folded
+            for param in (attn.k_scale, attn.v_scale):
+                param.uniform_(0.2, 5.0)
+            attn.v_shift.normal_()
+    ids = torch.randint(0, 96, (2, 24))
+    with torch.no_grad(), quant_state(model, weights=False, kv=False, smoothing=True):
+        smoothed = model(ids).logits
+        key = model.model.layers[0].self_attn.projection("k_proj")[0]
+    torch.testing.assert_close(smoothed, original(ids).logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(key, original.model.layers[0].self_attn.k_proj.weight, atol=1e-3)
+
+
+def quantize_random(root: Path, target: str, epochs: int = 1) -> tuple[Path, dict]:
+    base = root / f"base-{target}"
+    random_llama().save_pretrained(base)
+    AutoTokenizer.from_pretrained(ASSETS / "stories260k").save_pretrained(base)
+    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=32),
+                            kv=targets.kv_config("recommended", target, bits=4),
+                            calib=CalibConfig(nsamples=2, seqlen=32, epochs=epochs), target=target)
+    metrics = run_quantize_job(QuantizeJob(model=str(base), calib=str(ASSETS / "tinystories" / "calib.txt"),
+                                           out=root / target, config=config, device="cpu",
+                                           eval=str(ASSETS / "tinystories" / "eval.txt"), eval_tokens=128))
+    return root / target, metrics
+
+
+def test_a_llamacpp_artifact_keeps_its_k_pairs_tied_and_exports_every_q4_1_block_exactly(tmp_path):
+    artifact, metrics = quantize_random(tmp_path, "llamacpp")
+    model = load_quantized(artifact)
+    assert all(torch.equal(a.k_scale, torch.ones_like(a.k_scale)) and a.smoothing_folded for a in attentions(model))
+    state = safetensors.torch.load_file(artifact / "model.safetensors")
+    assert not [name for name in state if name.endswith(("k_scale", "k_shift"))]
+    scales = torch.cat([v.float().flatten() for k, v in state.items() if k.endswith(".scales")])
+    mantissa = torch.frexp(scales).mantissa * 2**7
+    assert torch.equal(mantissa, mantissa.round())  # 7 significant bits
+    exported = export_gguf(artifact, tmp_path / "gguf")
+    notes = json.loads((exported / NOTES).read_text())
+    assert notes["q4_1"]["inexact_blocks"] == 0 and notes["q4_1"]["max_abs_deviation"] == 0.0
+    assert "k_smoothing" not in {item["feature"] for item in notes["not_expressed"]}
+    ids = torch.tensor([list(range(1, 40))])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all() and metrics["eval"]["ppl"]["wkv"] > 0
+
+    runtime, _ = quantize_random(tmp_path, RUNTIME, epochs=0)
+    runtime_notes = json.loads((export_gguf(runtime, tmp_path / "gguf-runtime") / NOTES).read_text())
+    assert runtime_notes["q4_1"]["inexact_blocks"] > 0  # fp16 scales of 11 bits: some m are not fp16 numbers
+
+
+def test_calibration_moves_the_tied_k_scales_together(tmp_path):
+    model = random_llama()
+    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=32), kv=targets.kv_config("paper", "llamacpp", bits=4,
+                                                                                          lr=1e-2),
+                            calib=CalibConfig(nsamples=2, seqlen=32, epochs=2), target="llamacpp")
+    samples = torch.randint(0, 96, (2, 32))
+    quantize_model_(model, config, samples)
+    for attn in attentions(model):
+        low, high = attn.k_scale.chunk(2, dim=-1)
+        assert torch.equal(low, high) and not torch.equal(low, torch.ones_like(low))
+        assert torch.equal(attn.k_shift, torch.zeros_like(attn.k_shift))
+
+
+def test_a_job_for_a_model_llamacpp_cannot_run_fails_before_calibrating(tmp_path):
+    """stories260k has head_dim 8 and an intermediate_size of 172: no whole 32-blocks for llama.cpp."""
+    job = QuantizeJob(model=str(ASSETS / "stories260k"), calib=str(ASSETS / "tinystories" / "calib.txt"),
+                      out=tmp_path / "out", config=WKVQuantConfig(weight=WeightQuantConfig(group_size=-1),
+                                                                  target="llamacpp"))
+    with pytest.raises(ConfigError, match="head_dim divisible by 32; this model's is 8"):
+        run_quantize_job(job)
+    job.config = WKVQuantConfig(weight=WeightQuantConfig(group_size=-1), kv=KVQuantConfig(bits=16), target="llamacpp")
+    with pytest.raises(ConfigError, match="intermediate_size \\(172\\) to be a multiple of 32"):
+        run_quantize_job(job)
+    assert not (tmp_path / "out").exists()
+
+
+def test_exports_of_a_llamacpp_artifact_say_the_k_smoothing_is_kept(tmp_path):
+    """Folded into q_proj / k_proj, the K smoothing is in every export's weights, and POQ was never part of it."""
+    artifact, _ = quantize_random(tmp_path, "llamacpp", epochs=0)
+    notes = json.loads((exporter("compressed-tensors").export(artifact, tmp_path / "ct") / NOTES).read_text())
+    assert {item["feature"] for item in notes["not_expressed"]} == {"kv_cache_quantization"}

@@ -101,7 +101,7 @@ def packed_layer_tensors(layer, index: int, fp_dtype: torch.dtype = torch.float1
     attn, prefix = layer.self_attn, f"model.layers.{index}"
     for name in ATTENTION_PROJECTIONS:
         store_linear(f"{prefix}.self_attn.{name}", getattr(attn, name), *attn.projection(name))
-    if attn.smoothing_configured:
+    if attn.smoothing_configured and not attn.k_folded:
         tensors[f"{prefix}.self_attn.k_scale"] = attn.k_scale.float()
         tensors[f"{prefix}.self_attn.k_shift"] = attn.k_shift.float()
     for name in MLP_PROJECTIONS:
@@ -258,7 +258,7 @@ def packed_skeleton_(model, quantization: dict[str, Any], keys: set[str]):
     for quantized linears; their tensors left uninitialised, to be loaded by name."""
     wkv = WKVQuantConfig.from_dict(quantization["wkvquant_config"])
     dtype = model.get_input_embeddings().weight.dtype
-    prepare_model_(model, WKVQuantConfig(weight=WeightQuantConfig(bits=FP_BITS), kv=wkv.kv))
+    prepare_model_(model, WKVQuantConfig(weight=WeightQuantConfig(bits=FP_BITS), kv=wkv.kv, target=wkv.target))
     shape = lambda attn: (attn.n_kv_heads, attn.head_dim)  # noqa: E731
     for i, layer in enumerate(decoder_layers(model)):
         prefix = f"model.layers.{i}"
@@ -268,7 +268,7 @@ def packed_skeleton_(model, quantization: dict[str, Any], keys: set[str]):
                 setattr(module, name, _empty_linear(getattr(module, name), f"{prefix}.{part}.{name}", keys,
                                                     wkv.weight.bits, wkv.weight.group_size, wkv.act_bits, dtype))
         attn = layer.self_attn
-        attn.v_folded = True
+        attn.smoothing_folded = True
         _unstored(attn, "v_scale", torch.ones(shape(attn), dtype=dtype, device="cpu"))
         _unstored(attn, "v_shift", torch.zeros(shape(attn), dtype=dtype, device="cpu"))
         if f"{prefix}.self_attn.k_scale" not in keys:

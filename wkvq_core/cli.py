@@ -16,9 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .calib.estimate import format_seconds
-from .config import (DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, FP_BITS, METHODS, CalibConfig, CRRLoss, EvalMode,
-                     WeightQuantConfig, WKVQuantConfig, check_kv_group_size, kv_config, resolve_group_size,
-                     resolve_seqlen)
+from .config import (DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, FP_BITS, METHODS, RUNTIME_TARGET, TARGET_NAMES,
+                     CalibConfig, CRRLoss, EvalMode, WeightQuantConfig, WKVQuantConfig, check_kv_group_size,
+                     resolve_group_size, resolve_seqlen)
 from .errors import WKVQError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="WKVQuant: W4 + KV4 post-training quantization.")
@@ -95,16 +95,21 @@ def _model_source(model: str) -> str:
 
 
 def _build_config(**kw) -> WKVQuantConfig:
-    return WKVQuantConfig(
+    from .targets import kv_config
+
+    target = kw.get("target", RUNTIME_TARGET)
+    config = WKVQuantConfig(
         weight=WeightQuantConfig(bits=kw["w_bits"], group_size=kw["group_size"], lwc=kw.get("lwc", False)),
         kv=kv_config(
-            kw.get("method", "paper"), bits=kw["kv_bits"], group_size=kw.get("kv_group_size"),
-            smoothing=kw.get("smoothing", False), poq=kw.get("poq", True),
+            kw.get("method", "paper"), target, bits=kw["kv_bits"], group_size=kw.get("kv_group_size"),
+            smoothing=kw.get("smoothing", False), poq=kw.get("poq", True), cache_type=kw.get("kv_cache_type"),
         ),
         calib=CalibConfig(**{k: kw[k] for k in ("nsamples", "seqlen", "epochs", "batch_size", "crr_k", "loss", "seed",
                                                    "cache_dtype", "compute_dtype", "attention") if k in kw}),
         act_bits=kw.get("act_bits", 16),
+        target=target,
     )
+    return config
 
 
 class _RichEvents:
@@ -264,6 +269,10 @@ def quantize(
     poq: Annotated[bool, typer.Option(help="Past-only quantization.")] = True,
     method: Annotated[str, typer.Option(help=f"{' or '.join(METHODS)}: the paper's KV method exactly, or with "
                                               "the options that won on held-out text (docs/method.md).")] = DEFAULT_METHOD,
+    target: Annotated[str, typer.Option(help=f"The engine the artifact is calibrated for: {', '.join(TARGET_NAMES)} "
+                                              "(docs/targets.md).")] = RUNTIME_TARGET,
+    kv_cache_type: Annotated[Optional[str], typer.Option(help="llamacpp: q4_1 instead of q4_0 for kv_bits 4 "
+                                                             "(default: q4_0, q8_0 or f16 by --kv-bits).")] = None,
     act_bits: Annotated[int, typer.Option(help="Per-token activation bits into linears (16 = off).")] = 16,
     cache_dtype: Annotated[str, typer.Option(help="Activation caches: auto (bfloat16 on CUDA, float32 on CPU), "
                                                   "float32 or bfloat16.")] = "auto",
@@ -287,6 +296,7 @@ def quantize(
     from .calib.progress import CalibrationCallbacks
     from .model import model_config
     from .pipeline import QuantizeJob, run_quantize_job
+    from .targets import check_config
 
     _check_device(device)
     _check_dir_option("--out", out_dir)
@@ -301,6 +311,7 @@ def quantize(
         if kv_bits != FP_BITS:
             check_kv_group_size(kv_group_size, model_json)
         config = _build_config(**locals())
+        check_config(config, model_json)
         if dry_run:
             _print_estimate(model, model_json, config, calib, eval_data, eval_tokens, device, estimate_for, as_json)
             return

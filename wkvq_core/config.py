@@ -19,6 +19,9 @@ SMOOTH_PARAMS = ("direct", "relative")
 RUN_DTYPES = ("auto", "float32", "bfloat16")
 ATTENTION_KERNELS = ("eager", "sdpa")  # WKVAttention.attention_backend
 ATTENTION_BACKENDS = ("auto", *ATTENTION_KERNELS)
+# The deployment targets (`wkvq_core.targets`, one module each; a test keeps this list equal to theirs).
+RUNTIME_TARGET = "runtime"
+TARGET_NAMES = (RUNTIME_TARGET, "llamacpp")
 
 
 class EvalMode(str, Enum):
@@ -155,6 +158,8 @@ class KVQuantConfig:
         left out of the smoothing's calibration statistics.
     fp_prefill: a forward of several new tokens through a cache (generate's prefill) attends to all of them in full
         precision; they are stored quantized. Teacher-forced perplexity (one pass, no cache) is unaffected.
+    cache_type: the engine's KV cache type, for targets that have several of one bit width (llamacpp: q4_0 or q4_1);
+        None: the target's default for `bits`.
     """
 
     bits: int = 4
@@ -168,6 +173,7 @@ class KVQuantConfig:
     rotate: bool = False
     sink_tokens: int = 0
     fp_prefill: bool = False
+    cache_type: str | None = None
 
     def __post_init__(self) -> None:
         _check_bits("kv_bits", self.bits)
@@ -195,11 +201,13 @@ METHODS: dict[str, dict[str, Any]] = {
 DEFAULT_METHOD = "recommended"
 
 
-def kv_config(method: str, **fields: Any) -> KVQuantConfig:
-    """A KVQuantConfig with a method's options; `fields` (bits, group_size, smoothing, poq, ...) set the rest."""
+def kv_config(method: str, refused: tuple[str, ...] = (), **fields: Any) -> KVQuantConfig:
+    """A KVQuantConfig with a method's options, but those in `refused` (which a target's engine cannot compute);
+    `fields` (bits, group_size, smoothing, poq, ...) set the rest."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    return KVQuantConfig(**(METHODS[method] | fields))
+    options = {name: value for name, value in METHODS[method].items() if name not in refused}
+    return KVQuantConfig(**(options | fields))
 
 
 @dataclass
@@ -248,18 +256,29 @@ class CalibConfig:
 @dataclass
 class WKVQuantConfig:
     """Everything that defines a WKVQuant run. act_bits < 16 adds per-token input quantization to every linear
-    (the W4A4 comparison baseline)."""
+    (the W4A4 comparison baseline). target: the engine the artifact is calibrated for and exported to
+    (`wkvq_core.targets`)."""
 
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     kv: KVQuantConfig = field(default_factory=KVQuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     act_bits: int = FP_BITS
+    target: str = RUNTIME_TARGET
 
     def __post_init__(self) -> None:
         _check_bits("act_bits", self.act_bits)
+        if self.target not in TARGET_NAMES:
+            raise ConfigError(f"target must be one of {', '.join(TARGET_NAMES)}; got {self.target!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"calib": dataclasses.asdict(self.calib) | {"loss": self.calib.loss.value}}
+        """As stored in artifacts and checkpoints; the runtime target and an unset cache_type are left out, so that
+        what runs as before is written as before."""
+        data = dataclasses.asdict(self) | {"calib": dataclasses.asdict(self.calib) | {"loss": self.calib.loss.value}}
+        if self.kv.cache_type is None:
+            del data["kv"]["cache_type"]
+        if self.target == RUNTIME_TARGET:
+            del data["target"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WKVQuantConfig:
@@ -269,6 +288,7 @@ class WKVQuantConfig:
                 kv=KVQuantConfig(**data.get("kv", {})),
                 calib=CalibConfig(**data.get("calib", {})),
                 act_bits=data.get("act_bits", FP_BITS),
+                target=data.get("target", RUNTIME_TARGET),
             )
         except TypeError as exc:
             raise ConfigError(f"invalid WKVQuant config: {exc}") from exc

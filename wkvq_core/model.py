@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from .config import FP_BITS, WKVQuantConfig
 from .errors import ModelError
 from .quant.kv_quant import WKVAttention
 from .quant.weight_clip import QuantLinear
-from .targets import RUNTIME, get_target
+from .targets import check_config
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -116,19 +117,20 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
 
 def prepare_model_(model: PreTrainedModel, config: WKVQuantConfig) -> PreTrainedModel:
     """Replace every decoder layer's attention with `WKVAttention` and its MLP linears with `QuantLinear`,
-    in place. Weights are kept in full precision; quantization is simulated on the fly, the KV cache's as the
-    runtime target computes it."""
-    target = get_target(RUNTIME)
+    in place. Weights are kept in full precision; quantization is simulated on the fly: the KV cache's as the
+    config's target engine computes it, the smoothing and weight scales as that engine can carry them."""
+    target = check_config(config)
     smoothing = config.kv.smoothing and config.kv.enabled
-    kv_cfg = type(config.kv)(**{**config.kv.__dict__, "smoothing": smoothing})
+    kv_cfg = dataclasses.replace(config.kv, smoothing=smoothing)
     kv_quantizer = target.kv_quantizer(kv_cfg)  # stateless: one serves every layer
+    scale_bits = target.weight_scale_bits
     model.set_attn_implementation("eager")  # masks arrive as additive (B, 1, T, S) tensors
     rotary = getattr(model.model, "rotary_emb", None)  # needed by k_pre_rope only
     for layer in decoder_layers(model):
         layer.self_attn = WKVAttention(layer.self_attn, config.weight, kv_cfg, kv_quantizer, target.poq,
-                                       config.act_bits, rotary)
+                                       config.act_bits, rotary, target.k_smoothing_folded, scale_bits)
         for name in MLP_PROJECTIONS:
-            setattr(layer.mlp, name, QuantLinear(getattr(layer.mlp, name), config.weight, config.act_bits))
+            setattr(layer.mlp, name, QuantLinear(getattr(layer.mlp, name), config.weight, config.act_bits, scale_bits))
     model.requires_grad_(False)
     return model
 

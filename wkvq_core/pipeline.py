@@ -20,6 +20,7 @@ from .config import DEFAULT_EVAL_TOKENS, FP_BITS, WKVQuantConfig
 from .errors import ConfigError
 from .evaluation.perplexity import EvalMode, LayerwiseEval, Perplexity, kv_bytes_per_token, layerwise_perplexities
 from .model import attentions, hub_snapshot, load_model, model_config, prepare_model_, quant_linears
+from .targets import check_config
 
 
 FP_DTYPES = ("float16", "bfloat16", "float32")
@@ -151,6 +152,7 @@ def run_quantize_job(job: QuantizeJob, callbacks: CalibrationCallbacks | None = 
     device = torch.device(resolve_device(job.device))
     callbacks.stage("loading")
     model, tokenizer, layers = load_for_calibration(job.model, job.revision)
+    check_config(job.config, model.config.to_dict())
     calib = job.config.calib
     samples = calibration_samples(tokenize(tokenizer, load_text(job.calib)), calib.nsamples, calib.seqlen, calib.seed)
     windows, truncated = None, False

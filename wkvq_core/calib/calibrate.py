@@ -311,19 +311,20 @@ class _RelativeShift(nn.Module):
 def relative_smoothing(atts: list[nn.Module]):
     """Train log(scale) and shift in units of the initial scale (the channel's smoothed half-range) instead of
     scale and shift; yields the parameters to train and leaves plain (trained) k/v scale and shift on exit."""
-    names = ("k_scale", "k_shift", "v_scale", "v_shift")
     try:
         for attn in atts:
+            trained = attn.smoothing_parameter_names()
             for kind in "kv":
                 scale = getattr(attn, f"{kind}_scale").detach()
                 parametrize.register_parametrization(attn, f"{kind}_scale", _LogScale())
-                parametrize.register_parametrization(
-                    attn, f"{kind}_shift", _RelativeShift(getattr(attn, f"{kind}_shift"), scale)
-                )
-        yield [attn.parametrizations[name].original for attn in atts for name in names]
+                if f"{kind}_shift" in trained:
+                    parametrize.register_parametrization(
+                        attn, f"{kind}_shift", _RelativeShift(getattr(attn, f"{kind}_shift"), scale)
+                    )
+        yield [attn.parametrizations[name].original for attn in atts for name in attn.smoothing_parameter_names()]
     finally:
         for attn in atts:
-            for name in names:
+            for name in ("k_scale", "k_shift", "v_scale", "v_shift"):
                 if parametrize.is_parametrized(attn, name):
                     parametrize.remove_parametrizations(attn, name, leave_parametrized=True)
                 getattr(attn, name).requires_grad_(False)

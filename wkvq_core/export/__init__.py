@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import FP_BITS
 from ..errors import ArtifactError, ConfigError
+from ..targets import RUNTIME, get_target
 
 NOTES = "wkvquant_export.json"  # every format records in OUT what it wrote and what it could not express
 FORMATS = {module.name.replace("_", "-"): f"{__name__}.{module.name}" for module in pkgutil.iter_modules(__path__)}
@@ -63,12 +64,16 @@ def load_exportable(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike,
     return model, quant
 
 
-def kv_not_expressed(kv: dict[str, Any], details: dict[str, str]) -> list[dict[str, str]]:
-    """The artifact's KV-cache features (its config's "kv" dict) that a format drops, each with the format's
-    `details[feature]`: the quantized cache, and with it POQ, the K smoothing, sink tokens and full-precision
-    prefill; nothing when the cache is not quantized."""
+def kv_not_expressed(wkv: dict[str, Any], details: dict[str, str]) -> list[dict[str, str]]:
+    """The KV-cache features of an artifact (its wkvquant_config dict) that a format drops, each with the format's
+    `details[feature]`: the quantized cache, and with it POQ (where its target ran it), the K smoothing (unless
+    its target folded it into q_proj / k_proj), sink tokens and full-precision prefill; nothing when the cache is
+    not quantized."""
+    kv = wkv.get("kv", {})
     if kv.get("bits", FP_BITS) == FP_BITS:
         return []
-    present = {"kv_cache_quantization": True, "poq": kv.get("poq", False), "k_smoothing": kv.get("smoothing", False),
+    target = get_target(wkv.get("target", RUNTIME))
+    present = {"kv_cache_quantization": True, "poq": kv.get("poq", False) and target.poq,
+               "k_smoothing": kv.get("smoothing", False) and not target.k_smoothing_folded,
                "sink_tokens": kv.get("sink_tokens"), "fp_prefill": kv.get("fp_prefill")}
     return [{"feature": feature, "detail": details[feature]} for feature, on in present.items() if on]

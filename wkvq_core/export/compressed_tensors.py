@@ -131,7 +131,7 @@ def quantization_config(bits: int, group_size: int) -> dict[str, Any]:
 def _not_expressed(wkv: dict[str, Any]) -> list[dict[str, str]]:
     kv = wkv.get("kv", {})
     dropped = "a property of the quantized cache, dropped with it"
-    return kv_not_expressed(kv, {
+    return kv_not_expressed(wkv, {
         "kv_cache_quantization": (
             f"{kv.get('bits', FP_BITS)}-bit dynamic asymmetric per-token KV quantization per KV head (group "
             f"{kv.get('group_size') or 'head_dim'}); compressed-tensors' kv_cache_scheme only describes static "

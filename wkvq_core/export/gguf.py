@@ -14,10 +14,15 @@ Like the converter: q_proj / k_proj rows are permuted from HF's rotate_half layo
 pairs (`LlamaModel.permute`, k_proj with the KV head count; biases too), norms and biases are F32, tied embeddings
 leave out `output.weight`. Embeddings and an untied lm_head keep the artifact's dtype (F16 for the default float16,
 so they are exact too). The V smoothing is folded into attn_v / attn_output weights and biases (llama.cpp's llama
-graph adds attention biases when present); the K smoothing is dropped (exact with a full-precision cache, see
-`compressed_tensors`). The KV-cache quantization is not expressible: llama.cpp quantizes its cache its own way
-(q4_0: symmetric blocks of 32 with an fp16 scale, chosen at run time with -ctk / -ctv); the metadata recommends the
-nearest cache type (`wkvquant.recommended_cache_type_k` / `_v`).
+graph adds attention biases when present).
+
+An artifact calibrated for the `llamacpp` target is exact in llama.cpp as a whole: its K smoothing (one scale per
+rotary pair) is already folded into q_proj / k_proj, its weight scales have 7 significant bits (every Q4_1 block
+exact), and its KV quantization is llama.cpp's own cache type, which the metadata records
+(`wkvquant.recommended_cache_type_k` / `_v`) for -ctk / -ctv. Any other artifact's K smoothing is dropped (exact
+with a full-precision cache, see `compressed_tensors`) and its KV quantization is not expressible: llama.cpp
+quantizes its cache its own way (q4_0: symmetric blocks of 32 with an fp16 scale); the metadata recommends the
+nearest cache type.
 
 An artifact with unquantized weights (w_bits 16, e.g. KV-only) is written with its linears in the artifact's dtype
 (F16 for the default float16): the unquantized reference for llama.cpp's own quantization recipes.
@@ -44,11 +49,12 @@ import torch
 
 from ..artifact import ATTENTION_PROJECTIONS, MANIFEST, WEIGHTS
 from ..atomic import atomic_directory
-from ..config import FP_BITS
+from ..config import FP_BITS, WKVQuantConfig
 from ..errors import ArtifactError, ConfigError
 from ..model import MLP_PROJECTIONS, decoder_layers
 from ..quant.packing import unpack_bits
 from ..runtime.packed_linear import PackedLinear
+from ..targets import llamacpp
 from ..targets.llamacpp import interleave_pairs
 from . import NOTES, kv_not_expressed, load_exportable
 
@@ -236,8 +242,9 @@ def _hyperparameters(writer: gguf.GGUFWriter, config, where: Path) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
 
 
-def _not_expressed(kv: dict[str, Any], cache_type: str) -> list[dict[str, str]]:
-    return kv_not_expressed(kv, {
+def _not_expressed(wkv: dict[str, Any], cache_type: str) -> list[dict[str, str]]:
+    kv = wkv.get("kv", {})
+    return kv_not_expressed(wkv, {
         "kv_cache_quantization": (
             f"{kv.get('bits', FP_BITS)}-bit dynamic asymmetric per-token KV quantization per KV head (group "
             f"{kv.get('group_size') or 'head_dim'}); llama.cpp quantizes its cache its own way, chosen at run time: "
@@ -262,7 +269,11 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     fp_name = quant.get("non_quantized_dtype", "float16")
     fp_type = _FP_TYPES[fp_name]
     kv = wkv.get("kv", {})
-    cache_type = "q4_0" if kv.get("bits", FP_BITS) == 4 else "f16"
+    for_llamacpp = wkv.get("target") == llamacpp.TARGET.name
+    if for_llamacpp:
+        cache_type = llamacpp.cache_type(WKVQuantConfig.from_dict(wkv).kv)
+    else:
+        cache_type = "q4_0" if kv.get("bits", FP_BITS) == 4 else "f16"
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCH])
     writer.add_name(artifact.resolve().name)
@@ -347,8 +358,11 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
             f"embeddings{'' if config.tie_word_embeddings else ' and lm_head'} as stored in the artifact "
             f"({fp_type.name}), norms and biases in F32",
             "V smoothing: folded into attn_v / attn_output weights and biases",
+            *([f"K smoothing: one scale per rotary pair, folded into attn_q / attn_k; the KV cache: calibrated for "
+               f"llama.cpp's {cache_type} cache with its Hadamard rotation (-ctk {cache_type} -ctv {cache_type})"]
+              if for_llamacpp else []),
         ],
-        "not_expressed": _not_expressed(kv, cache_type),
+        "not_expressed": [] if for_llamacpp else _not_expressed(wkv, cache_type),
         "recommended_cache_type": {"k": cache_type, "v": cache_type},
         "tokenizer": tokenizer,
         "loading": (f"llama.cpp: llama-cli -m OUT/{GGUF_FILE} -ctk {cache_type} -ctv {cache_type}"

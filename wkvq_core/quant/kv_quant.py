@@ -246,11 +246,16 @@ class WKVAttention(nn.Module):
     quantized K~/V~). Switches: `kv_quant`, `poq`, `smoothing`, and `weight_quant` on each projection;
     `attention_backend` "sdpa" runs `poq_attention_fused` where it applies (no mask, no cache), "eager" never.
     rotary: the model's rotary embedding, needed with `k_pre_rope` to rotate cached keys. kv_quantizer: what the
-    engine that runs the KV cache computes; POQ only where that engine does it (`engine_poq`)."""
+    engine that runs the KV cache computes; POQ only where that engine does it (`engine_poq`).
+    k_folded: the K smoothing is one scale per rotary pair (channels i and i + D/2, which RoPE mixes), with no
+    shift, folded into q_proj (times s) and k_proj (divided by s) before their weights are quantized, as an engine
+    without per-channel K scales runs it; otherwise a scale and shift per channel on K after RoPE (q times s).
+    weight_scale_bits: significant bits of the projections' weight scales (`QuantLinear`)."""
 
     def __init__(
         self, attn: nn.Module, weight_cfg: WeightQuantConfig, kv_cfg: KVQuantConfig, kv_quantizer: KVQuantizer,
-        engine_poq: bool, act_bits: int = FP_BITS, rotary: nn.Module | None = None,
+        engine_poq: bool, act_bits: int = FP_BITS, rotary: nn.Module | None = None, k_folded: bool = False,
+        weight_scale_bits: int | None = None,
     ) -> None:
         super().__init__()
         self.config, self.layer_idx = attn.config, attn.layer_idx
@@ -264,8 +269,10 @@ class WKVAttention(nn.Module):
             raise ConfigError(f"kv rotate needs a power-of-two head_dim; this model has {self.head_dim}")
         if kv_cfg.k_pre_rope and rotary is None:
             raise ConfigError("k_pre_rope needs the model's rotary embedding")
+        if k_folded and kv_cfg.k_pre_rope:
+            raise ConfigError("a K smoothing folded into q_proj / k_proj applies before RoPE already: no k_pre_rope")
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, QuantLinear(getattr(attn, name), weight_cfg, act_bits))
+            setattr(self, name, QuantLinear(getattr(attn, name), weight_cfg, act_bits, weight_scale_bits))
         shape = (self.n_kv_heads, self.head_dim)
         dtype = attn.k_proj.weight.dtype
         self.k_scale = nn.Parameter(torch.ones(shape, dtype=dtype))
@@ -279,30 +286,53 @@ class WKVAttention(nn.Module):
         self.k_pre_rope, self.sink_tokens, self.fp_prefill = kv_cfg.k_pre_rope, kv_cfg.sink_tokens, kv_cfg.fp_prefill
         self.register_buffer("rotation", hadamard(self.head_dim, dtype) if kv_cfg.rotate else None, persistent=False)
         self._rotary = [rotary]  # a list: a reference, not a submodule of this layer
-        self.v_folded = False  # True when v_proj / o_proj already hold the V smoothing (a loaded artifact)
+        self.k_folded = k_folded
+        self.smoothing_folded = False  # True when the projections already hold the smoothing (a loaded artifact)
         self.kv_quant = kv_cfg.enabled
         self.attention_backend = "eager"
         self.observer: ChannelRange | None = None
 
+    def smoothing_parameter_names(self) -> tuple[str, ...]:
+        return ("k_scale", "v_scale", "v_shift") if self.k_folded else ("k_scale", "k_shift", "v_scale", "v_shift")
+
     def smoothing_parameters(self) -> list[nn.Parameter]:
-        return [self.k_scale, self.k_shift, self.v_scale, self.v_shift]
+        return [getattr(self, name) for name in self.smoothing_parameter_names()]
 
     @torch.no_grad()
     def init_smoothing_(self, stats: ChannelRange, alpha: float) -> None:
-        """shift = channel mid-range; scale = half-range ** alpha, normalised to geometric mean 1."""
+        """shift = channel mid-range; scale = half-range ** alpha, normalised to geometric mean 1. With `k_folded`,
+        K's scale is its rotary pair's larger half-range ** alpha, and no shift."""
         for scale, shift, lo, hi in (
             (self.k_scale, self.k_shift, stats.kmin, stats.kmax),
             (self.v_scale, self.v_shift, stats.vmin, stats.vmax),
         ):
-            half = ((hi - lo) / 2).clamp(min=1e-5) ** alpha
+            half = ((hi - lo) / 2).clamp(min=1e-5)
+            if scale is self.k_scale and self.k_folded:
+                pair = torch.maximum(*half.chunk(2, dim=-1))
+                half = torch.cat([pair, pair], dim=-1)
+            else:
+                shift.copy_((hi + lo) / 2)
+            half = half**alpha
             scale.copy_(half / half.log().mean().exp())
-            shift.copy_((hi + lo) / 2)
+
+    def key_scale(self) -> torch.Tensor:
+        """K's smoothing scale (n_kv_heads, head_dim); with `k_folded`, tied per rotary pair: the mean of the two
+        channels' parameters, so both get the same gradient and, initialised equal, stay equal."""
+        if not self.k_folded:
+            return self.k_scale
+        pair = sum(self.k_scale.chunk(2, dim=-1)) / 2
+        return torch.cat([pair, pair], dim=-1)
 
     def projection(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight, bias) of a projection with V smoothing folded into v_proj / o_proj (when on)."""
+        """(weight, bias) of a projection with the smoothing folded in (when on): V's into v_proj / o_proj, and with
+        `k_folded` K's into k_proj / q_proj."""
         proj = getattr(self, name)
-        if not self._folds_v(name):
+        if not self._folds(name):
             return proj.weight, proj.bias
+        if name in ("q_proj", "k_proj"):
+            scale = self.key_scale()
+            scale = (scale.repeat_interleave(self.n_rep, dim=0) if name == "q_proj" else 1 / scale).reshape(-1)
+            return proj.weight * scale[:, None], None if proj.bias is None else proj.bias * scale
         if name == "v_proj":
             scale, shift = self.v_scale.reshape(-1), self.v_shift.reshape(-1)
             bias = -shift if proj.bias is None else proj.bias - shift
@@ -312,13 +342,14 @@ class WKVAttention(nn.Module):
         bias = proj.weight @ shift
         return proj.weight * scale[None, :], bias if proj.bias is None else proj.bias + bias
 
-    def _folds_v(self, name: str) -> bool:
-        """Whether `name`'s weights get the V smoothing folded in on the fly."""
-        return self.smoothing and not self.v_folded and name in ("v_proj", "o_proj")
+    def _folds(self, name: str) -> bool:
+        """Whether `name`'s weights get the smoothing folded in on the fly."""
+        folded = ("q_proj", "k_proj", "v_proj", "o_proj") if self.k_folded else ("v_proj", "o_proj")
+        return self.smoothing and not self.smoothing_folded and name in folded
 
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         proj = getattr(self, name)
-        return proj.linear(x, *self.projection(name)) if self._folds_v(name) else proj(x)
+        return proj.linear(x, *self.projection(name)) if self._folds(name) else proj(x)
 
     def _quant(self, x: torch.Tensor, past: int, kind: str) -> torch.Tensor:
         """K~ or V~ (`kind`; (B, H_kv, T, D)) of the tokens at positions past.. as the KV cache's engine stores them."""
@@ -373,12 +404,12 @@ class WKVAttention(nn.Module):
         cache = cache if cache is not None else past_key_values  # transformers 5.24 passes `cache=`, 5.23 the old name
         bsz, t_new, _ = hidden_states.shape
         shape = (bsz, t_new, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        query = self._project("q_proj", hidden_states).view(shape).transpose(1, 2)
+        key = self._project("k_proj", hidden_states).view(shape).transpose(1, 2)
         value = self._project("v_proj", hidden_states).view(shape).transpose(1, 2)
         roped_query, roped_key = apply_rotary_pos_emb(query, key, *position_embeddings)
         query, key = (roped_query, key) if self.k_pre_rope else (roped_query, roped_key)
-        if self.smoothing:
+        if self.smoothing and not self.k_folded:
             key = (key - self.k_shift[:, None]) / self.k_scale[:, None]
             if not self.k_pre_rope:
                 query = query * self.k_scale.repeat_interleave(self.n_rep, dim=0)[:, None]

@@ -42,10 +42,18 @@ def qmax(bits: int) -> int:
     return 2**bits - 1
 
 
+def round_significant_ste(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x rounded to `bits` significant bits (halves to even) in the forward pass, identity in the backward pass."""
+    mantissa, exponent = torch.frexp(x.detach())
+    return (torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(bits))), exponent - bits) - x).detach() + x
+
+
 def _qparams(
-    grouped: torch.Tensor, bits: int, clip_max: torch.Tensor | None = None, clip_min: torch.Tensor | None = None
+    grouped: torch.Tensor, bits: int, clip_max: torch.Tensor | None = None, clip_min: torch.Tensor | None = None,
+    scale_bits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point per group (last dim); clip factors in (0, 1) shrink max/min (OmniQuant LWC)."""
+    """Scale and integer zero point per group (last dim); clip factors in (0, 1) shrink max/min (OmniQuant LWC);
+    scale_bits: the scale's significant bits (None: fp16's)."""
     gmax = grouped.amax(dim=-1, keepdim=True)
     gmin = grouped.amin(dim=-1, keepdim=True)
     if clip_max is not None:
@@ -54,6 +62,8 @@ def _qparams(
     # a near-constant group needs a scale large enough that its zero point stays within ZERO_LIMIT
     scale = torch.maximum((gmax - gmin) / qmax(bits), gmin.abs() / ZERO_LIMIT).clamp(min=1e-5)
     scale = scale.to(torch.float16).to(grouped.dtype)  # scales are stored in fp16: simulate exactly that
+    if scale_bits is not None:
+        scale = round_significant_ste(scale, scale_bits)
     zero = round_ste((-gmin / scale).clamp(-ZERO_LIMIT, ZERO_LIMIT))  # not clamped to the code range (as OmniQuant)
     return scale, zero
 
@@ -78,13 +88,15 @@ def fake_quant_weight(
     group_size: int,
     clip_max: torch.Tensor | None = None,
     clip_min: torch.Tensor | None = None,
+    scale_bits: int | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize a (out, in) weight group-wise along `in`.
 
     clip_max / clip_min: (out, in // group, 1) factors applied to the group max / min, or None for plain RTN.
+    scale_bits: significant bits of the scales (None: fp16's 11).
     """
     grouped = _group(w, group_size)
-    return _fake_quant(grouped, bits, *_qparams(grouped, bits, clip_max, clip_min)).reshape(w.shape)
+    return _fake_quant(grouped, bits, *_qparams(grouped, bits, clip_max, clip_min, scale_bits)).reshape(w.shape)
 
 
 @torch.no_grad()
@@ -94,11 +106,12 @@ def quantize_weight(
     group_size: int,
     clip_max: torch.Tensor | None = None,
     clip_min: torch.Tensor | None = None,
+    scale_bits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer codes (uint8, (out, in)), scale and zero ((out, in // group)) such that
     `dequantize_weight(codes, scale, zero, group_size)` equals `fake_quant_weight(...)`."""
     grouped = _group(w, group_size)
-    scale, zero = _qparams(grouped, bits, clip_max, clip_min)
+    scale, zero = _qparams(grouped, bits, clip_max, clip_min, scale_bits)
     codes = _codes(grouped, bits, scale, zero).to(torch.uint8)
     return codes.reshape(w.shape), scale.squeeze(-1), zero.squeeze(-1)
 

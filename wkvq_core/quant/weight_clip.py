@@ -28,9 +28,11 @@ class QuantLinear(nn.Module):
 
     `fake_quant(w)` is public so an attention module can quantize a weight with smoothing folded in
     (v_proj / o_proj) using this layer's clip factors. `weight_quant` / `act_quant` switch quantization on and off.
+    scale_bits: significant bits of the scales, as a target's export needs them (None: fp16's 11).
     """
 
-    def __init__(self, linear: nn.Linear, config: WeightQuantConfig, act_bits: int = FP_BITS) -> None:
+    def __init__(self, linear: nn.Linear, config: WeightQuantConfig, act_bits: int = FP_BITS,
+                 scale_bits: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         group = self.in_features if config.group_size == -1 else config.group_size
@@ -42,6 +44,7 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.bits, self.group_size, self.act_bits = config.bits, config.group_size, act_bits
+        self.scale_bits = scale_bits
         self.clip = (
             LearnableWeightClip(self.out_features, self.in_features // group, config.lwc_init)
             if config.lwc and config.enabled
@@ -57,11 +60,11 @@ class QuantLinear(nn.Module):
     def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.weight_quant:
             return weight
-        return fake_quant_weight(weight, self.bits, self.group_size, *self._clip_factors())
+        return fake_quant_weight(weight, self.bits, self.group_size, *self._clip_factors(), self.scale_bits)
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Integer codes, scales and zeros of `weight` under the learned clipping (for export)."""
-        return quantize_weight(weight, self.bits, self.group_size, *self._clip_factors())
+        return quantize_weight(weight, self.bits, self.group_size, *self._clip_factors(), self.scale_bits)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._quantized_linear(x, self.fake_quant(weight), bias)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from typing import Any
+
+from ..config import RUNTIME_TARGET, KVQuantConfig, WKVQuantConfig, kv_config as method_kv_config
 from ..errors import ConfigError
 from .base import Target
 
-RUNTIME = "runtime"
+RUNTIME = RUNTIME_TARGET
 
 
 def _discover() -> dict[str, Target]:
@@ -34,3 +37,16 @@ def get_target(name: str) -> Target:
     if name not in TARGETS:
         raise ConfigError(f"target must be one of {', '.join(sorted(TARGETS))}; got {name!r}")
     return TARGETS[name]
+
+
+def kv_config(method: str, target: str, **fields: Any) -> KVQuantConfig:
+    """`config.kv_config` for `target`: the method's options but those the target's engine cannot compute."""
+    return method_kv_config(method, get_target(target).refused_kv_options, **fields)
+
+
+def check_config(config: WKVQuantConfig, model_config: dict[str, Any] | None = None) -> Target:
+    """The config's target, after checking that its engine can run the config, and the model given its config.json
+    (ConfigError naming what not)."""
+    target = get_target(config.target)
+    target.check(config, model_config)
+    return target

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from ..config import KVQuantConfig
+from ..config import KVQuantConfig, WKVQuantConfig
 from ..quant.kv_quant import KVQuantizer
 
 
@@ -16,3 +16,10 @@ class Target:
     kv_quantizer: Callable[[KVQuantConfig], KVQuantizer]  # the engine's arithmetic on the K~ / V~ it stores
     poq: bool  # the engine attends to the current token's K/V in full precision, then stores them quantized
     export: str | None  # the `wkvq_core.export` format written for the engine; None: the artifact itself
+    # raises ConfigError naming what the engine cannot run: of the config, and of the model (its config.json) if given
+    check: Callable[[WKVQuantConfig, dict[str, Any] | None], None]
+    refused_kv_options: tuple[str, ...] = ()  # KVQuantConfig options the engine cannot compute (methods drop them)
+    # K smoothing as one scale per rotary pair folded into q_proj / k_proj, no shift (exact in an engine without
+    # per-channel K scales); False: per-channel scale and shift on K, applied by the runtime
+    k_smoothing_folded: bool = False
+    weight_scale_bits: int | None = None  # significant bits of the weight scales (None: fp16's 11)

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 
-from ..config import FP_BITS, KVQuantConfig
+from ..config import FP_BITS, KVQuantConfig, WKVQuantConfig, head_dim, linear_inputs
 from ..errors import ConfigError
 from ..quant.kv_quant import KEY, VALUE
 from ..quant.primitives import hadamard
@@ -167,21 +168,70 @@ def kv_quantizer_for(kv_type: str, rotate: bool = True) -> LlamaCppKV:
     return LlamaCppKV(kv_type, rotate)
 
 
+REFUSED_KV_OPTIONS = ("k_pre_rope", "rotate", "sink_tokens", "fp_prefill")
+BITS_OF_TYPE = {"q4_0": 4, "q4_1": 4, "q8_0": 8, "f16": FP_BITS}
+WEIGHT_BITS = (4, FP_BITS)  # Q4_1 blocks, or the weights unquantized
+# Q4_1 stores d = scale and m = -(zero + k) * scale in fp16 (11 significant bits): with 7-bit scales and |zero + k|
+# <= 15 (4 bits) every m is an fp16 number, so every block is exact (export.gguf)
+WEIGHT_SCALE_BITS = 7
+
+
+def cache_type(kv: KVQuantConfig) -> str:
+    """The llama.cpp cache type (-ctk / -ctv) of a KV config: its cache_type, else q4_0, q8_0 or f16 by bits."""
+    if kv.cache_type is None:
+        if kv.bits not in TYPE_FOR_BITS:
+            raise ConfigError(f"the llamacpp target stores the KV cache as q4_0 or q4_1 (kv_bits 4), q8_0 (8) or "
+                              f"f16 (16); got kv_bits {kv.bits}")
+        return TYPE_FOR_BITS[kv.bits]
+    if kv.cache_type not in KV_TYPES:
+        raise ConfigError(f"llama.cpp KV cache type must be one of {', '.join(KV_TYPES)}; got {kv.cache_type!r}")
+    if BITS_OF_TYPE[kv.cache_type] != kv.bits:
+        raise ConfigError(f"kv cache_type {kv.cache_type} holds {BITS_OF_TYPE[kv.cache_type]}-bit values; "
+                          f"kv_bits is {kv.bits}")
+    return kv.cache_type
+
+
 def kv_quantizer(kv: KVQuantConfig) -> LlamaCppKV:
-    """kv_bits 4 -> q4_0, 8 -> q8_0, 16 -> f16, with the engine's default rotation; options llama.cpp does not
-    compute are refused."""
-    if kv.bits not in TYPE_FOR_BITS:
-        raise ConfigError(f"the llamacpp target stores the KV cache as q4_0 (kv_bits 4), q8_0 (8) or f16 (16); "
-                          f"got kv_bits {kv.bits}")
+    """The cache type of `cache_type(kv)` with the engine's default rotation; options llama.cpp does not compute
+    are refused."""
+    kv_type = cache_type(kv)
     if kv.group_size not in (None, BLOCK):
         raise ConfigError(f"llama.cpp quantizes the KV cache in blocks of {BLOCK}; got kv_group_size {kv.group_size}")
-    unsupported = [name for name, on in (("k_pre_rope", kv.k_pre_rope), ("rotate", kv.rotate),
-                                         ("sink_tokens", kv.sink_tokens), ("fp_prefill", kv.fp_prefill)) if on]
+    unsupported = [name for name in REFUSED_KV_OPTIONS if getattr(kv, name)]
     if unsupported:
         raise ConfigError(f"llama.cpp's KV cache has no {', '.join(unsupported)}: turn them off for the llamacpp "
                           "target")
-    return kv_quantizer_for(TYPE_FOR_BITS[kv.bits])
+    return kv_quantizer_for(kv_type)
 
 
-TARGET = Target(name="llamacpp", summary="llama.cpp (GGUF): q4_0 / q8_0 KV cache blocks, Hadamard-rotated, no POQ",
-                kv_quantizer=kv_quantizer, poq=False, export="gguf")
+def check(config: WKVQuantConfig, model_config: dict[str, Any] | None = None) -> None:
+    """What a GGUF for llama.cpp can hold: 4-bit weights in groups of whole 32-blocks (or unquantized weights),
+    no activation quantization, a KV cache llama.cpp computes; and, given the model's config.json, a head_dim and
+    linear inputs in whole blocks."""
+    kv_quantizer(config.kv)
+    if model_config is not None:
+        dim = head_dim(model_config)
+        if config.kv.enabled and dim % BLOCK:
+            raise ConfigError(f"llama.cpp's {cache_type(config.kv)} KV cache needs head_dim divisible by {BLOCK}; "
+                              f"this model's is {dim}")
+        if config.weight.enabled and config.weight.group_size == -1:
+            for name, size in linear_inputs(model_config).items():
+                if size % BLOCK:
+                    raise ConfigError(f"group_size -1 (one group per row) needs the model's {name} ({size}) to be "
+                                      f"a multiple of {BLOCK} for Q4_1 blocks")
+    weight = config.weight
+    if weight.bits not in WEIGHT_BITS:
+        raise ConfigError(f"the llamacpp target writes 4-bit weights as Q4_1 blocks (or keeps them unquantized, 16); "
+                          f"got w_bits {weight.bits}")
+    if weight.enabled and weight.group_size != -1 and weight.group_size % BLOCK:
+        raise ConfigError(f"the llamacpp target needs group_size a multiple of {BLOCK} (Q4_1 blocks) or -1; "
+                          f"got {weight.group_size}")
+    if config.act_bits != FP_BITS:
+        raise ConfigError(f"llama.cpp does not quantize activations to {config.act_bits} bits: use act_bits 16 with "
+                          "the llamacpp target")
+
+
+TARGET = Target(name="llamacpp", summary="llama.cpp (GGUF): q4_0 / q4_1 / q8_0 KV cache blocks, Hadamard-rotated, "
+                                         "no POQ",
+                kv_quantizer=kv_quantizer, poq=False, export="gguf", check=check,
+                refused_kv_options=REFUSED_KV_OPTIONS, k_smoothing_folded=True, weight_scale_bits=WEIGHT_SCALE_BITS)
