@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -55,7 +56,7 @@ from wkvq_core.export.gguf import export as export_gguf
 from wkvq_core.model import attentions, load_model, prepare_model_
 from wkvq_core.model_zoo import fetch_model
 from wkvq_core.pipeline import quantize_model_
-from wkvq_core.targets import get_target
+from wkvq_core.targets import check_config, get_target, kv_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_agreement import ENGINE_VERSION, INSTALL_SCRIPT, engine_installed, engine_python
@@ -154,9 +155,13 @@ class Measurements:
                 ppl = engine_ppl(gguf_path, self.windows, cache, rotate)
                 print(f"  llama.cpp {gguf_path.parent.name}/{gguf_path.name} {cache}{'' if rotate else ' no-rot'}: "
                       f"ppl {ppl:.3f} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
-                with self.lock:
-                    self.cache[key] = ppl
-                    self.path.write_text(json.dumps(self.cache, indent=1))
+                with self.lock, open(self.path.with_suffix(".lock"), "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # another run of this script may share the file
+                    stored = json.loads(self.path.read_text()) if self.path.exists() else {}
+                    self.cache = stored | self.cache | {key: ppl}
+                    tmp = self.path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(self.cache, indent=1))
+                    tmp.rename(self.path)
             return self.cache[key]
 
         return self.pool.submit(run)
@@ -270,10 +275,14 @@ def predictions(model, windows: torch.Tensor, kv: KVQuantConfig) -> dict[str, fl
 
 
 def ours_config(args, seed: int, rtn: bool) -> WKVQuantConfig:
+    """What `wkvq quantize --target llamacpp --kv-cache-type q4_0 --method recommended [--lwc --smoothing]` builds."""
     calib = CalibConfig(nsamples=args.nsamples, seqlen=args.calib_seqlen, epochs=0 if rtn else args.epochs, seed=seed)
-    return WKVQuantConfig(target="llamacpp",
-                          weight=WeightQuantConfig(bits=4, group_size=args.group_size, lwc=not rtn),
-                          kv=KVQuantConfig(bits=4, cache_type="q4_0", smoothing=not rtn), calib=calib)
+    config = WKVQuantConfig(target="llamacpp",
+                            weight=WeightQuantConfig(bits=4, group_size=args.group_size, lwc=not rtn),
+                            kv=kv_config("recommended", "llamacpp", bits=4, cache_type="q4_0", smoothing=not rtn),
+                            calib=calib)
+    check_config(config)
+    return config
 
 
 def ours_gguf(name: str, config: WKVQuantConfig, model_dir: Path, calib_ids: torch.Tensor, windows: torch.Tensor,
