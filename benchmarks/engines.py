@@ -150,6 +150,8 @@ class Measurements:
         key = f"{self.sha[gguf_path][:16]}|{cache}|{'rot' if rotate else 'norot'}|{self.digest}"
 
         def run() -> float:
+            if key not in self.cache and self.path.exists():  # another run of this script may have measured it
+                self.cache = json.loads(self.path.read_text()) | self.cache
             if key not in self.cache:
                 started = time.time()
                 ppl = engine_ppl(gguf_path, self.windows, cache, rotate)
@@ -398,12 +400,13 @@ def run(args) -> str:
             add_rows(rows, f"llama.cpp {ftype} + imatrix", [recipe_gguf(original, ftype, work, imatrix)],
                      [("f16", True), ("q4_0", True)], m, model_config)
     records = {}
-    if "c" in args.parts:
+    if "c" in args.parts and not args.no_rtn:
         path, record = ours_gguf(f"ours-rtn-g{args.group_size}", ours_config(args, 0, rtn=True), model_dir, calib_ids,
                                  windows, work)
         records[RTN] = [record]
         add_rows(rows, RTN, [path], [("f16", True), ("q4_0", True)], m, model_config,
                  {k: [v] for k, v in record["predicted"].items()})
+    if "c" in args.parts:
         built = [ours_gguf(f"ours-g{args.group_size}-s{seed}", ours_config(args, seed, rtn=False), model_dir,
                            calib_ids, windows, work) for seed in args.seeds]
         records[OURS] = [r for _, r in built]
@@ -445,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--c-caches", default=",".join(CACHE_TYPES), help="cache types of part c's calibrated rows")
+    parser.add_argument("--no-rtn", action="store_true", help="part c without the RTN rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (calibration, predictions)")
     parser.add_argument("--jobs", type=int, default=1, help="llama.cpp runs at once (1 thread each)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "engines"), help="GGUFs, artifacts and cached runs")
