@@ -72,8 +72,8 @@ LINEAR = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight
 IMATRIX = ("llama-cpp-python ships no llama-imatrix (nor llama-quantize) tool, but `llama_model_quantize` takes an "
            "importance matrix as an array of (tensor name, values): the imatrix rows compute what llama-imatrix "
            "accumulates -- per blk.* linear, the mean over tokens of each input column's squared activation -- with "
-           "our FP32 model (torch) on the calibration windows of seed 0 (the same tokens as our calibration), and "
-           "hand it to the engine's quantize")
+           "our FP32 model (torch) on calibration windows of `wiki.valid.tokens` (seed 0), and hand it to the "
+           "engine's quantize")
 
 
 # --- llama.cpp (its own venv, by subprocess) -------------------------------------------------------------------
@@ -394,8 +394,8 @@ def run(args) -> str:
         for ftype in RECIPES:
             add_rows(rows, f"llama.cpp {ftype}", [recipe_gguf(original, ftype, work)], [("f16", True), ("q4_0", True)],
                      m, model_config)
-        samples = calibration_samples(calib_ids, args.nsamples, args.calib_seqlen, 0)
-        imatrix = importance_matrix(model_dir, samples, work / f"imatrix-{args.nsamples}x{args.calib_seqlen}.npz")
+        samples = calibration_samples(calib_ids, args.imatrix_nsamples, args.imatrix_seqlen, 0)
+        imatrix = importance_matrix(model_dir, samples, work / f"imatrix-{samples.shape[0]}x{samples.shape[1]}.npz")
         for ftype in RECIPES:
             add_rows(rows, f"llama.cpp {ftype} + imatrix", [recipe_gguf(original, ftype, work, imatrix)],
                      [("f16", True), ("q4_0", True)], m, model_config)
@@ -419,10 +419,12 @@ def run(args) -> str:
         f"- model `{MODEL}` ({model_config.num_hidden_layers} layers, hidden {model_config.hidden_size}, "
         f"{model_config.num_key_value_heads} KV heads × head_dim {head_dim}); eval: the first "
         f"{windows.shape[0]} windows × {args.seqlen} tokens of `wiki.test.raw` "
-        f"({windows.shape[0] * (args.seqlen - 1):,} scored tokens), the same for every row; perplexity from llama.cpp's logits of each window (own empty cache)",
+        f"({windows.shape[0] * (args.seqlen - 1):,} scored tokens), the same for every row; perplexity from "
+        "llama.cpp's logits of each window (own empty cache)",
         "- llama.cpp: CPU, 1 thread per run, flash attention, `-ctk = -ctv` = the KV cache column; rotation = its "
         "Hadamard rotation of a quantized cache (`LLAMA_ATTN_ROT_DISABLE=1` for off)",
-        f"- (b) `llama_model_quantize` of the F16 GGUF, default parameters; {IMATRIX}",
+        f"- (b) `llama_model_quantize` of the F16 GGUF, default parameters; {IMATRIX}: {args.imatrix_nsamples} × "
+        f"{args.imatrix_seqlen} tokens",
         *([f"- (c) `WKVQuantConfig(target='llamacpp')`, W4 asymmetric group {args.group_size}, KV cache_type q4_0; "
            f"calibrated: LWC + smoothing, {args.nsamples} × {args.calib_seqlen} tokens of `wiki.valid.tokens`, "
            f"epochs {args.epochs}, seeds {','.join(map(str, args.seeds))} (calibration "
@@ -447,6 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--imatrix-nsamples", type=int, default=32, help="calibration windows of the imatrix")
+    parser.add_argument("--imatrix-seqlen", type=int, default=512)
     parser.add_argument("--c-caches", default=",".join(CACHE_TYPES), help="cache types of part c's calibrated rows")
     parser.add_argument("--no-rtn", action="store_true", help="part c without the RTN rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (calibration, predictions)")
