@@ -276,11 +276,13 @@ def predictions(model, windows: torch.Tensor, kv: KVQuantConfig) -> dict[str, fl
     return out
 
 
-def ours_config(args, seed: int, rtn: bool) -> WKVQuantConfig:
-    """What `wkvq quantize --target llamacpp --kv-cache-type q4_0 --method recommended [--lwc --smoothing]` builds."""
+def ours_config(args, seed: int, rtn: bool, kv_only: bool = False) -> WKVQuantConfig:
+    """What `wkvq quantize --target llamacpp --kv-cache-type q4_0 --method recommended [--lwc --smoothing]` builds
+    (kv_only: --w-bits 16)."""
     calib = CalibConfig(nsamples=args.nsamples, seqlen=args.calib_seqlen, epochs=0 if rtn else args.epochs, seed=seed)
-    config = WKVQuantConfig(target="llamacpp",
-                            weight=WeightQuantConfig(bits=4, group_size=args.group_size, lwc=not rtn),
+    weight = WeightQuantConfig(bits=FP_BITS) if kv_only else WeightQuantConfig(bits=4, group_size=args.group_size,
+                                                                                 lwc=not rtn)
+    config = WKVQuantConfig(target="llamacpp", weight=weight,
                             kv=kv_config("recommended", "llamacpp", bits=4, cache_type="q4_0", smoothing=not rtn),
                             calib=calib)
     check_config(config)
@@ -344,15 +346,18 @@ def goals(rows: list[Row]) -> list[str]:
         return "MET" if ok else "NOT MET"
 
     lines, ours = [], find(OURS, "q4_0")
-    if ours is not None:
-        cost = statistics.mean(ours.delta())
+    for mine in (find(KV_ONLY, "q4_0"), ours):
+        if mine is None:
+            continue
+        cost = statistics.mean(mine.delta())
         for theirs in rows:
             if theirs.cache == "q4_0" and theirs.rotate and theirs.delta() is not None and (
                     theirs.weights in (ORIGINAL, RTN) or theirs.weights.startswith("llama.cpp ")):
                 own = theirs.delta()[0]
-                lines.append(f"- {verdict(cost <= own / 2)}: our calibrated KV4 cost (q4_0, Δppl vs f16 KV on our "
-                             f"weights) {cost:+.3f} ≤ half of llama.cpp's own q4_0 cost on {theirs.weights} "
-                             f"({own:+.3f})")
+                lines.append(f"- {verdict(cost <= own / 2)}: {mine.weights}: calibrated KV4 cost (q4_0, Δppl vs f16 "
+                             f"KV on its weights) {cost:+.3f} ≤ half of llama.cpp's own q4_0 cost on "
+                             f"{theirs.weights} ({own:+.3f})")
+    if ours is not None:
         ppl, size = statistics.mean(ours.ppl()), ours.size.linears
         rivals = [r for r in rows if r.weights.startswith("llama.cpp ") and r.cache == "q4_0"
                   and r.size.linears <= size + 1e-9]
@@ -361,15 +366,15 @@ def goals(rows: list[Row]) -> list[str]:
             lines.append(f"- {verdict(ppl < best.ppl()[0])}: ours W4KV4 (q4_0) ppl {ppl:.3f} < the best llama.cpp "
                          f"recipe of ≤ {size:.2f} bits/weight in the linears with a q4_0 cache: {best.weights} "
                          f"{best.ppl()[0]:.3f} ({best.size.linears:.2f} bits/weight)")
-        for r in rows:
-            if r.predicted and r.weights in (OURS, RTN):
-                worst = max(abs(p / m - 1) for p, m in zip(r.predicted, r.ppl()))
-                lines.append(f"- {verdict(worst <= 0.01)}: {r.weights}, {r.cache} cache: predicted within "
-                             f"{worst:.2%} of measured (worst of {len(r.ppl())} run(s)) ≤ 1%")
+    for r in rows:
+        if r.predicted:
+            worst = max(abs(p / m - 1) for p, m in zip(r.predicted, r.ppl()))
+            lines.append(f"- {verdict(worst <= 0.01)}: {r.weights}, {r.cache} cache: predicted within "
+                         f"{worst:.2%} of measured (worst of {len(r.ppl())} run(s)) ≤ 1%")
     return lines
 
 
-ORIGINAL, RTN, OURS = "original (F16)", "ours RTN", "ours calibrated"
+ORIGINAL, RTN, OURS, KV_ONLY = "original (F16)", "ours RTN", "ours calibrated", "ours KV-only (F16 weights)"
 
 
 def run(args) -> str:
@@ -406,7 +411,13 @@ def run(args) -> str:
         records[RTN] = [record]
         add_rows(rows, RTN, [path], [("f16", True), ("q4_0", True)], m, model_config,
                  {k: [v] for k, v in record["predicted"].items()})
-    if "c" in args.parts:
+    if "c" in args.parts and args.kv_only_seeds:
+        built = [ours_gguf(f"ours-kv-only-s{seed}", ours_config(args, seed, rtn=False, kv_only=True), model_dir,
+                           calib_ids, windows, work) for seed in args.kv_only_seeds]
+        records[KV_ONLY] = [r for _, r in built]
+        add_rows(rows, KV_ONLY, [p for p, _ in built], [("f16", True), ("q4_0", True)], m, model_config,
+                 {c: [r["predicted"][c] for _, r in built] for c in CACHE_TYPES})
+    if "c" in args.parts and args.seeds:
         built = [ours_gguf(f"ours-g{args.group_size}-s{seed}", ours_config(args, seed, rtn=False), model_dir,
                            calib_ids, windows, work) for seed in args.seeds]
         records[OURS] = [r for _, r in built]
@@ -452,13 +463,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imatrix-nsamples", type=int, default=32, help="calibration windows of the imatrix")
     parser.add_argument("--imatrix-seqlen", type=int, default=512)
     parser.add_argument("--c-caches", default=",".join(CACHE_TYPES), help="cache types of part c's calibrated rows")
+    parser.add_argument("--kv-only-seeds", default="", help="part c: seeds of a KV-only calibration (F16 weights)")
     parser.add_argument("--no-rtn", action="store_true", help="part c without the RTN rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (calibration, predictions)")
     parser.add_argument("--jobs", type=int, default=1, help="llama.cpp runs at once (1 thread each)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "engines"), help="GGUFs, artifacts and cached runs")
     parser.add_argument("--write", action="store_true", help="append the section to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    args.parts, args.seeds = args.parts.split(","), [int(s) for s in args.seeds.split(",")]
+    args.parts, args.seeds = args.parts.split(","), [int(s) for s in args.seeds.split(",") if s]
+    args.kv_only_seeds = [int(s) for s in args.kv_only_seeds.split(",") if s]
     args.c_caches = args.c_caches.split(",")
     if "f16" not in args.c_caches or not set(args.c_caches) <= set(CACHE_TYPES):
         parser.error(f"--c-caches: cache types among {', '.join(CACHE_TYPES)}, f16 (the baseline) included")
