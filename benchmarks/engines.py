@@ -49,7 +49,7 @@ import transformers
 
 from wkvq_core.artifact import save_artifact
 from wkvq_core.calib.data import calibration_samples, eval_windows, load_text, tokenize
-from wkvq_core.config import FP_BITS, CalibConfig, EvalMode, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.config import FP_BITS, METHODS, CalibConfig, EvalMode, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.evaluation.perplexity import layerwise_perplexities
 from wkvq_core.export.gguf import GGUF_FILE
 from wkvq_core.export.gguf import export as export_gguf
@@ -277,13 +277,13 @@ def predictions(model, windows: torch.Tensor, kv: KVQuantConfig) -> dict[str, fl
 
 
 def ours_config(args, seed: int, rtn: bool, kv_only: bool = False) -> WKVQuantConfig:
-    """What `wkvq quantize --target llamacpp --kv-cache-type q4_0 --method recommended [--lwc --smoothing]` builds
+    """What `wkvq quantize --target llamacpp --kv-cache-type q4_0 --method METHOD [--lwc --smoothing]` builds
     (kv_only: --w-bits 16)."""
     calib = CalibConfig(nsamples=args.nsamples, seqlen=args.calib_seqlen, epochs=0 if rtn else args.epochs, seed=seed)
     weight = WeightQuantConfig(bits=FP_BITS) if kv_only else WeightQuantConfig(bits=4, group_size=args.group_size,
                                                                                  lwc=not rtn)
     config = WKVQuantConfig(target="llamacpp", weight=weight,
-                            kv=kv_config("recommended", "llamacpp", bits=4, cache_type="q4_0", smoothing=not rtn),
+                            kv=kv_config(args.method, "llamacpp", bits=4, cache_type="q4_0", smoothing=not rtn),
                             calib=calib)
     check_config(config)
     return config
@@ -411,14 +411,15 @@ def run(args) -> str:
         records[RTN] = [record]
         add_rows(rows, RTN, [path], [("f16", True), ("q4_0", True)], m, model_config,
                  {k: [v] for k, v in record["predicted"].items()})
+    tag = "" if args.method == "recommended" else f"-{args.method}"
     if "c" in args.parts and args.kv_only_seeds:
-        built = [ours_gguf(f"ours-kv-only-s{seed}", ours_config(args, seed, rtn=False, kv_only=True), model_dir,
+        built = [ours_gguf(f"ours-kv-only{tag}-s{seed}", ours_config(args, seed, rtn=False, kv_only=True), model_dir,
                            calib_ids, windows, work) for seed in args.kv_only_seeds]
         records[KV_ONLY] = [r for _, r in built]
         add_rows(rows, KV_ONLY, [p for p, _ in built], [("f16", True), ("q4_0", True)], m, model_config,
                  {c: [r["predicted"][c] for _, r in built] for c in CACHE_TYPES})
     if "c" in args.parts and args.seeds:
-        built = [ours_gguf(f"ours-g{args.group_size}-s{seed}", ours_config(args, seed, rtn=False), model_dir,
+        built = [ours_gguf(f"ours-g{args.group_size}{tag}-s{seed}", ours_config(args, seed, rtn=False), model_dir,
                            calib_ids, windows, work) for seed in args.seeds]
         records[OURS] = [r for _, r in built]
         add_rows(rows, OURS, [p for p, _ in built], [(c, True) for c in args.c_caches], m, model_config,
@@ -436,7 +437,8 @@ def run(args) -> str:
         "Hadamard rotation of a quantized cache (`LLAMA_ATTN_ROT_DISABLE=1` for off)",
         f"- (b) `llama_model_quantize` of the F16 GGUF, default parameters; {IMATRIX}: {args.imatrix_nsamples} × "
         f"{args.imatrix_seqlen} tokens",
-        *([f"- (c) `WKVQuantConfig(target='llamacpp')`, W4 asymmetric group {args.group_size}, KV cache_type q4_0; "
+        *([f"- (c) `WKVQuantConfig(target='llamacpp')`, W4 asymmetric group {args.group_size}, KV cache_type q4_0, "
+           f"method {args.method} ({kv_config(args.method, 'llamacpp')}); "
            f"calibrated: LWC + smoothing, {args.nsamples} × {args.calib_seqlen} tokens of `wiki.valid.tokens`, "
            f"epochs {args.epochs}, seeds {','.join(map(str, args.seeds))} (calibration "
            f"{stat([r['calib_seconds'] for r in calib], 0)} s each, {args.threads} torch thread(s)); RTN: no LWC, "
@@ -464,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imatrix-seqlen", type=int, default=512)
     parser.add_argument("--c-caches", default=",".join(CACHE_TYPES), help="cache types of part c's calibrated rows")
     parser.add_argument("--kv-only-seeds", default="", help="part c: seeds of a KV-only calibration (F16 weights)")
+    parser.add_argument("--method", default="recommended", choices=METHODS, help="part c's KV method")
     parser.add_argument("--no-rtn", action="store_true", help="part c without the RTN rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (calibration, predictions)")
     parser.add_argument("--jobs", type=int, default=1, help="llama.cpp runs at once (1 thread each)")
