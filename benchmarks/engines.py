@@ -425,7 +425,7 @@ def run(args) -> str:
         add_rows(rows, OURS, [p for p, _ in built], [(c, True) for c in args.c_caches], m, model_config,
                  {c: [r["predicted"][c] for _, r in built] for c in CACHE_TYPES})
 
-    calib = records.get(OURS)
+    calib, kv = records.get(OURS), kv_config(args.method, "llamacpp")
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     return "\n".join([
         f"- model `{MODEL}` ({model_config.num_hidden_layers} layers, hidden {model_config.hidden_size}, "
@@ -438,7 +438,7 @@ def run(args) -> str:
         f"- (b) `llama_model_quantize` of the F16 GGUF, default parameters; {IMATRIX}: {args.imatrix_nsamples} × "
         f"{args.imatrix_seqlen} tokens",
         *([f"- (c) `WKVQuantConfig(target='llamacpp')`, W4 asymmetric group {args.group_size}, KV cache_type q4_0, "
-           f"method {args.method} ({kv_config(args.method, 'llamacpp')}); "
+           f"method {args.method} (smoothing {kv.smooth_param}, lr {kv.lr}); "
            f"calibrated: LWC + smoothing, {args.nsamples} × {args.calib_seqlen} tokens of `wiki.valid.tokens`, "
            f"epochs {args.epochs}, seeds {','.join(map(str, args.seeds))} (calibration "
            f"{stat([r['calib_seconds'] for r in calib], 0)} s each, {args.threads} torch thread(s)); RTN: no LWC, "
