@@ -346,17 +346,14 @@ def goals(rows: list[Row]) -> list[str]:
         return "MET" if ok else "NOT MET"
 
     lines, ours = [], find(OURS, "q4_0")
-    for mine in (find(KV_ONLY, "q4_0"), ours):
-        if mine is None:
+    # the calibrated smoothing against llama.cpp's own cache on the same weights: the original ones, and RTN's
+    for mine, theirs in ((find(KV_ONLY, "q4_0"), find(ORIGINAL, "q4_0")), (ours, find(RTN, "q4_0"))):
+        if mine is None or theirs is None:
             continue
-        cost = statistics.mean(mine.delta())
-        for theirs in rows:
-            if theirs.cache == "q4_0" and theirs.rotate and theirs.delta() is not None and (
-                    theirs.weights in (ORIGINAL, RTN) or theirs.weights.startswith("llama.cpp ")):
-                own = theirs.delta()[0]
-                lines.append(f"- {verdict(cost <= own / 2)}: {mine.weights}: calibrated KV4 cost (q4_0, Δppl vs f16 "
-                             f"KV on its weights) {cost:+.3f} ≤ half of llama.cpp's own q4_0 cost on "
-                             f"{theirs.weights} ({own:+.3f})")
+        cost, own = statistics.mean(mine.delta()), theirs.delta()[0]
+        lines.append(f"- {verdict(cost <= own / 2)}: {mine.weights}: calibrated KV4 cost (q4_0, Δppl vs f16 KV on "
+                     f"its weights) {cost:+.3f} ≤ half of llama.cpp's own q4_0 cost on {theirs.weights} "
+                     f"({own:+.3f})")
     if ours is not None:
         ppl, size = statistics.mean(ours.ppl()), ours.size.linears
         rivals = [r for r in rows if r.weights.startswith("llama.cpp ") and r.cache == "q4_0"
