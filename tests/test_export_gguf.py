@@ -313,6 +313,37 @@ def test_the_llama_graph_on_the_gguf_gives_our_logits(exported, which):
     assert (unpermuted - expected).abs().max() > 1e-3 * scale
 
 
+def test_unquantized_weights_export_as_f16(tmp_path):
+    """A KV-only artifact (w_bits 16, calibrated V smoothing folded into v_proj / o_proj): its linears as F16 tensors
+    equal to the stored fp16 weights (q / k rows permuted), and the llama graph on the file gives our logits."""
+    base = tmp_path / "base"
+    base_model(base)
+    AutoTokenizer.from_pretrained(TINY_MODEL).save_pretrained(base)
+    config = WKVQuantConfig(weight=WeightQuantConfig(bits=16), calib=CalibConfig(nsamples=2, seqlen=32, epochs=1))
+    run_quantize_job(QuantizeJob(model=str(base), calib=str(CALIB_TEXT), out=tmp_path / "kv-only", config=config,
+                                 device="cpu"))
+    out = export_gguf(tmp_path / "kv-only", tmp_path / "gguf")
+    ours = load_quantized(tmp_path / "kv-only")
+    reader, notes = read(out)
+    assert meta(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+    assert notes["q4_1"] is None and notes["scheme"] == "unquantized linears (F16)"
+    assert describe(out).startswith("gguf model.gguf, llama, unquantized linears (F16): exact; recommended KV cache: "
+                                    "-ctk q4_0 -ctv q4_0")
+    linears = {name: m for name, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name}
+    assert len(linears) == 14
+    for hf_name, lin in linears.items():
+        weight, qtype = tensor(reader, f"{gguf_name(hf_name)}.weight")
+        assert qtype == gguf.GGMLQuantizationType.F16, hf_name
+        assert torch.equal(weight, expected_rows(hf_name, lin.weight, ours.config)), hf_name
+    assert {t.name for t in reader.tensors if t.name.endswith(".bias")} == {
+        f"blk.{i}.{p}.bias" for i in range(2) for p in ("attn_v", "attn_output")}  # the folded V smoothing
+    ids = torch.randint(0, ours.config.vocab_size, (24,))
+    with torch.no_grad(), quant_state(ours, weights=True, kv=False):
+        expected = ours(ids[None], use_cache=False).logits[0]
+        logits = gguf_logits(reader, ids)
+    torch.testing.assert_close(logits, expected, atol=2e-6 * float(expected.abs().max()), rtol=0)
+
+
 def small_artifact(path, model, tokenizer, **options):
     config = WKVQuantConfig(**options)
     prepare_model_(model, config)
@@ -337,7 +368,6 @@ def test_cli_exports_and_refuses_what_gguf_cannot_hold(exported, tmp_path, tiny_
     cases = [
         ({"weight": WeightQuantConfig(group_size=16, lwc=False)}, "model.layers.0.self_attn.q_proj: groups of 16"),
         ({"weight": WeightQuantConfig(bits=3, group_size=32, lwc=False)}, "3-bit weights; Q4_1 holds 4-bit codes"),
-        ({"weight": WeightQuantConfig(bits=16)}, "weights are not quantized (w_bits 16)"),
         ({"weight": WeightQuantConfig(group_size=32, lwc=False), "act_bits": 8}, "activations are quantized to 8"),
         ({"weight": WeightQuantConfig(group_size=32, lwc=False), "kv": KVQuantConfig(rotate=True)}, "kv rotate"),
     ]

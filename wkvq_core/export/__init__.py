@@ -37,9 +37,11 @@ def check_output_dir(out: Path, artifact: Path) -> None:
             raise ConfigError(f"{out}: exists, is not empty and is not a previous export; remove it or pick another")
 
 
-def load_exportable(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str):
+def load_exportable(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
+                    fp_weights: bool = False):
     """The artifact's packed model (fp32) and its quantization_config, after the checks every format shares:
-    an artifact with quantized weights, weight-only (A16), no run-time V rotation; `out_dir` writable."""
+    an artifact with quantized weights (or unquantized ones where `fp_weights`), weight-only (A16), no run-time V
+    rotation; `out_dir` writable."""
     from ..artifact import is_artifact, load_quantized
 
     artifact, out = Path(artifact_dir), Path(out_dir)
@@ -51,7 +53,7 @@ def load_exportable(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike,
     model = load_quantized(artifact)  # fp32: every stored dtype (fp16 / bf16 / fp32) round-trips exactly
     quant: dict[str, Any] = model.config.quantization_config
     bits, act_bits = quant["w_bits"], quant.get("act_bits", FP_BITS)
-    if bits == FP_BITS:
+    if bits == FP_BITS and not fp_weights:
         raise ConfigError(f"{artifact}: weights are not quantized (w_bits 16); nothing to export as {fmt}")
     if act_bits != FP_BITS:
         raise ConfigError(f"{artifact}: activations are quantized to {act_bits} bits (W{bits}A{act_bits}); "

@@ -24,6 +24,9 @@ with a full-precision cache, see `compressed_tensors`) and its KV quantization i
 quantizes its cache its own way (q4_0: symmetric blocks of 32 with an fp16 scale); the metadata recommends the
 nearest cache type.
 
+An artifact with unquantized weights (w_bits 16, e.g. KV-only) is written with its linears in the artifact's dtype
+(F16 for the default float16): the unquantized reference for llama.cpp's own quantization recipes.
+
 Tokenizer, as the converter writes it from tokenizer.json: a byte-fallback BPE (sentencepiece-style, e.g. the llama2
 family and stories260k) as tokenizer model "llama" with token scores = -(merge rank) so that llama.cpp's score-driven
 merging follows the BPE merge order (the converter's `LlamaHfVocab` writes -1000 for all); a byte-level BPE
@@ -65,6 +68,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 _SHIFTS = torch.tensor([0] + [s * k for k in range(1, 16) for s in (1, -1)])  # k = 0 first: preferred on ties
 _FP_TYPES = {"float16": gguf.GGMLQuantizationType.F16, "float32": gguf.GGMLQuantizationType.F32,
              "bfloat16": gguf.GGMLQuantizationType.BF16}
+_FP_FILE_TYPES = {"float16": gguf.LlamaFileType.MOSTLY_F16, "float32": gguf.LlamaFileType.ALL_F32,
+                  "bfloat16": gguf.LlamaFileType.MOSTLY_BF16}
 
 
 def permute_rotary(rows: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -259,7 +264,7 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir`/model.gguf and the notes json (atomically: temporary sibling directory, then rename; a
     previous export there is replaced) from the WKVQuant artifact in `artifact_dir`. Returns `out_dir`."""
     artifact, out = Path(artifact_dir), Path(out_dir)
-    model, quant = load_exportable(artifact, out, "GGUF Q4_1")
+    model, quant = load_exportable(artifact, out, "GGUF Q4_1", fp_weights=True)
     config, wkv = model.config, quant["wkvquant_config"]
     fp_name = quant.get("non_quantized_dtype", "float16")
     fp_type = _FP_TYPES[fp_name]
@@ -272,7 +277,8 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCH])
     writer.add_name(artifact.resolve().name)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    fp_linears = quant["w_bits"] == FP_BITS
+    writer.add_file_type(_FP_FILE_TYPES[fp_name] if fp_linears else gguf.LlamaFileType.MOSTLY_Q4_1)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _hyperparameters(writer, config, artifact)
     for key in CACHE_TYPE_KEYS:
@@ -301,12 +307,17 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
                                           (layer.mlp, MLP_PROJECTIONS, "mlp")):
             for proj in projections:
                 hf_name, lin = f"{prefix}.{part}.{proj}", getattr(module, proj)
-                blocks, stats[hf_name] = q4_1_blocks(hf_name, lin)
                 bias = lin.bias
                 if proj in rotary_heads:
-                    blocks = permute_rotary(torch.from_numpy(blocks), rotary_heads[proj]).numpy()
                     bias = None if bias is None or not bias.any() else permute_rotary(bias, rotary_heads[proj])
-                add(f"{hf_name}.weight", blocks, Q4_1)
+                if fp_linears:
+                    weight = lin.weight if proj not in rotary_heads else permute_rotary(lin.weight, rotary_heads[proj])
+                    add_fp(f"{hf_name}.weight", weight, fp_type)
+                else:
+                    blocks, stats[hf_name] = q4_1_blocks(hf_name, lin)
+                    if proj in rotary_heads:
+                        blocks = permute_rotary(torch.from_numpy(blocks), rotary_heads[proj]).numpy()
+                    add(f"{hf_name}.weight", blocks, Q4_1)
                 if bias is not None:
                     add_fp(f"{hf_name}.bias", bias, gguf.GGMLQuantizationType.F32)
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -317,26 +328,33 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         add_fp("lm_head.weight", model.lm_head.weight, fp_type)
     tokenizer = _add_vocab(writer, artifact, config.vocab_size)
 
-    blocks = sum(s["blocks"] for s in stats.values())
-    inexact = sum(s["inexact_blocks"] for s in stats.values())
     group = quant["group_size"]
+    if fp_linears:
+        scheme, q4_1, linears_exact = (f"unquantized linears ({fp_type.name})", None,
+                                       f"linear weights as stored in the artifact ({fp_type.name})")
+    else:
+        blocks = sum(s["blocks"] for s in stats.values())
+        inexact = sum(s["inexact_blocks"] for s in stats.values())
+        scheme = (f"Q4_1 from W4A16 asymmetric, {'per row' if group == -1 else f'group {group}'} "
+                  f"(d = scale and m = -(zero + k) * scale for every {BLOCK}-weight block)")
+        q4_1 = {"blocks": blocks, "inexact_blocks": inexact, "inexact_fraction": inexact / blocks,
+                "inexact_fraction_without_shift": sum(s["inexact_blocks_without_shift"] for s in stats.values())
+                / blocks,
+                "max_abs_deviation": max(s["max_abs_deviation"] for s in stats.values()),
+                "per_linear": stats}
+        linears_exact = ("Q4_1 blocks whose m = -(zero + k) * scale is an fp16 number: q * d + m in fp32 is exactly "
+                         "our fp32 dequantized weight (the others deviate by at most q4_1.max_abs_deviation)")
     notes = {
         "format": FORMAT,
         "file": GGUF_FILE,
         "architecture": gguf.MODEL_ARCH_NAMES[ARCH],
-        "scheme": f"Q4_1 from W4A16 asymmetric, {'per row' if group == -1 else f'group {group}'} "
-                  f"(d = scale and m = -(zero + k) * scale for every {BLOCK}-weight block)",
+        "scheme": scheme,
         "source": {"quantization_config": quant,
                    "model.safetensors_sha256": json.loads((artifact / MANIFEST).read_text())["files"][WEIGHTS]["sha256"]},
         "tensor_types": dict(sorted(types.items())),
-        "q4_1": {"blocks": blocks, "inexact_blocks": inexact, "inexact_fraction": inexact / blocks,
-                 "inexact_fraction_without_shift": sum(s["inexact_blocks_without_shift"] for s in stats.values())
-                 / blocks,
-                 "max_abs_deviation": max(s["max_abs_deviation"] for s in stats.values()),
-                 "per_linear": stats},
+        "q4_1": q4_1,
         "exact": [
-            "Q4_1 blocks whose m = -(zero + k) * scale is an fp16 number: q * d + m in fp32 is exactly our fp32 "
-            "dequantized weight (the others deviate by at most q4_1.max_abs_deviation)",
+            linears_exact,
             f"embeddings{'' if config.tie_word_embeddings else ' and lm_head'} as stored in the artifact "
             f"({fp_type.name}), norms and biases in F32",
             "V smoothing: folded into attn_v / attn_output weights and biases",
@@ -349,8 +367,8 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         "tokenizer": tokenizer,
         "loading": (f"llama.cpp: llama-cli -m OUT/{GGUF_FILE} -ctk {cache_type} -ctv {cache_type}"
                     + (" -fa on (a quantized V cache needs flash attention)" if cache_type != "f16" else "")
-                    + ". Its Q4_1 matmuls quantize the activations to Q8_1 (ggml's vec_dot type for Q4_1), so its "
-                      "outputs differ slightly from W4A16 even where the weights are exact"),
+                    + ("" if fp_linears else ". Its Q4_1 matmuls quantize the activations to Q8_1 (ggml's vec_dot "
+                       "type for Q4_1), so its outputs differ slightly from W4A16 even where the weights are exact")),
     }
 
     with atomic_directory(out) as tmp:
@@ -367,7 +385,8 @@ def describe(out_dir: str | os.PathLike) -> str:
     q4 = notes["q4_1"]
     dropped = ", ".join(item["feature"] for item in notes["not_expressed"]) or "nothing"
     cache = notes["recommended_cache_type"]
-    return (f"{FORMAT} {notes['file']}, {notes['architecture']}, {notes['scheme']}: "
-            f"{q4['inexact_blocks']} of {q4['blocks']} blocks ({q4['inexact_fraction']:.1%}) inexact in fp16, "
-            f"max abs deviation {q4['max_abs_deviation']:.3g}; recommended KV cache: -ctk {cache['k']} "
-            f"-ctv {cache['v']}; not expressed: {dropped} (see {NOTES})")
+    exactness = "exact" if q4 is None else (
+        f"{q4['inexact_blocks']} of {q4['blocks']} blocks ({q4['inexact_fraction']:.1%}) inexact in fp16, "
+        f"max abs deviation {q4['max_abs_deviation']:.3g}")
+    return (f"{FORMAT} {notes['file']}, {notes['architecture']}, {notes['scheme']}: {exactness}; recommended KV "
+            f"cache: -ctk {cache['k']} -ctv {cache['v']}; not expressed: {dropped} (see {NOTES})")
