@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from wkvq_core.config import FP_BITS
 from wkvq_core.errors import ConfigError
 
 from ..core.errors import InvalidField
@@ -26,14 +25,10 @@ def field_of(message: str) -> str:
 
 
 def check_target(model_config: dict[str, Any], quant: QuantConfig) -> None:
-    """InvalidField unless the target can run `quant` (the model's defaults already filled in) on the model, and
-    its export can be written (every export needs quantized weights: `wkvq_core.export.load_exportable`)."""
+    """InvalidField unless the target can run `quant` (the model's defaults already filled in) on the model."""
     from wkvq_core.targets import check_config  # on first use: it imports torch (see estimate.job_wkvq_config)
 
     try:
-        target = check_config(job_wkvq_config(quant.model_dump(mode="json")), model_config)
+        check_config(job_wkvq_config(quant.model_dump(mode="json")), model_config)
     except ConfigError as exc:
         raise InvalidField((*LOC, field_of(str(exc))), str(exc)) from None
-    if target.export is not None and quant.w_bits == FP_BITS:
-        raise InvalidField((*LOC, "w_bits"), f"a {target.name} job ships a {target.export} export, which holds "
-                                             f"quantized weights; w_bits 16 leaves them unquantized")

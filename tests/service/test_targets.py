@@ -93,7 +93,6 @@ BAD_TARGET_JOBS = {
     "head_dim-16": (body(HD16_MODEL), "target", "this model's is 16"),
     "kv_group_size-16": (body(kv_group_size=16), "kv_group_size", "blocks of 32"),
     "w_bits-3": (body(w_bits=3), "w_bits", "w_bits 3"),
-    "w_bits-16": (body(w_bits=16), "w_bits", "gguf export, which holds quantized weights"),
     "group_size-16": (body(group_size=16), "group_size", "multiple of 32"),
     "kv_bits-3": (body(kv_bits=3), "kv_bits", "kv_bits 3"),
     "cache-type-of-other-bits": (body(kv_cache_type="q8_0"), "kv_cache_type", "kv_bits is 4"),
