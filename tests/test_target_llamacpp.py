@@ -279,6 +279,9 @@ def test_a_method_under_a_target_keeps_only_what_its_engine_computes():
     assert (recommended.k_pre_rope, recommended.sink_tokens, recommended.smooth_param, recommended.lr) == (
         False, 0, "relative", 1e-2)
     assert targets.kv_config("recommended", RUNTIME, bits=4).k_pre_rope is True
+    assert recommended.smooth_init == "identity" and targets.kv_config("paper", "llamacpp").smooth_init == "range"
+    assert targets.kv_config("recommended", RUNTIME).smooth_init == "range"
+    assert targets.kv_config("recommended", "llamacpp", smooth_init="range").smooth_init == "range"
     assert set(TARGET_NAMES) == set(TARGETS)
     with pytest.raises(ConfigError, match="target must be one of runtime, llamacpp; got 'vllm'"):
         WKVQuantConfig(target="vllm")
@@ -298,7 +301,9 @@ def test_check_config_names_what_the_engine_cannot_run(config, message):
 
 
 def test_the_target_is_stored_only_when_it_is_not_the_runtime():
-    assert "target" not in WKVQuantConfig().to_dict() and "cache_type" not in WKVQuantConfig().to_dict()["kv"]
+    assert "target" not in WKVQuantConfig().to_dict()
+    assert not {"cache_type", "smooth_init"} & set(WKVQuantConfig().to_dict()["kv"])
+    assert WKVQuantConfig(kv=KVQuantConfig(smooth_init="identity")).to_dict()["kv"]["smooth_init"] == "identity"
     config = WKVQuantConfig(kv=KVQuantConfig(cache_type="q4_1"), target="llamacpp")
     assert config.to_dict()["target"] == "llamacpp" and config.to_dict()["kv"]["cache_type"] == "q4_1"
     assert WKVQuantConfig.from_dict(config.to_dict()) == config
@@ -399,3 +404,15 @@ def test_exports_of_a_llamacpp_artifact_say_the_k_smoothing_is_kept(tmp_path):
     artifact, _ = quantize_random(tmp_path, "llamacpp", epochs=0)
     notes = json.loads((exporter("compressed-tensors").export(artifact, tmp_path / "ct") / NOTES).read_text())
     assert {item["feature"] for item in notes["not_expressed"]} == {"kv_cache_quantization"}
+
+
+@pytest.mark.parametrize("init", ["identity", "range"])
+def test_the_smoothing_starts_from_the_identity_or_from_calibration_statistics(init):
+    model = random_llama()
+    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=32),
+                            kv=targets.kv_config("recommended", "llamacpp", smooth_init=init),
+                            calib=CalibConfig(nsamples=2, seqlen=32, epochs=0), target="llamacpp")
+    quantize_model_(model, config, torch.randint(0, 96, (2, 32)))
+    untouched = [torch.equal(attn.k_scale, torch.ones_like(attn.k_scale))
+                 and torch.equal(attn.v_shift, torch.zeros_like(attn.v_shift)) for attn in attentions(model)]
+    assert all(untouched) == (init == "identity")

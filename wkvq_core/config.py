@@ -16,6 +16,7 @@ DEFAULT_SEQLEN = 2048
 # stable to ~1 %; WikiText-2's whole test split (~300k tokens) takes hours on a CPU.
 DEFAULT_EVAL_TOKENS = 65536
 SMOOTH_PARAMS = ("direct", "relative")
+SMOOTH_INITS = ("range", "identity")
 RUN_DTYPES = ("auto", "float32", "bfloat16")
 ATTENTION_KERNELS = ("eager", "sdpa")  # WKVAttention.attention_backend
 ATTENTION_BACKENDS = ("auto", *ATTENTION_KERNELS)
@@ -147,6 +148,8 @@ class KVQuantConfig:
     head in groups of `group_size` channels (None: the whole head_dim).
     poq: past-only quantization, the current token attends to its own K/V in full precision.
     smooth_alpha: initial scale = half-range ** smooth_alpha per channel, normalised to geometric mean 1.
+    smooth_init: "range" starts the smoothing from calibration statistics (shift = mid-range, scale from
+        smooth_alpha: the paper); "identity" from scale 1, shift 0, so training starts from the unsmoothed cache.
 
     Beyond the paper (all off in the `paper` preset):
     smooth_param: "direct" trains scale and shift themselves (the paper); "relative" trains log(scale) and the
@@ -174,9 +177,12 @@ class KVQuantConfig:
     sink_tokens: int = 0
     fp_prefill: bool = False
     cache_type: str | None = None
+    smooth_init: str = "range"
 
     def __post_init__(self) -> None:
         _check_bits("kv_bits", self.bits)
+        if self.smooth_init not in SMOOTH_INITS:
+            raise ConfigError(f"smooth_init must be one of {', '.join(SMOOTH_INITS)}; got {self.smooth_init!r}")
         if self.group_size is not None and self.group_size < 1:
             raise ConfigError(f"kv_group_size must be positive; got {self.group_size}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
@@ -194,9 +200,10 @@ class KVQuantConfig:
 # KV options beyond the paper, by method name: "paper" is arXiv 2402.12065 as published (KVQuantConfig's own
 # defaults); "recommended" won on held-out text over 3 calibration seeds on SmolLM2-135M (benchmarks/RESULTS.md).
 RECOMMENDED_KV: dict[str, Any] = dict(smooth_param="relative", lr=1e-2, k_pre_rope=True, sink_tokens=4)
+RECOMMENDED = "recommended"
 METHODS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "recommended": RECOMMENDED_KV,
+    RECOMMENDED: RECOMMENDED_KV,
 }
 DEFAULT_METHOD = "recommended"
 
@@ -271,11 +278,13 @@ class WKVQuantConfig:
             raise ConfigError(f"target must be one of {', '.join(TARGET_NAMES)}; got {self.target!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """As stored in artifacts and checkpoints; the runtime target and an unset cache_type are left out, so that
-        what runs as before is written as before."""
+        """As stored in artifacts and checkpoints; the runtime target, an unset cache_type and the range
+        smooth_init are left out, so that what runs as before is written as before."""
         data = dataclasses.asdict(self) | {"calib": dataclasses.asdict(self.calib) | {"loss": self.calib.loss.value}}
         if self.kv.cache_type is None:
             del data["kv"]["cache_type"]
+        if self.kv.smooth_init == "range":
+            del data["kv"]["smooth_init"]
         if self.target == RUNTIME_TARGET:
             del data["target"]
         return data

@@ -274,7 +274,7 @@ def _calibrate_block(
 ) -> float:
     block = blocks.layers[index]
     clip, smooth = calibration_parameters(block)
-    if smooth:
+    if smooth and config.kv.smooth_init == "range":
         _init_smoothing(block, blocks, x_q, config.kv.smooth_alpha)
     if not clip + smooth:
         return float("nan")

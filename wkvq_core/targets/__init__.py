@@ -13,7 +13,7 @@ import pkgutil
 
 from typing import Any
 
-from ..config import RUNTIME_TARGET, KVQuantConfig, WKVQuantConfig, kv_config as method_kv_config
+from ..config import RECOMMENDED, RUNTIME_TARGET, KVQuantConfig, WKVQuantConfig, kv_config as method_kv_config
 from ..errors import ConfigError
 from .base import Target
 
@@ -40,8 +40,11 @@ def get_target(name: str) -> Target:
 
 
 def kv_config(method: str, target: str, **fields: Any) -> KVQuantConfig:
-    """`config.kv_config` for `target`: the method's options but those the target's engine cannot compute."""
-    return method_kv_config(method, get_target(target).refused_kv_options, **fields)
+    """`config.kv_config` for `target`: the method's options but those the target's engine cannot compute, and for
+    the recommended method the target's own recommendations (`Target.recommended_kv`); `fields` set the rest."""
+    engine = get_target(target)
+    tuned = engine.recommended_kv if method == RECOMMENDED else {}
+    return method_kv_config(method, engine.refused_kv_options, **(tuned | fields))
 
 
 def check_config(config: WKVQuantConfig, model_config: dict[str, Any] | None = None) -> Target:

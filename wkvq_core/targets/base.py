@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -29,3 +29,5 @@ class Target:
     matmul_input: Callable[[torch.Tensor], torch.Tensor] | None = None
     # the engine's name for the KV cache type of a config (llamacpp: -ctk / -ctv); None: the engine has no such name
     cache_type: Callable[[KVQuantConfig], str] | None = None
+    # KV options `--method recommended` takes for this engine, over the method's own (measured: benchmarks/RESULTS.md)
+    recommended_kv: dict[str, Any] = field(default_factory=dict)

@@ -260,4 +260,7 @@ TARGET = Target(name="llamacpp", summary="llama.cpp (GGUF): q4_0 / q4_1 / q8_0 K
                                          "no POQ",
                 kv_quantizer=kv_quantizer, poq=False, export="gguf", check=check,
                 refused_kv_options=REFUSED_KV_OPTIONS, k_smoothing_folded=True, weight_scale_bits=WEIGHT_SCALE_BITS,
-                matmul_input=q8_1_round, cache_type=cache_type)
+                matmul_input=q8_1_round, cache_type=cache_type,
+                # smoothing from calibration statistics, then llama.cpp's rotation, quantizes worse than the rotation
+                # alone; trained from the identity it beats it (SmolLM2, benchmarks/RESULTS.md)
+                recommended_kv={"smooth_init": "identity"})
