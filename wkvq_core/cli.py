@@ -98,7 +98,7 @@ def _build_config(**kw) -> WKVQuantConfig:
     from .targets import kv_config
 
     target = kw.get("target", RUNTIME_TARGET)
-    config = WKVQuantConfig(
+    return WKVQuantConfig(
         weight=WeightQuantConfig(bits=kw["w_bits"], group_size=kw["group_size"], lwc=kw.get("lwc", False)),
         kv=kv_config(
             kw.get("method", "paper"), target, bits=kw["kv_bits"], group_size=kw.get("kv_group_size"),
@@ -109,7 +109,6 @@ def _build_config(**kw) -> WKVQuantConfig:
         act_bits=kw.get("act_bits", 16),
         target=target,
     )
-    return config
 
 
 class _RichEvents:
@@ -406,8 +405,9 @@ def evaluate(
         result = evaluate_modes(net, config, eval_windows(ids, seqlen), modes, device=resolve_device(device),
                                 callbacks=CalibrationCallbacks(on_event=_LineEvents()))
         result["semantics"] = computed.to_dict()
-        if computed.kv_bytes_per_token(net.config) is not None:
-            result["kv_bytes_per_token"] = computed.kv_bytes_per_token(net.config)
+        engine_kv_bytes = computed.kv_bytes_per_token(net.config)
+        if engine_kv_bytes is not None:
+            result["kv_bytes_per_token"] = engine_kv_bytes
     except WKVQError as exc:
         _fail(str(exc))
     if truncated:

@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from ..config import CalibConfig, CRRLoss, WKVQuantConfig
 from ..errors import ConfigError, WKVQError
 from ..model import attentions, calibration_parameters, decoder_layers, quant_state
-from ..quant.kv_quant import ChannelRange, set_attention_backend
+from ..quant.kv_quant import SMOOTHING_PARAMETERS, ChannelRange, set_attention_backend
 from .loader import LayerSource, ResidentLayers
 from .progress import CalibrationCallbacks, CalibrationEvent, EventKind
 
@@ -324,7 +324,7 @@ def relative_smoothing(atts: list[nn.Module]):
         yield [attn.parametrizations[name].original for attn in atts for name in attn.smoothing_parameter_names()]
     finally:
         for attn in atts:
-            for name in ("k_scale", "k_shift", "v_scale", "v_shift"):
+            for name in SMOOTHING_PARAMETERS:
                 if parametrize.is_parametrized(attn, name):
                     parametrize.remove_parametrizations(attn, name, leave_parametrized=True)
                 getattr(attn, name).requires_grad_(False)

@@ -12,12 +12,13 @@ prepared model (RTN weights, `prepare_model_`) in place; `perplexity` then gives
   - K as the export carries it: a model of another target loses its per-channel K smoothing (the export drops
     it); a llamacpp-target model keeps its own, which the export folds into q_proj / k_proj. The V smoothing is
     folded into v_proj / o_proj either way;
-  - the inputs of the 4-bit linears rounded to Q8_1 blocks (`targets.llamacpp.q8_1_round`), as llama.cpp's CPU
-    Q4_1 matmuls round them (ggml's vec_dot type for Q4_1).
+  - the inputs of the 4-bit linears rounded to Q8_1 blocks (the target's `matmul_input`), as llama.cpp's CPU
+    Q4_1 matmuls round them (ggml's vec_dot type for Q4_1), and the query as its attention rounds it for the
+    quantized K (`LlamaCppKV`).
   An "f16" cache leaves K/V unquantized here (llama.cpp rounds them to fp16, which this leaves out).
   Not computed: the fp16 rounding of the Q8_1 block sums that multiply Q4_1's m, the F16 matmuls of the
-  embeddings / lm_head, the flash attention's own rounding of the queries, and the Q4_1 blocks that the export
-  cannot write exactly (notes `q4_1.inexact_blocks`; none for a llamacpp-target artifact).
+  embeddings / lm_head, the rest of the attention's own arithmetic, and the Q4_1 blocks that the export cannot
+  write exactly (notes `q4_1.inexact_blocks`; none for a llamacpp-target artifact).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..quant.weight_clip import QuantLinear
 from ..runtime.packed_linear import PackedLinear
 from ..targets import RUNTIME, get_target
 from ..targets.llamacpp import BITS_OF_TYPE, BLOCK, TARGET as LLAMACPP_TARGET, cache_type as config_cache_type
-from ..targets.llamacpp import kv_quantizer_for, q8_1_round
+from ..targets.llamacpp import kv_quantizer_for
 
 LLAMACPP = LLAMACPP_TARGET.name
 
@@ -123,9 +124,9 @@ def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cach
                               "GGUF export cannot express that")
         if config.target != LLAMACPP:
             _unsmooth_keys_(attn)
-        attn.kv_quantizer, attn.poq, attn.kv_bits = quantizer, False, BITS_OF_TYPE[cache_type]
+        attn.kv_quantizer, attn.poq, attn.kv_bits = quantizer, LLAMACPP_TARGET.poq, BITS_OF_TYPE[cache_type]
         attn.kv_quant = attn.kv_bits != FP_BITS
         attn.k_pre_rope, attn.sink_tokens, attn.fp_prefill = False, 0, False
     for linear in linears:
-        linear.input_rounding = q8_1_round if round_matmul_inputs else None
+        linear.input_rounding = LLAMACPP_TARGET.matmul_input if round_matmul_inputs else None
     return Semantics(LLAMACPP, cache_type, rotate, "q8_1" if round_matmul_inputs else None)

@@ -200,6 +200,7 @@ def poq_attention_fused(
 
 KEY, VALUE = "key", "value"  # which of K~ / V~ a KVQuantizer is given (engines may treat them differently)
 QUERY = "query"  # the query, as the engine rounds it for its dot products with the stored K~
+SMOOTHING_PARAMETERS = ("k_scale", "k_shift", "v_scale", "v_shift")
 
 
 class KVQuantizer(Protocol):
@@ -295,7 +296,7 @@ class WKVAttention(nn.Module):
         self.observer: ChannelRange | None = None
 
     def smoothing_parameter_names(self) -> tuple[str, ...]:
-        return ("k_scale", "v_scale", "v_shift") if self.k_folded else ("k_scale", "k_shift", "v_scale", "v_shift")
+        return tuple(name for name in SMOOTHING_PARAMETERS if not (self.k_folded and name == "k_shift"))
 
     def smoothing_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, name) for name in self.smoothing_parameter_names()]

@@ -45,7 +45,7 @@ def qmax(bits: int) -> int:
 def round_significant_ste(x: torch.Tensor, bits: int) -> torch.Tensor:
     """x rounded to `bits` significant bits (halves to even) in the forward pass, identity in the backward pass."""
     mantissa, exponent = torch.frexp(x.detach())
-    return (torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(bits))), exponent - bits) - x).detach() + x
+    return (torch.ldexp(torch.round(mantissa * 2**bits), exponent - bits) - x).detach() + x
 
 
 def _qparams(

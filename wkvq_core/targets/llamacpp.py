@@ -166,24 +166,17 @@ class LlamaCppKV:
             raise ValueError(f"kind must be {KEY!r}, {VALUE!r} or {QUERY!r}; got {kind!r}")
         if self.kv_type == "f16":  # not a quantized type: llama.cpp does not rotate
             return x.float().to(torch.float16).to(x.dtype)
-        if kind == QUERY:
-            return self._query(x)
+        if kind == QUERY:  # rounded to the K type's vec_dot type (Q8_0 / Q8_1: the same values), in K's layout
+            return self._in_engine_layout(x, KEY, q8_1_round)
+        return self._in_engine_layout(x, kind, lambda blocks: fake_quant_blocks(blocks, self.kv_type))
+
+    def _in_engine_layout(self, x: torch.Tensor, kind: str, fn) -> torch.Tensor:
+        """`fn` applied in fp32 where llama.cpp applies it: K in its interleaved rotary order, rotated by K's (or V's)
+        Hadamard blocks when `rotate`; the result back in x's order and dtype."""
         size = rotation_size(x.shape[-1], kind) if self.rotate else None
         x32 = interleave_pairs(x.float()) if kind == KEY else x.float()
-        if size is None:
-            stored = fake_quant_blocks(x32, self.kv_type)
-        else:
-            stored = block_rotate(fake_quant_blocks(block_rotate(x32, size), self.kv_type), size)
-        return (deinterleave_pairs(stored) if kind == KEY else stored).to(x.dtype)
-
-
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        """The query as llama.cpp multiplies it with a quantized K: in K's channel order and rotation, rounded to
-        the K type's vec_dot type (Q8_0 for q4_0 / q8_0, Q8_1 for q4_1: the same values, `q8_1_round`)."""
-        size = rotation_size(x.shape[-1], KEY) if self.rotate else None
-        q32 = interleave_pairs(x.float())
-        rounded = q8_1_round(q32) if size is None else block_rotate(q8_1_round(block_rotate(q32, size)), size)
-        return deinterleave_pairs(rounded).to(x.dtype)
+        out = fn(x32) if size is None else block_rotate(fn(block_rotate(x32, size)), size)
+        return (deinterleave_pairs(out) if kind == KEY else out).to(x.dtype)
 
 
 def kv_quantizer_for(kv_type: str, rotate: bool = True) -> LlamaCppKV:
