@@ -58,12 +58,13 @@ def test_every_target_is_found_and_writes_a_known_format():
     for name, target in TARGETS.items():
         assert target.name == name and target.summary
         assert target.export is None or target.export in FORMATS
-    with pytest.raises(ConfigError, match="target must be one of llamacpp, runtime; got 'tensorrt'"):
+    with pytest.raises(ConfigError, match="target must be one of llamacpp, runtime, vllm; got 'tensorrt'"):
         get_target("tensorrt")
 
 
 def test_export_formats_are_the_modules_of_wkvq_core_export():
-    assert FORMATS == {"compressed-tensors": "wkvq_core.export.compressed_tensors", "gguf": "wkvq_core.export.gguf"}
+    assert FORMATS == {"compressed-tensors": "wkvq_core.export.compressed_tensors", "gguf": "wkvq_core.export.gguf",
+                       "vllm": "wkvq_core.export.vllm"}
     for name in FORMATS:
         module = exporter(name)
         assert module.FORMAT == name and callable(module.export) and callable(module.describe)

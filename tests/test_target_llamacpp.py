@@ -283,8 +283,8 @@ def test_a_method_under_a_target_keeps_only_what_its_engine_computes():
     assert targets.kv_config("recommended", RUNTIME).smooth_init == "range"
     assert targets.kv_config("recommended", "llamacpp", smooth_init="range").smooth_init == "range"
     assert set(TARGET_NAMES) == set(TARGETS)
-    with pytest.raises(ConfigError, match="target must be one of runtime, llamacpp; got 'vllm'"):
-        WKVQuantConfig(target="vllm")
+    with pytest.raises(ConfigError, match="target must be one of runtime, llamacpp, vllm; got 'tensorrt'"):
+        WKVQuantConfig(target="tensorrt")
 
 
 @pytest.mark.parametrize(("config", "message"), [

@@ -182,10 +182,13 @@ def print_eval_table(result: dict) -> None:
     out.print(table)
     out.print(f"KV cache: {result['kv_bytes_per_token']:.1f} bytes/token (fp16: {result['kv_bytes_per_token_fp16']:.1f})")
     semantics = result.get("semantics", {})
-    if semantics.get("kv_cache_type"):
+    if semantics.get("target") == "llamacpp":
         out.print(f"as llama.cpp computes it: {semantics['kv_cache_type']} cache, Hadamard rotation "
                   f"{'on' if semantics['rotation'] else 'off'}, matmul inputs {semantics.get('matmul_inputs', 'exact')}",
                   highlight=False)
+    elif semantics.get("target") == "vllm":
+        out.print(f"as vLLM computes it (bf16, GPU): --kv-cache-dtype {semantics['kv_cache_type']}, matmul inputs "
+                  f"{semantics['matmul_inputs']}", highlight=False)
 
 
 def _estimate_kind(device: str, estimate_for: str | None) -> str:
@@ -276,7 +279,8 @@ def quantize(
     target: Annotated[str, typer.Option(help=f"The engine the artifact is calibrated for: {', '.join(TARGET_NAMES)} "
                                               "(docs/targets.md).")] = RUNTIME_TARGET,
     kv_cache_type: Annotated[Optional[str], typer.Option(help="llamacpp: q4_1 instead of q4_0 for kv_bits 4 "
-                                                             "(default: q4_0, q8_0 or f16 by --kv-bits).")] = None,
+                                                             "(default: q4_0, q8_0 or f16 by --kv-bits); vllm: "
+                                                             "int4_per_token_head or auto, by --kv-bits.")] = None,
     act_bits: Annotated[int, typer.Option(help="Per-token activation bits into linears (16 = off).")] = 16,
     cache_dtype: Annotated[str, typer.Option(help="Activation caches: auto (bfloat16 on CUDA, float32 on CPU), "
                                                   "float32 or bfloat16.")] = "auto",
@@ -353,11 +357,12 @@ def evaluate(
     group_size: GroupSize = None,
     eval_tokens: EvalTokens = DEFAULT_EVAL_TOKENS,
     semantics: Annotated[Optional[str], typer.Option(
-        "--semantics", help="Compute what this target's engine computes: runtime (our packed runtime) or llamacpp "
-                            "(llama.cpp on the GGUF export); default: the artifact's own target.")] = None,
+        "--semantics", help="Compute what this target's engine computes: runtime (our packed runtime), llamacpp "
+                            "(llama.cpp on the GGUF export) or vllm (vLLM on the vllm export); default: the "
+                            "artifact's own target.")] = None,
     kv_type: Annotated[Optional[str], typer.Option(
-        "--kv-type", help="llamacpp: the KV cache type, q4_0, q4_1, q8_0 or f16 (default: the artifact's, else "
-                          "from --kv-bits).")] = None,
+        "--kv-type", help="llamacpp: the KV cache type, q4_0, q4_1, q8_0 or f16; vllm: its --kv-cache-dtype, "
+                          "int4_per_token_head or auto (default: the artifact's, else from --kv-bits).")] = None,
     rotation: Annotated[Optional[bool], typer.Option(
         "--rotation/--no-rotation", help="llamacpp: its Hadamard rotation of a quantized cache (--no-rotation: "
                                          "LLAMA_ATTN_ROT_DISABLE=1).")] = None,
@@ -457,8 +462,9 @@ def generate(
 def export(
     artifact: Annotated[Path, typer.Argument(metavar="DIR", help="A `wkvq quantize` output directory.")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (written atomically).")],
-    fmt: Annotated[str, typer.Option("--format", help="compressed-tensors (pack-quantized W4A16, for vLLM) or gguf "
-                                                      "(Q4_1, for llama.cpp).")] = "compressed-tensors",
+    fmt: Annotated[str, typer.Option("--format", help="vllm (compressed-tensors W4A16 with the serve command), "
+                                                      "compressed-tensors (the checkpoint alone) or gguf (Q4_1, for "
+                                                      "llama.cpp).")] = "compressed-tensors",
 ) -> None:
     """Convert a quantized artifact for other runtimes; prints what the target format cannot express."""
     _quiet_transformers()

@@ -22,7 +22,7 @@ ATTENTION_KERNELS = ("eager", "sdpa")  # WKVAttention.attention_backend
 ATTENTION_BACKENDS = ("auto", *ATTENTION_KERNELS)
 # The deployment targets (`wkvq_core.targets`, one module each; a test keeps this list equal to theirs).
 RUNTIME_TARGET = "runtime"
-TARGET_NAMES = (RUNTIME_TARGET, "llamacpp")
+TARGET_NAMES = (RUNTIME_TARGET, "llamacpp", "vllm")
 
 
 class EvalMode(str, Enum):

@@ -19,6 +19,14 @@ prepared model (RTN weights, `prepare_model_`) in place; `perplexity` then gives
   Not computed: the fp16 rounding of the Q8_1 block sums that multiply Q4_1's m, the F16 matmuls of the
   embeddings / lm_head, the rest of the attention's own arithmetic, and the Q4_1 blocks that the export cannot
   write exactly (notes `q4_1.inexact_blocks`; none for a llamacpp-target artifact).
+- "vllm": vLLM serving the model's compressed-tensors export (`export.vllm`) in bf16 on a GPU (sm80+):
+  - the KV cache as `--kv-cache-dtype int4_per_token_head` stores it (`targets.vllm.VllmKV`: randomized Hadamard
+    rotation, 4-bit asymmetric per token and KV head, the kernel's rounding and scale truncation; no POQ, K after
+    RoPE, no sink tokens), or unquantized (`auto`), and the query rounded as it rotates it;
+  - K as the export carries it (as for llamacpp: a per-channel K smoothing is dropped, a vllm-target model's folded
+    one kept), the V smoothing folded;
+  - the linears' inputs rounded to bf16 (the target's `matmul_input`). The rest of the bf16 model (its residual
+    stream, norms, attention output, the weights' bf16 dequantization) is computed in fp32 here.
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ from ..runtime.packed_linear import PackedLinear
 from ..targets import RUNTIME, get_target
 from ..targets.llamacpp import BITS_OF_TYPE, BLOCK, TARGET as LLAMACPP_TARGET, cache_type as config_cache_type
 from ..targets.llamacpp import kv_quantizer_for
+from ..targets import vllm
 
 LLAMACPP = LLAMACPP_TARGET.name
+VLLM = vllm.TARGET.name
 
 
 @dataclass(frozen=True)
@@ -46,19 +56,23 @@ class Semantics:
     """What `apply_semantics_` set up, as the json of an evaluation reports it."""
 
     target: str
-    kv_cache_type: str | None = None  # llamacpp: the cache type (-ctk / -ctv)
+    kv_cache_type: str | None = None  # llamacpp: the cache type (-ctk / -ctv); vllm: --kv-cache-dtype
     rotation: bool | None = None  # llamacpp: its Hadamard rotation of a quantized cache
-    matmul_inputs: str | None = None  # llamacpp: "q8_1", the rounding of the 4-bit linears' inputs
+    matmul_inputs: str | None = None  # the rounding of the linears' inputs: llamacpp "q8_1", vllm "bf16"
 
     def to_dict(self) -> dict:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
     def kv_bytes_per_token(self, model_config) -> float | None:
-        """Bytes of K and V cache per token over all layers in llama.cpp's cache type (None: not llamacpp)."""
+        """Bytes of K and V cache per token over all layers in the engine's cache type (None: no engine cache)."""
         if self.kv_cache_type is None:
             return None
-        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.kv_cache_type.upper()]]
-        per_head = head_dim(model_config.to_dict()) / block * block_bytes
+        dim = head_dim(model_config.to_dict())
+        if self.target == VLLM:
+            per_head = vllm.bytes_per_head(self.kv_cache_type, dim)
+        else:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.kv_cache_type.upper()]]
+            per_head = dim / block * block_bytes
         return 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * per_head
 
 
@@ -86,7 +100,7 @@ def _llamacpp_linears(model: nn.Module) -> list[nn.Module]:
 
 
 def _unsmooth_keys_(attn: nn.Module) -> None:
-    """Drop the attention's K smoothing (scale 1, shift 0), as the GGUF export of a runtime artifact does."""
+    """Drop the attention's per-channel K smoothing (scale 1, shift 0), as the exports of a runtime artifact do."""
     with torch.no_grad():
         attn.k_scale.fill_(1)
         attn.k_shift.fill_(0)
@@ -100,9 +114,13 @@ def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cach
     rounding: for measuring what it does)."""
     if target not in TARGET_NAMES:
         raise ConfigError(f"semantics must be one of {', '.join(sorted(TARGET_NAMES))}; got {target!r}")
+    if target != LLAMACPP and rotate is not None:
+        raise ConfigError("the rotation switch applies to the llamacpp semantics only")
+    if target == VLLM:
+        return _vllm_semantics_(model, config, cache_type)
     if target == RUNTIME:
-        if cache_type is not None or rotate is not None:
-            raise ConfigError("a KV cache type and the rotation switch apply to the llamacpp semantics only")
+        if cache_type is not None:
+            raise ConfigError("a KV cache type applies to an engine's semantics (llamacpp, vllm) only")
         runtime = get_target(RUNTIME)
         quantizer = runtime.kv_quantizer(config.kv)
         for attn in attentions(model):
@@ -122,7 +140,7 @@ def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cach
         if attn.rotation is not None:
             raise ConfigError("the model rotates V (kv rotate) at run time, outside its v_proj / o_proj weights; the "
                               "GGUF export cannot express that")
-        if config.target != LLAMACPP:
+        if not attn.k_folded:
             _unsmooth_keys_(attn)
         attn.kv_quantizer, attn.poq, attn.kv_bits = quantizer, LLAMACPP_TARGET.poq, BITS_OF_TYPE[cache_type]
         attn.kv_quant = attn.kv_bits != FP_BITS
@@ -130,3 +148,27 @@ def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cach
     for linear in linears:
         linear.input_rounding = LLAMACPP_TARGET.matmul_input if round_matmul_inputs else None
     return Semantics(LLAMACPP, cache_type, rotate, "q8_1" if round_matmul_inputs else None)
+
+
+def _vllm_semantics_(model: nn.Module, config: WKVQuantConfig, cache_type: str | None) -> Semantics:
+    kv_dtype = cache_type or vllm.cache_dtype(config.kv)
+    if kv_dtype not in vllm.KV_CACHE_DTYPES:
+        raise ConfigError(f"vLLM KV cache dtype must be one of {', '.join(vllm.KV_CACHE_DTYPES)}; got {kv_dtype!r}")
+    for attn in attentions(model):
+        if attn.head_dim < vllm.MIN_HEAD_DIM:
+            raise ConfigError(f"vLLM's Triton attention backend needs head_dim >= {vllm.MIN_HEAD_DIM}; this model has "
+                              f"{attn.head_dim}")
+        if attn.rotation is not None:
+            raise ConfigError("the model rotates V (kv rotate) at run time, outside its v_proj / o_proj weights; the "
+                              "vLLM export cannot express that")
+        if not attn.k_folded:
+            _unsmooth_keys_(attn)
+        attn.kv_quantizer, attn.poq, attn.kv_bits = vllm.VllmKV(), vllm.TARGET.poq, vllm.BITS_OF_DTYPE[kv_dtype]
+        attn.kv_quant = attn.kv_bits != FP_BITS
+        attn.k_pre_rope, attn.sink_tokens, attn.fp_prefill = False, 0, False
+    for linear in model.modules():
+        if isinstance(linear, (PackedLinear, QuantLinear)):
+            if linear.act_bits != FP_BITS:
+                raise ConfigError(f"{linear.act_bits}-bit activations: vLLM serves the export weight-only (A16)")
+            linear.input_rounding = vllm.TARGET.matmul_input
+    return Semantics(VLLM, kv_dtype, matmul_inputs="bf16")

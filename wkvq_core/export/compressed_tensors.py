@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -47,7 +47,8 @@ from . import NOTES, kv_not_expressed, load_exportable
 FORMAT = "compressed-tensors"
 CT_FORMAT = "pack-quantized"
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writes
-_NOT_COPIED = {"config.json", WEIGHTS, MANIFEST, METRICS, REMOTE_CODE_FILE}
+README = "README.md"
+_NOT_COPIED = {"config.json", WEIGHTS, MANIFEST, METRICS, REMOTE_CODE_FILE, README}
 BASE_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 _RUNTIME_DTYPES = {"float16": "float16", "float32": "float16", "bfloat16": "bfloat16"}
 
@@ -152,8 +153,18 @@ def _not_expressed(wkv: dict[str, Any]) -> list[dict[str, str]]:
 def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir` (atomically: temporary sibling directory, then rename; a previous export there is replaced)
     from the WKVQuant artifact in `artifact_dir`. Returns `out_dir`."""
+    return write(artifact_dir, out_dir, FORMAT)
+
+
+# (the artifact's quantization_config, the export's config.json, the notes, changed in place) -> README.md text
+Deployment = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], str]
+
+
+def write(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
+          deployment: Deployment | None = None) -> Path:
+    """`export` as format `fmt`, with an engine's `deployment` notes and README (`export.vllm`)."""
     artifact, out = Path(artifact_dir), Path(out_dir)
-    model, quant = load_exportable(artifact, out, CT_FORMAT)
+    model, quant = load_exportable(artifact, out, fmt)
     wkv = quant["wkvquant_config"]
     bits, group_size = quant["w_bits"], quant["group_size"]
     stored_dtype = getattr(torch, quant.get("non_quantized_dtype", "float16"))
@@ -200,7 +211,7 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     config["quantization_config"] = quantization_config(bits, group_size)
     scheme = f"W{bits}A16 asymmetric, " + ("per row (strategy channel)" if group_size == -1 else f"group {group_size}")
     notes = {
-        "format": FORMAT,
+        "format": fmt,
         "compressed_tensors_format": CT_FORMAT,
         "scheme": scheme,
         "source": {"quantization_config": quant,
@@ -225,12 +236,17 @@ def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
                           "scales to bfloat16"),
     }
 
+    readme = None if deployment is None else deployment(quant, config, notes)
+
     with atomic_directory(out) as tmp:
         for path in sorted(artifact.iterdir()):
             if path.is_file() and path.name not in _NOT_COPIED:
                 shutil.copyfile(path, tmp / path.name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp / WEIGHTS, metadata={"format": "pt"})
+        if readme is not None:
+            (tmp / README).write_text(readme)
+        notes["files"] = sorted(path.name for path in tmp.iterdir()) + [NOTES]
         (tmp / NOTES).write_text(json.dumps(notes, indent=2) + "\n")
     return out
 
