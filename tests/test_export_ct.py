@@ -228,7 +228,7 @@ def test_cli_refuses_what_cannot_be_exported(tmp_path, tiny_model, tokenizer):
     assert_clean_failure(invoke("export", "--format", "compressed-tensors", artifact, out),
                          "model.layers.1.mlp.up_proj: zero point", "row 3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # nothing written, no temporary directory left
-    assert_clean_failure(invoke("export", "--format", "onnx", artifact, out), "--format must be compressed-tensors or gguf")
+    assert_clean_failure(invoke("export", "--format", "onnx", artifact, out), "--format must be one of compressed-tensors, gguf, vllm")
     assert_clean_failure(invoke("export", TINY_MODEL, out), "not a WKVQuant artifact")
     assert_clean_failure(invoke("export", tmp_path / "missing", out), "no such directory")
     (tmp_path / "busy").mkdir()

@@ -68,7 +68,7 @@ def test_export_formats_are_the_modules_of_wkvq_core_export():
     for name in FORMATS:
         module = exporter(name)
         assert module.FORMAT == name and callable(module.export) and callable(module.describe)
-    with pytest.raises(ConfigError, match="--format must be compressed-tensors or gguf; got 'onnx'"):
+    with pytest.raises(ConfigError, match="--format must be one of compressed-tensors, gguf, vllm; got 'onnx'"):
         exporter("onnx")
 
 

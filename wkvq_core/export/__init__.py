@@ -22,7 +22,7 @@ FORMATS = {module.name.replace("_", "-"): f"{__name__}.{module.name}" for module
 def exporter(fmt: str) -> ModuleType:
     """The module that writes format `fmt`."""
     if fmt not in FORMATS:
-        raise ConfigError(f"--format must be {' or '.join(sorted(FORMATS))}; got {fmt!r}")
+        raise ConfigError(f"--format must be one of {', '.join(sorted(FORMATS))}; got {fmt!r}")
     return importlib.import_module(FORMATS[fmt])
 
 

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..artifact import is_artifact
 from ..config import FP_BITS, KVQuantConfig, WKVQuantConfig
 from ..targets import vllm as target
 from . import NOTES
@@ -42,8 +43,6 @@ def serve_command(out: str, int4_cache: bool) -> str:
 
 def _deployment(quant: dict[str, Any], config: dict[str, Any], notes: dict[str, Any]) -> str:
     wkv = WKVQuantConfig.from_dict(quant["wkvquant_config"])
-    # what vLLM's WNA16 kernels take; KV options its cache drops are reported (not_expressed), not refused
-    target.check(dataclasses.replace(wkv, kv=KVQuantConfig(bits=FP_BITS)), config)
     int4_cache = wkv.kv.bits == target.BITS_OF_DTYPE[target.INT4]
     calibrated = int4_cache and wkv.target == target.TARGET.name
     notes.update(serve=serve_command("OUT", int4_cache), kv_cache_dtype=target.INT4 if int4_cache else target.AUTO,
@@ -70,8 +69,19 @@ def _deployment(quant: dict[str, Any], config: dict[str, Any], notes: dict[str, 
             f"What was written, and what the format cannot express: {NOTES}.\n")
 
 
+def _check_servable(artifact: Path) -> None:
+    """Weights vLLM's WNA16 kernels take, before any work (KV options its cache drops are reported in the notes'
+    not_expressed, not refused); what is not an artifact is left to `write` to name."""
+    if not is_artifact(artifact):
+        return
+    config = json.loads((artifact / "config.json").read_text())
+    wkv = WKVQuantConfig.from_dict(config["quantization_config"]["wkvquant_config"])
+    target.check(dataclasses.replace(wkv, kv=KVQuantConfig(bits=FP_BITS)), config)
+
+
 def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir` (atomically) from the artifact: the compressed-tensors checkpoint, README.md and notes."""
+    _check_servable(Path(artifact_dir))
     return write(artifact_dir, out_dir, FORMAT, _deployment)
 
 
