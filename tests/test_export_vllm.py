@@ -140,3 +140,23 @@ def test_eval_under_vllm_semantics_reports_the_engines_cache_bytes(artifacts):
     assert report["semantics"] == {"target": "vllm", "kv_cache_type": "int4_per_token_head", "matmul_inputs": "bf16"}
     layers, kv_heads, dim = 2, 2, 64
     assert report["kv_bytes_per_token"] == 2 * layers * kv_heads * (dim / 2 + 4)
+
+
+@torch.no_grad()
+def test_a_kv_only_artifact_exports_as_a_plain_checkpoint_with_its_smoothing_folded(tmp_path):
+    """FP weights with the calibrated KV cache: no quantization_config, loaded by transformers without flags."""
+    config = WKVQuantConfig(weight=WeightQuantConfig(bits=16), kv=targets.kv_config("paper", "vllm"),
+                            calib=CalibConfig(nsamples=4, seqlen=64, epochs=0), target="vllm")
+    artifact = agreement.build_artifact(tmp_path / "kv-only", config)
+    out = export_vllm(artifact, tmp_path / "export")
+    notes = json.loads((out / NOTES).read_text())
+    assert notes["scheme"] == "unquantized weights (W16A16)" and notes["not_expressed"] == []
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ours = load_quantized(artifact)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 48))
+    with quant_state(ours, weights=True, kv=False):
+        expected = ours(ids, use_cache=False).logits
+    smoothed = [attn.v_proj.bias for attn in (layer.self_attn for layer in ours.model.layers)]
+    assert all(bias is not None and bias.abs().max() > 0 for bias in smoothed)  # the folded V shift
+    logits = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
+    assert (logits - expected).abs().max() < 2e-3 * expected.abs().max()  # fp16 storage of the weights only

@@ -161,10 +161,11 @@ Deployment = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], str]
 
 
 def write(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
-          deployment: Deployment | None = None) -> Path:
-    """`export` as format `fmt`, with an engine's `deployment` notes and README (`export.vllm`)."""
+          deployment: Deployment | None = None, fp_weights: bool = False) -> Path:
+    """`export` as format `fmt`, with an engine's `deployment` notes and README (`export.vllm`); `fp_weights`:
+    an artifact with unquantized weights (w_bits 16) becomes a plain checkpoint with its smoothing folded."""
     artifact, out = Path(artifact_dir), Path(out_dir)
-    model, quant = load_exportable(artifact, out, fmt)
+    model, quant = load_exportable(artifact, out, fmt, fp_weights)
     wkv = quant["wkvquant_config"]
     bits, group_size = quant["w_bits"], quant["group_size"]
     stored_dtype = getattr(torch, quant.get("non_quantized_dtype", "float16"))
@@ -182,7 +183,10 @@ def write(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
                                     (layer.mlp, MLP_PROJECTIONS, "mlp")):
             for proj in names:
                 name, lin = f"model.layers.{i}.{part}.{proj}", getattr(module, proj)
-                layer_tensors, n = _export_linear(name, lin)
+                if isinstance(lin, PackedLinear):
+                    layer_tensors, n = _export_linear(name, lin)
+                else:
+                    layer_tensors, n = {f"{name}.weight": lin.weight.to(stored_dtype)}, 0
                 tensors.update(layer_tensors)
                 if n:
                     remapped[name] = n
@@ -208,17 +212,22 @@ def write(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
     config["dtype"] = _RUNTIME_DTYPES.get(str(stored_dtype).removeprefix("torch."), "float16")
     config.pop("torch_dtype", None)
     config["use_cache"] = True
-    config["quantization_config"] = quantization_config(bits, group_size)
-    scheme = f"W{bits}A16 asymmetric, " + ("per row (strategy channel)" if group_size == -1 else f"group {group_size}")
+    if bits == FP_BITS:
+        scheme, weights_exact = "unquantized weights (W16A16)", f"every linear weight, as stored ({stored_dtype})"
+    else:
+        config["quantization_config"] = quantization_config(bits, group_size)
+        scheme = f"W{bits}A16 asymmetric, " + ("per row (strategy channel)" if group_size == -1 else f"group {group_size}")
+        weights_exact = ("every linear weight: (q - zp) * scale with q - zp == code - zero and the artifact's fp16 "
+                         "scales (decompressing in fp16 rounds the product to fp16, as our own fp16 dequantization "
+                         "does)")
     notes = {
         "format": fmt,
-        "compressed_tensors_format": CT_FORMAT,
+        "compressed_tensors_format": None if bits == FP_BITS else CT_FORMAT,
         "scheme": scheme,
         "source": {"quantization_config": quant,
                    "model.safetensors_sha256": json.loads((artifact / MANIFEST).read_text())["files"][WEIGHTS]["sha256"]},
         "exact": [
-            "every linear weight: (q - zp) * scale with q - zp == code - zero and the artifact's fp16 scales "
-            "(decompressing in fp16 rounds the product to fp16, as our own fp16 dequantization does)",
+            weights_exact,
             "V smoothing: folded into v_proj / o_proj weights and biases (attention_bias: true, zero q_proj / "
             "k_proj biases)",
         ],

@@ -45,8 +45,9 @@ def _deployment(quant: dict[str, Any], config: dict[str, Any], notes: dict[str, 
     wkv = WKVQuantConfig.from_dict(quant["wkvquant_config"])
     int4_cache = wkv.kv.bits == target.BITS_OF_DTYPE[target.INT4]
     calibrated = int4_cache and wkv.target == target.TARGET.name
+    loading = LOADING if wkv.weight.enabled else "transformers: AutoModelForCausalLM.from_pretrained(OUT)"
     notes.update(serve=serve_command("OUT", int4_cache), kv_cache_dtype=target.INT4 if int4_cache else target.AUTO,
-                 vllm_version=VLLM_VERSION, loading=LOADING)
+                 vllm_version=VLLM_VERSION, loading=loading)
     if calibrated:  # the serve flag carries the calibrated cache; its smoothing is in the weights
         notes["not_expressed"] = [item for item in notes["not_expressed"]
                                   if item["feature"] != "kv_cache_quantization"]
@@ -60,12 +61,11 @@ def _deployment(quant: dict[str, Any], config: dict[str, Any], notes: dict[str, 
             "to calibrate it).")
     else:
         cache = "The KV cache is not quantized."
-    groups = "per row" if wkv.weight.group_size == -1 else f"group {wkv.weight.group_size}"
-    return (f"# {config['architectures'][0]}: WKVQuant W{wkv.weight.bits}A16 for vLLM {VLLM_VERSION}\n\n"
+    return (f"# {config['architectures'][0]}: WKVQuant for vLLM {VLLM_VERSION}\n\n"
             "Serve it (on a GPU: the 4-bit cache is in vLLM's Triton attention backend):\n\n"
             f"    {serve_command('THIS_DIR', int4_cache)}\n\n"
-            f"Weights: compressed-tensors {wkv.weight.bits}-bit asymmetric, {groups}. {cache}\n\n"
-            f"Loading with transformers: {LOADING.removeprefix('transformers: ')}.\n\n"
+            f"Weights: {notes['scheme']}. {cache}\n\n"
+            f"Loading with transformers: {loading.removeprefix('transformers: ')}.\n\n"
             f"What was written, and what the format cannot express: {NOTES}.\n")
 
 
@@ -82,11 +82,11 @@ def _check_servable(artifact: Path) -> None:
 def export(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir` (atomically) from the artifact: the compressed-tensors checkpoint, README.md and notes."""
     _check_servable(Path(artifact_dir))
-    return write(artifact_dir, out_dir, FORMAT, _deployment)
+    return write(artifact_dir, out_dir, FORMAT, _deployment, fp_weights=True)
 
 
 def describe(out_dir: str | os.PathLike) -> str:
     notes = json.loads((Path(out_dir) / NOTES).read_text())
     dropped = ", ".join(item["feature"] for item in notes["not_expressed"]) or "nothing"
-    return (f"compressed-tensors {notes['compressed_tensors_format']}, {notes['scheme']}; serve: "
+    return (f"{notes['scheme']}; serve: "
             f"{notes['serve'].replace('OUT', str(out_dir))}; not expressed: {dropped} (see {NOTES})")
