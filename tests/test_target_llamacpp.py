@@ -211,7 +211,7 @@ def test_the_target_maps_kv_bits_to_cache_types_and_refuses_what_llamacpp_lacks(
     assert llamacpp.kv_quantizer(KVQuantConfig(bits=4)) == llamacpp.LlamaCppKV("q4_0", rotate=True)
     assert llamacpp.kv_quantizer(KVQuantConfig(bits=8, group_size=32)) == llamacpp.LlamaCppKV("q8_0", rotate=True)
     assert llamacpp.kv_quantizer(KVQuantConfig(bits=4, cache_type="q4_1")) == llamacpp.LlamaCppKV("q4_1")
-    with pytest.raises(ConfigError, match="q4_0 or q4_1 \\(kv_bits 4\\), q8_0 \\(8\\) or f16 \\(16\\); got kv_bits 3"):
+    with pytest.raises(ConfigError, match="q4_0 or q4_1 \\(kv_bits 4\\), q8_0 \\(kv_bits 8\\), f16 \\(kv_bits 16\\); got kv_bits 3"):
         llamacpp.kv_quantizer(KVQuantConfig(bits=3))
     with pytest.raises(ConfigError, match="cache_type q8_0 holds 8-bit values; kv_bits is 4"):
         llamacpp.kv_quantizer(KVQuantConfig(bits=4, cache_type="q8_0"))

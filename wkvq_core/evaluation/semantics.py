@@ -106,12 +106,27 @@ def _unsmooth_keys_(attn: nn.Module) -> None:
         attn.k_shift.fill_(0)
 
 
+def _engine_cache_(model: nn.Module, quantizer, poq: bool, kv_bits: int, export: str) -> None:
+    """Every attention computing an engine's KV cache: `quantizer` (`kv_bits`, 16: none) on K after RoPE, the
+    engine's POQ, no sink tokens or full-precision prefill, K as the `export` carries it."""
+    for attn in attentions(model):
+        if attn.rotation is not None:
+            raise ConfigError(f"the model rotates V (kv rotate) at run time, outside its v_proj / o_proj weights; the "
+                              f"{export} cannot express that")
+        if not attn.k_folded:
+            _unsmooth_keys_(attn)
+        attn.kv_quantizer, attn.poq, attn.kv_bits = quantizer, poq, kv_bits
+        attn.kv_quant = kv_bits != FP_BITS
+        attn.k_pre_rope, attn.sink_tokens, attn.fp_prefill = False, 0, False
+
+
 def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cache_type: str | None = None,
                      rotate: bool | None = None, round_matmul_inputs: bool = True) -> Semantics:
     """Make `model` (quantized with `config`) compute what `target`'s engine computes, in place; apply once, to a
     freshly loaded or prepared model. llamacpp: `cache_type` (default `targets.llamacpp.cache_type(config.kv)`),
     `rotate` (default True; False: LLAMA_ATTN_ROT_DISABLE=1), `round_matmul_inputs` (False leaves out the Q8_1
-    rounding: for measuring what it does)."""
+    rounding: for measuring what it does). vllm: `cache_type` int4_per_token_head or auto (default
+    `targets.vllm.cache_dtype(config.kv)`)."""
     if target not in TARGET_NAMES:
         raise ConfigError(f"semantics must be one of {', '.join(sorted(TARGET_NAMES))}; got {target!r}")
     if target != LLAMACPP and rotate is not None:
@@ -137,14 +152,7 @@ def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cach
         if attn.head_dim % BLOCK:
             raise ConfigError(f"llama.cpp's {cache_type} KV cache needs head_dim divisible by {BLOCK}; this model has "
                               f"{attn.head_dim}")
-        if attn.rotation is not None:
-            raise ConfigError("the model rotates V (kv rotate) at run time, outside its v_proj / o_proj weights; the "
-                              "GGUF export cannot express that")
-        if not attn.k_folded:
-            _unsmooth_keys_(attn)
-        attn.kv_quantizer, attn.poq, attn.kv_bits = quantizer, LLAMACPP_TARGET.poq, BITS_OF_TYPE[cache_type]
-        attn.kv_quant = attn.kv_bits != FP_BITS
-        attn.k_pre_rope, attn.sink_tokens, attn.fp_prefill = False, 0, False
+    _engine_cache_(model, quantizer, LLAMACPP_TARGET.poq, BITS_OF_TYPE[cache_type], "GGUF export")
     for linear in linears:
         linear.input_rounding = LLAMACPP_TARGET.matmul_input if round_matmul_inputs else None
     return Semantics(LLAMACPP, cache_type, rotate, "q8_1" if round_matmul_inputs else None)
@@ -158,14 +166,7 @@ def _vllm_semantics_(model: nn.Module, config: WKVQuantConfig, cache_type: str |
         if attn.head_dim < vllm.MIN_HEAD_DIM:
             raise ConfigError(f"vLLM's Triton attention backend needs head_dim >= {vllm.MIN_HEAD_DIM}; this model has "
                               f"{attn.head_dim}")
-        if attn.rotation is not None:
-            raise ConfigError("the model rotates V (kv rotate) at run time, outside its v_proj / o_proj weights; the "
-                              "vLLM export cannot express that")
-        if not attn.k_folded:
-            _unsmooth_keys_(attn)
-        attn.kv_quantizer, attn.poq, attn.kv_bits = vllm.VllmKV(), vllm.TARGET.poq, vllm.BITS_OF_DTYPE[kv_dtype]
-        attn.kv_quant = attn.kv_bits != FP_BITS
-        attn.k_pre_rope, attn.sink_tokens, attn.fp_prefill = False, 0, False
+    _engine_cache_(model, vllm.VllmKV(), vllm.TARGET.poq, vllm.BITS_OF_DTYPE[kv_dtype], "vLLM export")
     for linear in model.modules():
         if isinstance(linear, (PackedLinear, QuantLinear)):
             if linear.act_bits != FP_BITS:

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import KVQuantConfig, WKVQuantConfig
+from ..errors import ConfigError
 from ..quant.kv_quant import KVQuantizer
 
 
@@ -31,3 +32,21 @@ class Target:
     cache_type: Callable[[KVQuantConfig], str] | None = None
     # KV options `--method recommended` takes for this engine, over the method's own (measured: benchmarks/RESULTS.md)
     recommended_kv: dict[str, Any] = field(default_factory=dict)
+
+
+def named_cache_type(kv: KVQuantConfig, bits_of: dict[str, int], default_for_bits: dict[int, str], engine: str,
+                     target: str) -> str:
+    """An engine's name for the KV cache of `kv`: its cache_type, checked against the engine's names (`bits_of`:
+    name -> bits) and kv.bits, else `default_for_bits[kv.bits]`."""
+    if kv.cache_type is None:
+        if kv.bits not in default_for_bits:
+            offered = ", ".join(f"{' or '.join(name for name in bits_of if bits_of[name] == bits)} (kv_bits {bits})"
+                                for bits in sorted(default_for_bits))
+            raise ConfigError(f"the {target} target stores the KV cache as {offered}; got kv_bits {kv.bits}")
+        return default_for_bits[kv.bits]
+    if kv.cache_type not in bits_of:
+        raise ConfigError(f"{engine} KV cache type must be one of {', '.join(bits_of)}; got {kv.cache_type!r}")
+    if bits_of[kv.cache_type] != kv.bits:
+        raise ConfigError(f"kv cache_type {kv.cache_type} holds {bits_of[kv.cache_type]}-bit values; "
+                          f"kv_bits is {kv.bits}")
+    return kv.cache_type

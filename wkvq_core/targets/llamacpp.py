@@ -41,7 +41,7 @@ from ..config import FP_BITS, KVQuantConfig, WKVQuantConfig, head_dim, linear_in
 from ..errors import ConfigError
 from ..quant.kv_quant import KEY, QUERY, VALUE
 from ..quant.primitives import hadamard
-from .base import Target
+from .base import Target, named_cache_type
 
 BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
 Q8_1_BLOCK = 32  # QK8_1
@@ -187,7 +187,7 @@ def kv_quantizer_for(kv_type: str, rotate: bool = True) -> LlamaCppKV:
 
 
 REFUSED_KV_OPTIONS = ("k_pre_rope", "rotate", "sink_tokens", "fp_prefill")
-BITS_OF_TYPE = {"q4_0": 4, "q4_1": 4, "q8_0": 8, "f16": FP_BITS}
+BITS_OF_TYPE = {"f16": FP_BITS, "q4_0": 4, "q4_1": 4, "q8_0": 8}
 WEIGHT_BITS = (4, FP_BITS)  # Q4_1 blocks, or the weights unquantized
 # Q4_1 stores d = scale and m = -(zero + k) * scale in fp16 (11 significant bits): with 7-bit scales and |zero + k|
 # <= 15 (4 bits) every m is an fp16 number, so every block is exact (export.gguf)
@@ -196,17 +196,7 @@ WEIGHT_SCALE_BITS = 7
 
 def cache_type(kv: KVQuantConfig) -> str:
     """The llama.cpp cache type (-ctk / -ctv) of a KV config: its cache_type, else q4_0, q8_0 or f16 by bits."""
-    if kv.cache_type is None:
-        if kv.bits not in TYPE_FOR_BITS:
-            raise ConfigError(f"the llamacpp target stores the KV cache as q4_0 or q4_1 (kv_bits 4), q8_0 (8) or "
-                              f"f16 (16); got kv_bits {kv.bits}")
-        return TYPE_FOR_BITS[kv.bits]
-    if kv.cache_type not in KV_TYPES:
-        raise ConfigError(f"llama.cpp KV cache type must be one of {', '.join(KV_TYPES)}; got {kv.cache_type!r}")
-    if BITS_OF_TYPE[kv.cache_type] != kv.bits:
-        raise ConfigError(f"kv cache_type {kv.cache_type} holds {BITS_OF_TYPE[kv.cache_type]}-bit values; "
-                          f"kv_bits is {kv.bits}")
-    return kv.cache_type
+    return named_cache_type(kv, BITS_OF_TYPE, TYPE_FOR_BITS, "llama.cpp", "llamacpp")
 
 
 def kv_quantizer(kv: KVQuantConfig) -> LlamaCppKV:

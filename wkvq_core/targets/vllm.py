@@ -38,13 +38,13 @@ from ..config import FP_BITS, KVQuantConfig, WKVQuantConfig, head_dim, linear_in
 from ..errors import ConfigError
 from ..quant.kv_quant import KEY, QUERY, VALUE
 from ..quant.primitives import hadamard
-from .base import Target
+from .base import Target, named_cache_type
 from .llamacpp import trunc_ste
 
 INT4 = "int4_per_token_head"
 AUTO = "auto"  # the model dtype: an unquantized cache
 KV_CACHE_DTYPES = (AUTO, INT4)
-BITS_OF_DTYPE = {INT4: 4, AUTO: FP_BITS}
+BITS_OF_DTYPE = {AUTO: FP_BITS, INT4: 4}
 SIGN_SEED = 0x9E3779B9
 LEVELS = 15  # 4-bit codes 0..15
 MIN_SCALE = 1e-6
@@ -139,18 +139,7 @@ class VllmKV:
 
 def cache_dtype(kv: KVQuantConfig) -> str:
     """vLLM's --kv-cache-dtype for a KV config: its cache_type, else int4_per_token_head (kv_bits 4) or auto (16)."""
-    by_bits = {bits: name for name, bits in BITS_OF_DTYPE.items()}
-    if kv.cache_type is None:
-        if kv.bits not in by_bits:
-            raise ConfigError(f"the vllm target stores the KV cache as {INT4} (kv_bits 4) or unquantized ({AUTO}, "
-                              f"kv_bits 16); got kv_bits {kv.bits}")
-        return by_bits[kv.bits]
-    if kv.cache_type not in KV_CACHE_DTYPES:
-        raise ConfigError(f"vLLM KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv.cache_type!r}")
-    if BITS_OF_DTYPE[kv.cache_type] != kv.bits:
-        raise ConfigError(f"kv cache_type {kv.cache_type} holds {BITS_OF_DTYPE[kv.cache_type]}-bit values; "
-                          f"kv_bits is {kv.bits}")
-    return kv.cache_type
+    return named_cache_type(kv, BITS_OF_DTYPE, {bits: name for name, bits in BITS_OF_DTYPE.items()}, "vLLM", "vllm")
 
 
 def bytes_per_head(kv_dtype: str, dim: int) -> float:
