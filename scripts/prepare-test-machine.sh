@@ -2,7 +2,9 @@
 # What the test suite needs from the machine besides Python packages: Debian's Chromium (for the browser test,
 # driven by Playwright; no browser download), the local PostgreSQL and Redis servers, started if they are down, and
 # the pinned llama.cpp engine (tests/test_engine_llamacpp.py), built by scripts/install-llamacpp.sh into its own
-# cache on the first run (about 10 minutes on two cores; later runs reuse it in a second).
+# cache on the first run (about 10 minutes on two cores; later runs reuse it in a second), and the pinned vLLM engine
+# (tests/test_engine_vllm.py), installed by scripts/install-vllm.sh into its own cached venv (3.5 GB, a few minutes
+# on the first run; later runs reuse it in a second).
 set -euo pipefail
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -23,3 +25,5 @@ if ! redis-cli -h 127.0.0.1 ping >/dev/null 2>&1; then
 fi
 engine=$(bash "$(dirname "$0")/install-llamacpp.sh")
 echo "llama.cpp engine: $engine"
+engine=$(bash "$(dirname "$0")/install-vllm.sh")
+echo "vLLM engine: $engine"
