@@ -222,11 +222,13 @@ def submit(
     poq: Annotated[bool, typer.Option(help="Past-only quantization.")] = True,
     method: Annotated[str, typer.Option(help="paper or recommended (the KV options that won on held-out text).")
                       ] = "recommended",
-    target: Annotated[str, typer.Option(help="runtime (the packed artifact) or llamacpp (also a GGUF; calibrated "
-                                             "and evaluated for llama.cpp's own KV cache).")] = "runtime",
+    target: Annotated[str, typer.Option(help="runtime (the packed artifact), llamacpp (also a GGUF; calibrated "
+                                             "and evaluated for llama.cpp's own KV cache) or vllm (also "
+                                             "model-vllm.tar, a directory for `vllm serve`; calibrated and evaluated "
+                                             "for vLLM's int4_per_token_head KV cache).")] = "runtime",
     kv_cache_type: Annotated[Optional[str], typer.Option(
-        "--kv-cache-type", help="llamacpp: llama.cpp's KV cache type, q4_0 | q4_1 | q8_0 | f16 (default: from "
-                                "--kv-bits).", show_default=False)] = None,
+        "--kv-cache-type", help="The target engine's KV cache type: llamacpp q4_0 | q4_1 | q8_0 | f16, vllm "
+                                "int4_per_token_head | auto (default: from --kv-bits).", show_default=False)] = None,
     gpu_class: Annotated[Optional[str], typer.Option(help="GPU class (default: the server's first).")] = None,
     priority: Annotated[int, typer.Option(help="-100..100, higher runs first.")] = 0,
     idempotency_key: Annotated[Optional[str], typer.Option(help="Resubmitting with the same key and body returns "
@@ -336,9 +338,9 @@ def watch(job_id: JobId) -> None:
 def download(
     job_id: JobId,
     directory: Annotated[Path, typer.Argument(help="Where the artifact goes (created if missing).", show_default=False)],
-    name: Annotated[str, typer.Option(help="The artifact's name: model.tar, or for a llamacpp job model.gguf.")
-                    ] = "model.tar",
-    extract: Annotated[bool, typer.Option("--extract", help="Unpack the model directory next to the tar.")] = False,
+    name: Annotated[str, typer.Option(help="The artifact's name: model.tar, for a llamacpp job also model.gguf, "
+                                           "for a vllm job model-vllm.tar.")] = "model.tar",
+    extract: Annotated[bool, typer.Option("--extract", help="Unpack the model directory next to a tar.")] = False,
 ) -> None:
     """Download a job's artifact: resumes a partial download, checks its sha256, renames it into place."""
     with _client() as client:

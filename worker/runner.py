@@ -46,7 +46,9 @@ from .retry import with_db_retry
 
 log = logging.getLogger(__name__)
 ARTIFACT_NAME = "model.tar"
-EXPORTING = "exporting"  # the stage writing the target's export (a GGUF for llamacpp) from the packed artifact
+EXPORTING = "exporting"  # the stage writing the target's export (llamacpp: a GGUF, vllm: a directory) from the artifact
+# what metrics["export"] takes from the export's notes: how to run it (GGUF: the cache types; vLLM: the serve command)
+EXPORT_NOTE_KEYS = ("recommended_cache_type", "kv_cache_dtype", "serve", "loading")
 MEDIA_TYPES = {".tar": "application/x-tar", ".json": "application/json"}  # else application/octet-stream
 CANCEL_POLL_SECONDS = 0.5
 
@@ -69,17 +71,24 @@ def export_format(config: WKVQuantConfig) -> str | None:
     return get_target(config.target).export
 
 
-def export_files(fmt: str, artifact_dir: Path, out_dir: Path, metrics: dict[str, Any]) -> list[Path]:
-    """Writes the export of the packed artifact; returns its files (the model file and the notes json) and records
-    in metrics["export"] what the job page shows: the format, its files and the notes' advice on running it."""
+def export_files(fmt: str, artifact_dir: Path, out_dir: Path, top: str, metrics: dict[str, Any]) -> list[Path]:
+    """Writes the export of the packed artifact into `out_dir`; returns the files the job ships: the export's one
+    model file where its notes name one (a GGUF), else its files as one tar `model-FORMAT.tar` of the directory
+    `top` (a vLLM checkpoint), and the notes json. Records in metrics["export"] what the job page shows: the
+    format, the shipped file (and the directory it unpacks to), the notes' advice on running it."""
     try:
         exporter(fmt).export(artifact_dir, out_dir)
     except WKVQError as exc:
         raise WKVQError(f"the {fmt} export of the quantized model failed: {exc}") from exc
     notes = json.loads((out_dir / NOTES).read_text())
-    metrics["export"] = {"format": fmt, "file": notes["file"], "notes": NOTES,
-                         **{key: notes[key] for key in ("recommended_cache_type", "loading") if key in notes}}
-    return [out_dir / notes["file"], out_dir / NOTES]
+    if "file" in notes:
+        shipped, unpacked = out_dir / notes["file"], {}
+    else:
+        shipped, unpacked = out_dir.parent / f"model-{fmt}.tar", {"directory": top}
+        write_reproducible_tar(out_dir, shipped, top, files=notes["files"])
+    metrics["export"] = {"format": fmt, "file": shipped.name, **unpacked, "notes": NOTES,
+                         **{key: notes[key] for key in EXPORT_NOTE_KEYS if key in notes}}
+    return [shipped, out_dir / NOTES]
 
 
 def describe_stored(metrics: dict[str, Any], stored: dict[str, StoredObject]) -> None:
@@ -281,7 +290,8 @@ class JobRunner:
         export = export_format(quantize_job.config)
         if export is not None:
             self._event(lease, heartbeat, "stage", EXPORTING, progress={"stage": EXPORTING})
-            files += export_files(export, workdir / "artifact", workdir / "export", metrics)
+            top = f"{artifact_top_dir(spec)}-{export}"  # the directory a tarred export unpacks to
+            files += export_files(export, workdir / "artifact", workdir / "export", top, metrics)
         self._enter_publishing(lease, heartbeat)
         stored: list[tuple[str, StoredObject]] = []
         try:

@@ -15,7 +15,7 @@ from ..core.context import ServiceContext
 from ..core.errors import Conflict, InvalidField, PayloadTooLarge, TooManyRequests
 from ..datasets.service import dataset_service
 from ..jobs.model_source import local_models
-from ..jobs.schemas import BUILTIN_DATASETS, KV_CACHE_TYPES, TARGETS, JobCreate, QuantConfig
+from ..jobs.schemas import BUILTIN_DATASETS, TARGET_CACHE_TYPES, TARGETS, JobCreate, QuantConfig
 from ..jobs.service import job_service
 from ..models import Job, Team
 
@@ -23,7 +23,8 @@ PRESETS = {"W4KV4": (4, 4), "W4": (4, 16), "W4KV8": (4, 8)}  # (w_bits, kv_bits)
 PRESET_LABELS = {"W4KV4": "W4KV4 (4-bit weights, 4-bit KV cache)", "W4": "W4 (4-bit weights, fp16 KV cache)",
                  "W4KV8": "W4KV8 (4-bit weights, 8-bit KV cache)"}
 TARGET_LABELS = {"runtime": "WKVQuant runtime (the packed artifact, our KV cache)",
-                 "llamacpp": "llama.cpp (a GGUF, llama.cpp's own KV cache)"}
+                 "llamacpp": "llama.cpp (a GGUF, llama.cpp's own KV cache)",
+                 "vllm": "vLLM (a compressed-tensors checkpoint, vLLM's int4_per_token_head KV cache)"}
 CHOICE_FIELDS = ("target", "kv_cache_type")  # config fields chosen from a list; empty: left out
 NUMBER_FIELDS = ("group_size", "nsamples", "seqlen", "epochs", "crr_k", "seed")
 MODEL_DEFAULTS = ("group_size", "seqlen")  # left empty: the API picks them for the model (model_source.check_dims)
@@ -142,6 +143,6 @@ def submit_form(ctx: ServiceContext, session: Session, team: Team, form: JobForm
 def form_context(ctx: ServiceContext, session: Session, team: Team, form: JobForm,
                  errors: dict[str, str] | None = None) -> dict[str, Any]:
     return {"form": form, "errors": errors or {}, "models": local_models(ctx.settings), "presets": PRESET_LABELS,
-            "targets": {name: TARGET_LABELS.get(name, name) for name in TARGETS}, "kv_cache_types": KV_CACHE_TYPES,
+            "targets": {name: TARGET_LABELS.get(name, name) for name in TARGETS}, "kv_cache_types": TARGET_CACHE_TYPES,
             "gpu_classes": ctx.settings.GPU_CLASSES, "builtins": BUILTIN_DATASETS,
             "datasets": dataset_service.list(session, team=team), "nav": "new"}

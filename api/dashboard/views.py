@@ -19,18 +19,20 @@ from .web import duration, filesize
 EVENT_PAGE = 500
 EVENT_LOG_LIMIT = 40
 PPL_MODES = {"fp": "full precision", "w": "W: weights quantized", "wkv": "WKV: weights + KV cache"}
-LLAMACPP = "llamacpp"
+# a target whose WKV perplexity predicts an engine's: (the engine's name, its unquantized cache, what it runs)
+ENGINES = {"llamacpp": ("llama.cpp", "f16", "GGUF"), "vllm": ("vLLM", "auto", "compressed-tensors checkpoint")}
 
 
 def engine_labels(engine: dict[str, Any] | None) -> dict[str, str]:
     """What the perplexities and the RTN baseline of a job mean under its target (metrics["eval"]["engine"]): for
-    llama.cpp, WKV is the perplexity predicted for the GGUF run with that KV cache type, RTN uses llama.cpp's own
-    uncalibrated cache. Older jobs and runtime jobs: the packed runtime's."""
-    if not engine or engine.get("target") != LLAMACPP:
+    an engine (llama.cpp, vLLM), WKV is the perplexity predicted for its export run with that KV cache type, RTN
+    uses the engine's own uncalibrated cache. Older jobs and runtime jobs: the packed runtime's."""
+    if not engine or engine.get("target") not in ENGINES:
         return {**PPL_MODES, "rtn": "RTN, job's KV options"}
-    cache = engine.get("cache_type") or "f16"
-    return {"fp": "full precision", "w": "W: weights quantized (f16 cache)",
-            "wkv": f"predicted llama.cpp perplexity ({cache} cache)", "rtn": f"RTN + llama.cpp's own {cache} cache"}
+    name, unquantized, _ = ENGINES[engine["target"]]
+    cache = engine.get("cache_type") or unquantized
+    return {"fp": "full precision", "w": f"W: weights quantized ({unquantized} cache)",
+            "wkv": f"predicted {name} perplexity ({cache} cache)", "rtn": f"RTN + {name}'s own {cache} cache"}
 
 
 def target_label(config: dict[str, Any]) -> str:
@@ -39,13 +41,27 @@ def target_label(config: dict[str, Any]) -> str:
     return f"{target}, {config['kv_cache_type']} cache" if config.get("kv_cache_type") else target
 
 
-def run_commands(export: dict[str, Any] | None) -> list[str]:
-    """The llama.cpp commands that run a job's GGUF with the cache type its export notes recommend."""
-    if not export or export.get("format") != "gguf":
-        return []
-    cache = export.get("recommended_cache_type") or {"k": "f16", "v": "f16"}
-    flags = f"-ctk {cache['k']} -ctv {cache['v']}" + (" -fa on" if cache["v"] != "f16" else "")  # quantized V: FA
-    return [f"llama-cli -m {export['file']} {flags}", f"llama-perplexity -m {export['file']} -f TEXT {flags}"]
+def run_instructions(export: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How to run a job's export (metrics["export"]) with the KV cache it was calibrated for: the llama.cpp commands
+    for a GGUF, unpacking and `vllm serve` for a vLLM directory; None without an export."""
+    if not export:
+        return None
+    notes = export.get("notes")
+    if export.get("format") == "gguf":
+        cache = export.get("recommended_cache_type") or {"k": "f16", "v": "f16"}
+        flags = f"-ctk {cache['k']} -ctv {cache['v']}" + (" -fa on" if cache["v"] != "f16" else "")  # quantized V: FA
+        return {"title": "Run the GGUF with llama.cpp", "commands": [
+            f"llama-cli -m {export['file']} {flags}", f"llama-perplexity -m {export['file']} -f TEXT {flags}"],
+            "note": f"The KV cache type is the one the job was calibrated for (export notes: {notes}); TEXT is your "
+                    "evaluation text."}
+    if export.get("serve") and export.get("directory"):
+        directory, cache = export["directory"], export.get("kv_cache_dtype")
+        serve = " ".join(directory if word == "OUT" else word for word in export["serve"].split())
+        return {"title": "Serve it with vLLM", "commands": [f"tar -xf {export['file']}", serve],
+                "note": f"{export['file']} unpacks to {directory}/ (config.json, model.safetensors, the tokenizer, "
+                        f"README.md, {notes}). The KV cache dtype ({cache}) is the one the job was calibrated for"
+                        + ("; it is in vLLM's Triton attention backend, on a GPU." if cache != "auto" else ".")}
+    return None
 
 
 def model_label(model: dict[str, Any]) -> str:
@@ -138,10 +154,9 @@ def metric_summary(metrics: dict[str, Any] | None, whole_run: float | None = Non
         facts.append(("Artifact size", filesize(metrics["artifact"]["size"])))
     if (metrics.get("export") or {}).get("size") is not None:
         facts.append((f"{metrics['export']['file']} size", filesize(metrics["export"]["size"])))
-    export = metrics.get("export") or {}
-    return {"ppl": rows, "rtn": rtn is not None, "rtn_label": labels["rtn"],
-            "llamacpp": (evaluation.get("engine") or {}).get("target") == LLAMACPP, "facts": facts,
-            "run_commands": run_commands(export), "export_notes": export.get("notes")}
+    name, _, runs = ENGINES.get((evaluation.get("engine") or {}).get("target"), (None, None, None))
+    return {"ppl": rows, "rtn": rtn is not None, "rtn_label": labels["rtn"], "engine": name, "engine_runs": runs,
+            "facts": facts, "run": run_instructions(metrics.get("export"))}
 
 
 def job_detail(session: Session, *, team: Team, job_id: str) -> dict[str, Any]:

@@ -141,7 +141,8 @@ def job_artifacts(request: Request, session: SessionDep, team: CurrentTeam, job_
 
 DOWNLOAD_RESPONSES: dict[int | str, dict] = {
     200: {"content": {"application/x-tar": {}, "application/octet-stream": {}, "application/json": {}},
-          "description": "model.tar; for a target with an export (llamacpp) also model.gguf and its notes json"},
+          "description": "model.tar; for a target with an export also the export and its notes json "
+                         "(llamacpp: model.gguf; vllm: model-vllm.tar, the directory to serve)"},
     206: {"description": "partial content (Range)"},
     304: {"description": "If-None-Match names the current ETag"},
     410: {"description": "the stored object is missing, truncated or altered"},

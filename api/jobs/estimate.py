@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from wkvq_core.calib.estimate import (ModelShape, ResourceEstimate, estimate_resources, estimate_storage,
                                       eval_windows_for_chars, format_bytes, format_seconds)
-from wkvq_core.config import RUNTIME_TARGET, CalibConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.config import FP_BITS, RUNTIME_TARGET, CalibConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.errors import ConfigError
 
 from ..core.config import GpuBudget, Settings
@@ -28,7 +29,7 @@ LOC = ("body", "config")
 # A hub model's tokenizer files are not looked up at submit: what an artifact's tokenizer is assumed to take at most
 HUB_TOKENIZER_BYTES = 32_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-EXPORT_OVERHEAD = 1 << 20  # the export's header, metadata and notes json
+EXPORT_OVERHEAD = 1 << 20  # the export's headers, config, README, notes json and tar records
 
 
 def job_wkvq_config(spec_config: dict[str, Any]) -> WKVQuantConfig:
@@ -49,16 +50,25 @@ def job_wkvq_config(spec_config: dict[str, Any]) -> WKVQuantConfig:
 
 
 def export_bytes(model_config: dict[str, Any], config: WKVQuantConfig) -> int:
-    """An upper bound of the target's export (0 without one): a GGUF holds every quantized linear as Q4_1 (20 bytes
-    per 32 weights), biases, norms and the rest in F32 at most, and the vocabulary (bounded by the tokenizer's
-    bytes, counted apart)."""
+    """An upper bound of the target's export (0 without one), the vocabulary apart (bounded by the tokenizer's
+    bytes, counted apart): every linear unquantized in 16 bits, or quantized as a GGUF's Q4_1 (20 bytes per 32
+    weights) or compressed-tensors' packed codes with a 16-bit scale and at most 4 bytes of zero point per group,
+    whichever is larger; biases, norms and the rest in F32 at most."""
     from wkvq_core.targets import get_target
 
     if get_target(config.target).export is None:
         return 0
     shape = ModelShape.from_config(model_config)
-    linears = shape.linears().values()
-    per_layer = sum(o * i for o, i in linears) // 32 * 20 + 4 * (sum(o for o, _ in linears) + 2 * shape.hidden)
+    bits = config.weight.bits if config.weight.enabled else FP_BITS
+    weights = 0
+    for out_features, in_features in shape.linears().values():
+        if bits == FP_BITS:
+            weights += out_features * in_features * 2
+            continue
+        group = in_features if config.weight.group_size == -1 else config.weight.group_size
+        packed = out_features * ((in_features * bits + 7) // 8 + math.ceil(in_features / group) * 6)
+        weights += max(out_features * in_features // 32 * 20, packed)
+    per_layer = weights + 4 * (sum(o for o, _ in shape.linears().values()) + 2 * shape.hidden)
     return shape.layers * per_layer + shape.resident_params * 4 + EXPORT_OVERHEAD
 
 

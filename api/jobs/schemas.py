@@ -15,7 +15,10 @@ QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FP_BITS = 16
 BUILTIN_DATASETS = ("tinystories",)  # keys of api.datasets.builtin.BUILTIN_TEXTS
 TARGETS = tuple(TARGET_NAMES)
-KV_CACHE_TYPES = ("q4_0", "q4_1", "q8_0", "f16")  # wkvq_core.targets.llamacpp.KV_TYPES (no torch import here)
+# each engine's names of its KV cache types (wkvq_core.targets.llamacpp.KV_TYPES, .vllm.KV_CACHE_DTYPES; listed
+# here so that the schema imports no torch); the target checks which go with it and with kv_bits
+TARGET_CACHE_TYPES = {"llamacpp": ("q4_0", "q4_1", "q8_0", "f16"), "vllm": ("int4_per_token_head", "auto")}
+KV_CACHE_TYPES = tuple(name for names in TARGET_CACHE_TYPES.values() for name in names)
 
 
 class Strict(BaseModel):
@@ -106,10 +109,13 @@ class QuantConfig(Strict):
         "runtime", description="the engine the model is calibrated and evaluated for (wkvq_core.targets): runtime, "
                                "the packed artifact on WKVQuant's runtime; llamacpp, a GGUF on llama.cpp with its own "
                                "KV cache (the job also ships model.gguf, and its WKV perplexity is the one predicted "
-                               "for llama.cpp)")
+                               "for llama.cpp); vllm, a compressed-tensors checkpoint served by vLLM with its "
+                               "int4_per_token_head cache (the job also ships model-vllm.tar, the directory to serve, "
+                               "and its WKV perplexity is the one predicted for vLLM)")
     kv_cache_type: Literal[KV_CACHE_TYPES] | None = Field(  # type: ignore[valid-type]
-        None, description="llamacpp: llama.cpp's KV cache type (-ctk / -ctv), agreeing with kv_bits: 4 -> q4_0 or "
-                          "q4_1, 8 -> q8_0, 16 -> f16; null: q4_0, q8_0 or f16 from kv_bits")
+        None, description="the engine's KV cache type, agreeing with kv_bits; llamacpp (-ctk / -ctv): 4 -> q4_0 or "
+                          "q4_1, 8 -> q8_0, 16 -> f16; vllm (--kv-cache-dtype): 4 -> int4_per_token_head, 16 -> "
+                          "auto; null: the one of kv_bits (q4_0 for llamacpp's 4)")
     method: Literal["paper", "recommended"] = Field(
         DEFAULT_METHOD, description="paper: arXiv 2402.12065 exactly; recommended: with the KV options that won on "
                                     "held-out text (docs/method.md, benchmarks/RESULTS.md)")
@@ -164,9 +170,9 @@ class JobRead(BaseModel):
     epoch: int | None = Field(None, description="epochs finished in the block being calibrated (of config.epochs)")
     stage: str | None = Field(None, description="the stage the latest attempt is in, or ended in: loading, baselines, "
                                                 "calibrating, evaluating, writing, exporting (a target with an export "
-                                                "format: the GGUF), publishing (a job publishing its "
-                                                "artifact can no longer be cancelled), done (succeeded); null before "
-                                                "it starts")
+                                                "format: the GGUF, the vLLM directory), publishing (a job publishing "
+                                                "its artifact can no longer be cancelled), done (succeeded); null "
+                                                "before it starts")
     worker: str | None
     error: str | None
     estimate: dict[str, Any] | None = Field(

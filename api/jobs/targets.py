@@ -14,10 +14,11 @@ from .schemas import QuantConfig
 
 LOC = ("body", "config")
 # The request field a refusal is about, by the option its message names (first match; kv_group_size before
-# group_size); one naming none (the model's head_dim, say) is about the target.
-FIELD_NAMES = (("kv_cache_type", re.compile(r"\bcache_type\b")), ("kv_group_size", re.compile(r"\bkv_group_size\b")),
-               ("group_size", re.compile(r"\bgroup_size\b")), ("w_bits", re.compile(r"\bw_bits\b")),
-               ("kv_bits", re.compile(r"\bkv_bits\b")))
+# group_size; an engine's "cache type" or "cache dtype" is kv_cache_type); one naming none (the model's head_dim,
+# say) is about the target.
+FIELD_NAMES = (("kv_cache_type", re.compile(r"\bcache[_ ]d?type\b")),
+               ("kv_group_size", re.compile(r"\bkv_group_size\b")), ("group_size", re.compile(r"\bgroup_size\b")),
+               ("w_bits", re.compile(r"\bw_bits\b")), ("kv_bits", re.compile(r"\bkv_bits\b")))
 
 
 def field_of(message: str) -> str:

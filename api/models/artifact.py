@@ -9,8 +9,8 @@ from ..core.db import Base, Timestamped, UTCDateTime, new_id
 
 
 class Artifact(Timestamped, Base):
-    """A downloadable output of a job: the quantized model as one tar file, and its target's export (a llamacpp job:
-    model.gguf and its notes json)."""
+    """A downloadable output of a job: the quantized model as one tar file, and its target's export with its notes
+    json (a llamacpp job: model.gguf; a vllm job: model-vllm.tar, the export's directory as one tar)."""
 
     __tablename__ = "artifacts"
     __table_args__ = (UniqueConstraint("job_id", "name"),)

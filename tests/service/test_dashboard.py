@@ -331,6 +331,36 @@ def test_a_llamacpp_job_shows_its_target_the_engine_labels_and_how_to_run_the_gg
     assert '<span id="target">runtime</span>' in html and "llama" not in html and "WKV: weights + KV cache" in html
 
 
+def test_a_vllm_job_shows_the_predicted_vllm_perplexity_and_how_to_serve_it(web, sign_in, service):
+    job_id = submit_api(web, sign_in("a"))
+    with service.session() as session:  # as stored for a vllm job (stories260k itself is refused for one)
+        job = session.get(Job, job_id)
+        job.spec = job.spec | {"config": job.spec["config"] | {"target": "vllm"}}
+        session.commit()
+    finish_with_artifact(service, job_id, b"x" * 1000)
+    serve = "vllm serve OUT --dtype bfloat16 --kv-cache-dtype int4_per_token_head --attention-backend TRITON_ATTN"
+    export = {"format": "vllm", "file": "model-vllm.tar", "directory": "stories260k-w4kv4-vllm",
+              "notes": "wkvquant_export.json", "size": 8192, "sha256": "0" * 64, "serve": serve,
+              "kv_cache_dtype": "int4_per_token_head"}
+    with service.session() as session:
+        row = session.get(JobMetrics, job_id)
+        row.metrics = row.metrics | {"eval": METRICS["eval"] | {"engine": {"target": "vllm",
+                                                                           "cache_type": "int4_per_token_head"}},
+                                     "export": export}
+        session.commit()
+    html = html_lib.unescape(web.get(f"/dashboard/jobs/{job_id}").text)
+    assert '<span id="target">vllm</span>' in html
+    assert "predicted vLLM perplexity (int4_per_token_head cache)</td><td class=\"num\">12.000" in html
+    assert "RTN + vLLM's own int4_per_token_head cache</th>" in html and "attention-sink" not in html
+    assert "W: weights quantized (auto cache)" in html and "predicted for the compressed-tensors checkpoint" in html
+    assert "Serve it with vLLM" in html and "tar -xf model-vllm.tar" in html
+    assert ("vllm serve stories260k-w4kv4-vllm --dtype bfloat16 --kv-cache-dtype int4_per_token_head "
+            "--attention-backend TRITON_ATTN") in html
+    assert "model-vllm.tar unpacks to stories260k-w4kv4-vllm/" in html and "llama" not in html
+    assert "(int4_per_token_head) is the one the job was calibrated for; it is in vLLM's Triton attention" in html
+    assert "model-vllm.tar size</th><td class=\"num\">8.0 KiB" in html
+
+
 def test_cancel_and_retry_buttons(web, sign_in):
     job_id = submit_api(web, sign_in("a"))
     html = web.get(f"/dashboard/jobs/{job_id}").text
@@ -374,7 +404,10 @@ def test_the_new_job_form_lists_models_gpu_classes_and_datasets(web, sign_in):
     ({"calib_source": "file"}, {"file": "choose a UTF-8 text file"}),
     ({"target": "llamacpp"}, {"target": "head_dim divisible by 32; this model's is 8"}),
     ({"target": "llamacpp", "kv_cache_type": "q8_0"}, {"kv_cache_type": "kv_bits is 4"}),
-], ids=["pydantic", "validator", "group-size", "seqlen", "gpu-class", "no-file", "llamacpp-head_dim", "cache-type"])
+    ({"target": "vllm"}, {"target": "head_dim >= 32; this model's is 8"}),
+    ({"target": "vllm", "kv_cache_type": "q4_0"}, {"kv_cache_type": "got 'q4_0'"}),
+], ids=["pydantic", "validator", "group-size", "seqlen", "gpu-class", "no-file", "llamacpp-head_dim", "cache-type",
+        "vllm-head_dim", "vllm-cache-type"])
 def test_form_errors_render_inline(web, sign_in, changes, errors):
     sign_in("a")
     response = web.post("/dashboard/jobs/new", data=FORM | changes)

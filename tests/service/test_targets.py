@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import select
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from api.jobs.schemas import KV_CACHE_TYPES, QuantConfig
+from api.jobs.schemas import TARGET_CACHE_TYPES, QuantConfig
 from api.models import Artifact, Job, JobEvent, Team
 from api.teams.usage import usage_service
 from tests.conftest import TINY_MODEL, fresh_pg_database
@@ -29,7 +29,9 @@ from tests.service.test_api import assert_invalid, count, stored_files
 from worker.runner import JobRunner, job_config
 from wkvq_core.errors import ConfigError
 from wkvq_core.export import NOTES
+from wkvq_core.targets import TARGETS
 from wkvq_core.targets.llamacpp import KV_TYPES
+from wkvq_core.targets.vllm import KV_CACHE_DTYPES
 
 from .processes import REPO, RedisServer, admin_key, service_env, start_server, start_worker
 
@@ -98,7 +100,7 @@ BAD_TARGET_JOBS = {
     "cache-type-of-other-bits": (body(kv_cache_type="q8_0"), "kv_cache_type", "kv_bits is 4"),
     "cache-type-on-runtime": (body(target="runtime", kv_cache_type="q4_0"), "kv_cache_type", "runtime"),
     "unknown-cache-type": (body(kv_cache_type="q5_0"), "kv_cache_type", "'q4_0'"),
-    "unknown-target": (body(target="vllm"), "target", "'llamacpp'"),
+    "unknown-target": (body(target="sglang"), "target", "'vllm'"),
 }
 
 
@@ -111,7 +113,10 @@ def test_what_the_target_cannot_run_is_refused_naming_the_field(client, service,
 
 
 def test_schema_cache_types_are_the_targets():
-    assert set(KV_CACHE_TYPES) == set(KV_TYPES)  # the schema lists them without importing torch
+    # the schema lists them without importing torch
+    assert set(TARGET_CACHE_TYPES["llamacpp"]) == set(KV_TYPES)
+    assert set(TARGET_CACHE_TYPES["vllm"]) == set(KV_CACHE_DTYPES)
+    assert set(TARGET_CACHE_TYPES) == {name for name, target in TARGETS.items() if target.cache_type is not None}
 
 
 def test_old_job_rows_without_a_target_run_as_runtime():
