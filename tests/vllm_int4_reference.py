@@ -122,6 +122,14 @@ def single_rht(x: np.ndarray, inverse: bool = False) -> np.ndarray:
     return out.reshape(x.shape)
 
 
+def exact_rotate(x: np.ndarray) -> np.ndarray:
+    """The RHT without roundings, H (x * s) per block, in fp64."""
+    d = x.shape[-1]
+    block = rht_block(d)
+    blocks = x.astype(np.float64).reshape(*x.shape[:-1], d // block, block)
+    return ((blocks * rht_signs(block)) @ sylvester(block)).reshape(x.shape)
+
+
 def exact_unrotate(x: np.ndarray) -> np.ndarray:
     """The exact inverse of the RHT's orthogonal part, s * (H x) / b per block, in fp64."""
     d = x.shape[-1]
@@ -136,8 +144,8 @@ def _round_half_away(x: np.ndarray) -> np.ndarray:
     return np.trunc(np.where(x >= 0, x + half, x - half)).astype(np.float32)
 
 
-def quantize_head(x: np.ndarray, fma: bool = True) -> tuple[np.ndarray, np.float32]:
-    """The write kernel on one rotated bf16 head x (D,) fp32: (packed nibbles (D/2,) uint8, packed fp32 scale)."""
+def _scaled(x: np.ndarray, fma: bool) -> tuple[np.ndarray, np.float32, np.float32]:
+    """(x / scale + zp before rounding, scale, zp) of one rotated bf16 head x (D,) fp32."""
     low, high = np.float32(x.min()), np.float32(x.max())
     scale = np.maximum(np.float32(high - low) / np.float32(15.0), np.float32(1e-6))
     zero_point = np.clip(_round_half_away(np.float32(-low / scale)), 0, MAX_CODE)
@@ -146,6 +154,19 @@ def quantize_head(x: np.ndarray, fma: bool = True) -> tuple[np.ndarray, np.float
         scaled = (x.astype(np.float64) * np.float64(inverse) + np.float64(zero_point)).astype(np.float32)
     else:
         scaled = (x * inverse).astype(np.float32) + zero_point
+    return scaled, scale, zero_point
+
+
+def tie_distance(x: np.ndarray, fma: bool = True) -> np.ndarray:
+    """How far (in code steps) each channel of one rotated bf16 head x (D,) lies from a rounding boundary of its
+    code: 0 at a tie, where any other arithmetic may round the other way."""
+    scaled = _scaled(x, fma)[0].astype(np.float64)
+    return np.abs(scaled - np.floor(scaled) - 0.5)
+
+
+def quantize_head(x: np.ndarray, fma: bool = True) -> tuple[np.ndarray, np.float32]:
+    """The write kernel on one rotated bf16 head x (D,) fp32: (packed nibbles (D/2,) uint8, packed fp32 scale)."""
+    scaled, scale, zero_point = _scaled(x, fma)
     codes = np.clip(_round_half_away(scaled), 0, MAX_CODE).astype(np.uint8)
     scale_bits = np.array([scale], np.float32).view(np.int32)[0]
     packed_scale = np.array([(scale_bits & -16) | (int(zero_point) & 0xF)], np.int32).view(np.float32)[0]
