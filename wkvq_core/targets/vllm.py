@@ -5,8 +5,9 @@ Triton backend, GPU only), for a bf16 model on CUDA sm80+ (Hadacore), the path e
 - write (`reshape_and_cache_int4`), every new token before attention: K (after RoPE) and V per KV head rotated by a
   randomized Hadamard transform `single_rht`: y = H_b (x * s), s one global +-1 vector (torch.Generator("cpu")
   seeded 0x9E3779B9, 2 * bernoulli(0.5) - 1), H_b the unnormalized Sylvester matrix of b = the largest power-of-two
-  divisor of head_dim, block-diagonal when b < head_dim; Hadacore rounds its input to bf16, returns
-  bf16(x H_b / sqrt(b)), which is multiplied by sqrt(b) in fp32 and cast to the model dtype (bf16);
+  divisor of head_dim, block-diagonal when b < head_dim; Hadacore (`hadacore`) rounds its input to bf16 and
+  returns about x H_b / sqrt(b) in bf16, computed in stages that round to bf16, which is multiplied by sqrt(b) in
+  fp32 and cast to the model dtype (bf16);
 - then per (token, KV head), in fp32: scale = max((max - min) / 15, 1e-6), zp = clamp(round(-min / scale), 0, 15),
   codes = clamp(round(x * (1 / scale) + zp), 0, 15), rounding halves away from zero (C casts of v +- 0.5), the
   x * inv + zp fused (FMA); the fp32 scale is stored with its 4 low mantissa bits replaced by zp, so the reader's
@@ -18,9 +19,12 @@ ignored in this mode.
 
 `VllmKV` is that on the K~ / V~ the attention hands it: rotate, quantize-dequantize, rotate back and divide by b,
 so attention over the unrotated values equals the engine's (M M^T = b I for M = diag(s) H_b); the query likewise
-(its bf16 rounding in the rotated space). Not emulated: the bf16 rounding of the attention output before the
-inverse transform, the TF32 rounding of the probabilities times V scales in the kernel's second dot product, and
-the rest of a bf16 model (we compute in fp32 with bf16-rounded linear inputs, `matmul_input`).
+(its bf16 rounding in the rotated space). Not emulated: the attention output's bf16 roundings (stored in the
+rotated space, in the inverse transform's Hadacore stages, cast after it) and that transform's gain (0.99989 for
+b = 32, 128), the TF32 rounding of the probabilities times V scales in the kernel's second dot product, Triton's
+fp32 division (div.full.f32, within 2 ulp; IEEE here: it decides the codes that fall exactly on a rounding tie,
+~0.2 % of codes and ~1 % of zero points on random data), and the rest of a bf16 model (we compute in fp32 with
+bf16-rounded linear inputs, `matmul_input`).
 
 Weights: compressed-tensors W{4,8}A16, asymmetric, groups vLLM's WNA16 kernels take; a bf16 model multiplies by the
 scales in bf16, so they are calibrated with 8 significant bits (bf16's), exact in the export's fp16 and in bf16.
@@ -89,12 +93,41 @@ def _blockwise(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], x.shape[-1] // size, size) @ matrix.to(x.device)).reshape(x.shape)
 
 
+# Hadacore (csrc/quantization/hadamard/hadacore/hadamard_transform_cuda.cu): one mma per 4 index bits of the row,
+# lowest first (16 consecutive channels, then the next 4 bits, ...), products summed in fp32 and each stage's output
+# rounded to bf16 (cvt.rn.bf16x2.f32); an n-point stage's +-entries are bf16 constants (bf16_1p), 1/sqrt(n) rounded:
+# 1.1e-4 low for n = 2 and 8, so the transform's gain is 0.99989 for b = 32, 128, 512 ...
+HADACORE_STAGE = 16
+HADACORE_ENTRY = {2: 0.70703125, 4: 0.5, 8: 0.353515625, 16: 0.25}
+
+
+@lru_cache(maxsize=None)
+def hadacore_stages(n: int) -> tuple[torch.Tensor, ...]:
+    """Hadacore's stages for rows of n as (n, n) matrices (x @ stage): the Sylvester matrix of the stage's size with
+    bf16 entries +-1/sqrt(size), over the index bits above those the stages before it transformed."""
+    stages, done = [], 1  # channels already transformed together
+    while done < n:
+        size = min(HADACORE_STAGE, n // done)
+        stage = (hadamard(size, torch.float64) * size**0.5).round() * HADACORE_ENTRY[size]
+        stages.append(torch.kron(torch.eye(n // (done * size), dtype=torch.float64),
+                                 torch.kron(stage, torch.eye(done, dtype=torch.float64))).float())
+        done *= size
+    return tuple(stages)
+
+
+def hadacore(x: torch.Tensor) -> torch.Tensor:
+    """`hadacore_transform` of bf16 rows x (..., n), n a power of two: about x H_n / sqrt(n), in bf16 stages."""
+    for stage in hadacore_stages(x.shape[-1]):
+        x = bf16_ste(x @ stage.to(x.device))
+    return x
+
+
 def rotate(x: torch.Tensor) -> torch.Tensor:
-    """`single_rht(x)` of a bf16 model on sm80+ (Hadacore), in fp32: x rounded to bf16, rotated, the transform's
-    bf16 output rescaled by sqrt(b) and cast to bf16."""
+    """`single_rht(x)` of a bf16 model on sm80+, in fp32: x rounded to bf16, times the signs, `hadacore` per block,
+    rescaled by sqrt(b) in fp32 and cast to bf16."""
     size = rht_block(x.shape[-1])
-    root = size**0.5
-    return bf16_ste(bf16_ste(_blockwise(bf16_ste(x.float()), rht_matrix(size)) / root) * root)
+    blocks = bf16_ste(x.float()).reshape(*x.shape[:-1], x.shape[-1] // size, size) * rht_signs(size).to(x.device)
+    return bf16_ste(hadacore(blocks) * size**0.5).reshape(x.shape)
 
 
 def rotate_back(y: torch.Tensor) -> torch.Tensor:
