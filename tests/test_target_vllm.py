@@ -7,7 +7,10 @@ rotated space, in Hadacore's stages and after the inverse rotation); `exact_outp
 reference, which then differs from the emulation only by fp32 summation order."""
 
 import copy
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +24,13 @@ from wkvq_core.model import prepare_model_, quant_state
 from wkvq_core.quant.kv_quant import KEY, QUERY, VALUE, poq_attention
 from wkvq_core.targets import vllm
 from wkvq_core.targets.vllm import VllmKV
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+try:
+    import vllm_agreement as agreement
+finally:
+    sys.path.remove(str(BENCHMARKS))
 
 HEAD_DIMS = [64, 128, 96, 80]  # 96: blocks of 32 (Hadacore's 16- then 2-point stages); 80: blocks of 16, one stage
 FP32_ORDER = 1e-5  # relative: fp32 sums in another order, with the same codes and scales
@@ -112,6 +122,46 @@ def test_signs_are_a_fresh_generator_draw_and_the_rotation_orthogonal_up_to_b(he
     x = bf16_inputs(3, head_dim)  # one sign vector of length b for every block of a row
     np.testing.assert_allclose(reference.exact_rotate(x.numpy()),
                                (x.reshape(3, -1, block).double() @ rotation).reshape(3, head_dim).numpy(), rtol=1e-12)
+
+
+ENGINE_RHT = """
+import sys
+import numpy as np
+import torch
+from vllm.v1.attention.ops import int4_per_token_head as kernel
+
+assert not kernel._hadacore_available()  # CPU: the PyTorch butterfly, exact up to fp32 sums
+rows = dict(np.load(sys.argv[1]))
+out = {}
+for name, x in rows.items():
+    x = torch.from_numpy(x)
+    out[name] = kernel.single_rht(x).numpy()
+    out["signs_" + name] = kernel._get_rht_signs(kernel.largest_power_of_2_divisor(x.shape[-1]), 0, x.device).numpy()
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_rht_is_vllms_own(tmp_path):
+    """vLLM 0.32.0's own single_rht and sign vector (its CPU path, in the engine's venv) against the reference's exact
+    RHT and our rotation: signs, Sylvester order, blocks of b for head_dim 96."""
+    if not agreement.engine_installed():
+        pytest.fail(f"the vLLM engine is not installed (no {agreement.engine_python()}): run "
+                    f"`bash {agreement.INSTALL_SCRIPT}`", pytrace=False)
+    rows = {str(dim): bf16_inputs(8, dim).numpy() for dim in (64, 96, 128)}
+    np.savez(tmp_path / "rows.npz", **rows)
+    script = tmp_path / "engine_rht.py"
+    script.write_text(ENGINE_RHT)
+    subprocess.run([str(agreement.engine_python()), str(script), str(tmp_path / "rows.npz"), str(tmp_path / "rht.npz")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    engine = np.load(tmp_path / "rht.npz")
+    for name, x in rows.items():
+        rotated = engine[name]
+        np.testing.assert_allclose(reference.exact_rotate(x), rotated, rtol=0, atol=1e-6 * np.abs(rotated).max())
+        block = reference.rht_block(x.shape[-1])
+        assert np.array_equal(engine["signs_" + name], reference.rht_signs(block))
+        assert np.array_equal(engine["signs_" + name], vllm.rht_signs(block).numpy())
+        ours = vllm.rotate(torch.from_numpy(x)).numpy()  # Hadacore's bf16 path: within a few bf16 steps
+        assert np.abs(ours - rotated).max() <= 2.0**-6 * np.abs(rotated).max()
 
 
 REFERENCE, REFERENCE_EXACT_OUTPUT = "vllm_int4_reference", "vllm_int4_reference_exact_output"
