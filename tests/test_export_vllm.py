@@ -72,6 +72,7 @@ def test_the_vllm_target_maps_kv_bits_to_cache_dtypes_and_drops_what_it_lacks():
     assert vllm.cache_dtype(KVQuantConfig(bits=16)) == "auto"
     recommended = targets.kv_config("recommended", "vllm")
     assert not (recommended.k_pre_rope or recommended.sink_tokens or recommended.rotate or recommended.fp_prefill)
+    assert recommended.smooth_init == "identity" and targets.kv_config("paper", "vllm").smooth_init == "range"
     targets.check_config(WKVQuantConfig(kv=recommended, target="vllm"), MODEL)
 
 

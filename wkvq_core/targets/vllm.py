@@ -226,4 +226,7 @@ TARGET = Target(name="vllm", summary=f"vLLM (compressed-tensors W4A16): its {INT
                                      "rotated, per token and head, no POQ",
                 kv_quantizer=kv_quantizer, poq=False, export="vllm", check=check,
                 refused_kv_options=REFUSED_KV_OPTIONS, k_smoothing_folded=True, weight_scale_bits=WEIGHT_SCALE_BITS,
-                matmul_input=bf16_ste, cache_type=cache_dtype)
+                matmul_input=bf16_ste, cache_type=cache_dtype,
+                # as under llama.cpp's rotation, a smoothing started from calibration statistics quantizes worse
+                # than the rotation alone, one trained from the identity better (SmolLM2, benchmarks/RESULTS.md)
+                recommended_kv={"smooth_init": "identity"})
