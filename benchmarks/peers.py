@@ -342,12 +342,13 @@ class Preparer:
             cmd += ["--group-size", str(self.args.group_size)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         env.pop("PYTHONPATH", None)
-        with log.open("w", encoding="utf-8") as fh:
-            result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=3600)
-        if result.returncode:
-            text = log.read_text(encoding="utf-8", errors="replace")
-            return Prepared(None, False, error=f"llm-compressor {method} failed (exit {result.returncode}): "
-                                               f"{last_line(text)}")
+        if not report_file.exists():  # a work dir kept between runs (benchmarks/vllm_target.py) may hold it
+            with log.open("w", encoding="utf-8") as fh:
+                result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=3600)
+            if result.returncode:
+                text = log.read_text(encoding="utf-8", errors="replace")
+                return Prepared(None, False, error=f"llm-compressor {method} failed (exit {result.returncode}): "
+                                                   f"{last_line(text)}")
         report = json.loads(report_file.read_text())
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
