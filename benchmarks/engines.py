@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,7 @@ from wkvq_core.targets import check_config, get_target, kv_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_agreement import ENGINE_VERSION, INSTALL_SCRIPT, engine_installed, engine_python
-from provenance import ROOT, code_version
+from provenance import ROOT, code_version, section
 
 TOOLS = Path(__file__).resolve().parent / "engine_llamacpp_tools.py"
 WIKITEXT2 = Path(__file__).resolve().parent / "data" / "wikitext2"
@@ -481,22 +480,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"no llama.cpp engine at {engine_python()}: run `bash {INSTALL_SCRIPT}` first")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started, code = datetime.datetime.now(datetime.timezone.utc), code_version("wkvq_core", "benchmarks")
-    body = run(args)
-    minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
-    text = "\n".join([
-        f"## llama.cpp engine benchmark {started:%Y-%m-%d %H:%M} UTC",
-        "",
-        f"- command: `{shlex.join(['python', *sys.argv])}`; runtime {minutes:.0f} min (cached runs reused)",
-        f"- code {code}; llama-cpp-python {engine_version()} (pinned {ENGINE_VERSION}); torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, gguf {importlib.metadata.version('gguf')}, "
-        f"Python {platform.python_version()}",
-        body,
-    ])
-    print(text)
-    if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + text + "\n")
-
+    section("llama.cpp engine benchmark", started, code,
+            f"llama-cpp-python {engine_version()} (pinned {ENGINE_VERSION}); torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, gguf {importlib.metadata.version('gguf')}, "
+            f"Python {platform.python_version()}", run(args), args.write)
 
 if __name__ == "__main__":
     main()

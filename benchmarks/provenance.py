@@ -3,8 +3,12 @@ that every benchmark script (and `api_load.py`'s load generator) can use it."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import os
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +33,23 @@ def shown(path: str | Path) -> str:
     """A path relative to the repository root when it lies inside it."""
     resolved = Path(path).resolve()
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
+def section(title: str, started: datetime.datetime, code: str, versions: str, body: str, write: bool) -> str:
+    """A RESULTS.md section of a run started at `started` (UTC): the command, runtime and machine load, the code and
+    `versions`, then `body`; printed, and appended to benchmarks/RESULTS.md when `write`."""
+    minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    text = "\n".join([
+        f"## {title} {started:%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- command: `{shlex.join(['python', *sys.argv])}`; runtime {minutes:.0f} min (cached runs reused); load "
+        f"average {load} on {os.cpu_count()} CPUs at the end",
+        f"- code {code}; {versions}",
+        body,
+    ])
+    print(text)
+    if write:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
+            f.write("\n" + text + "\n")
+    return text

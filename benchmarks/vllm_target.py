@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import fcntl
 import importlib.metadata
 import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -51,8 +51,8 @@ from wkvq_core.targets.vllm import AUTO, INT4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engines import CALIB_TEXT, EVAL_TEXT, MODEL, ours_config, stat
-from peers import Preparer, WeightBytes, ct_weight_bytes, fp_weight_bytes
-from provenance import ROOT, code_version, shown
+from peers import LLMCOMPRESSOR_SPEC, PEER_VENV, Preparer, ct_weight_bytes, fp_weight_bytes
+from provenance import ROOT, code_version, section, shown
 
 KV_DTYPES = (AUTO, INT4)
 SMOOTH_INITS = ("range", "identity")
@@ -115,11 +115,19 @@ class Bench:
     def samples(self, seed: int) -> torch.Tensor:
         return calibration_samples(self.calib_ids, self.args.nsamples, self.args.calib_seqlen, seed)
 
-    def record(self, row: Row, seed: int | None) -> dict:
-        """The row's measurements, from the cache or built and measured now."""
+    def record(self, row: Row, seed: int | None) -> None:
+        """Measure the row (and seed) into its json unless it is there."""
         path = self.record_path(row, seed)
-        if path.exists():
-            return json.loads(path.read_text())
+        with open(path.with_suffix(".lock"), "w") as lock:
+            try:  # another process of this script may be measuring it
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"  {path.stem}: measured by another process", file=sys.stderr, flush=True)
+                return
+            if not path.exists():
+                self.measure(row, seed, path)
+
+    def measure(self, row: Row, seed: int | None, path: Path) -> None:
         started = time.time()
         model, config, weights, calib_seconds, notes = self.build(row, seed)
         ppl = {}
@@ -134,7 +142,6 @@ class Bench:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         tmp.rename(path)
-        return record
 
     def build(self, row: Row, seed: int | None):
         """(prepared model, its config, weight bytes, calibration seconds, notes)."""
@@ -235,11 +242,11 @@ def run(args) -> str:
         row = BY_KEY[key]
         for seed in args.seeds if row.seeded else [None]:
             bench.record(row, seed)
-    records = {}
+    records = {}  # the rows measured so far (by any process), with the seeds they have
     for row in ROWS:
         paths = [bench.record_path(row, s) for s in (args.seeds if row.seeded else [None])]
-        if all(p.exists() for p in paths):
-            records[row.key] = [json.loads(p.read_text()) for p in paths]
+        if any(p.exists() for p in paths):
+            records[row.key] = [json.loads(p.read_text()) for p in paths if p.exists()]
     cfg, windows = bench.model_config, bench.windows
     notes = [f"- {BY_KEY[k].label.strip('*')}: {'; '.join(dict.fromkeys(recs[0]['notes']))}"
              for k, recs in records.items() if recs[0]["notes"]]
@@ -265,9 +272,7 @@ def run(args) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> None:
-    from peers import LLMCOMPRESSOR_SPEC, PEER_VENV
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default=",".join(BY_KEY), help=f"rows to measure: {', '.join(BY_KEY)}")
     parser.add_argument("--windows", type=int, default=8, help="eval windows")
@@ -283,6 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llmcompressor-spec", default=LLMCOMPRESSOR_SPEC)
     parser.add_argument("--work", default=str(ROOT / "runs" / "vllm-target"), help="exports and cached rows")
     parser.add_argument("--write", action="store_true", help="append the section to benchmarks/RESULTS.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.rows, args.seeds = [r for r in args.rows.split(",") if r], [int(s) for s in args.seeds.split(",") if s]
     unknown = [r for r in args.rows if r not in BY_KEY]
@@ -290,22 +300,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--rows: unknown {', '.join(unknown)}; rows: {', '.join(BY_KEY)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started, code = datetime.datetime.now(datetime.timezone.utc), code_version("wkvq_core", "benchmarks")
-    body = run(args)
-    minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
-    text = "\n".join([
-        f"## vllm target, emulated vLLM semantics {started:%Y-%m-%d %H:%M} UTC",
-        "",
-        f"- command: `{shlex.join(['python', *sys.argv])}`; runtime {minutes:.0f} min (cached rows reused); load "
-        f"average at the end {' / '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs",
-        f"- code {code}; torch {torch.__version__}, transformers {transformers.__version__}, compressed-tensors "
-        f"{importlib.metadata.version('compressed-tensors')}, Python {platform.python_version()}",
-        body,
-    ])
-    print(text)
-    if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + text + "\n")
-
+    section("vllm target, emulated vLLM semantics", started, code,
+            f"torch {torch.__version__}, transformers {transformers.__version__}, compressed-tensors "
+            f"{importlib.metadata.version('compressed-tensors')}, Python {platform.python_version()}", run(args),
+            args.write)
 
 if __name__ == "__main__":
     main()
