@@ -73,7 +73,8 @@ ROWS = [
     Row("awq", "llm-compressor AWQ W4A16_ASYM", False),
     Row("gptq", "llm-compressor GPTQ W4A16 (symmetric)", False),
     Row("rtn", "ours W4 RTN (vllm target)", False),
-    Row("ours", "**ours W4 + KV4 calibrated (vllm target)**", True),
+    Row("ours", "**ours W4 + KV4 calibrated (vllm target; smoothing from statistics)**", True),
+    Row("ours-identity", "ours W4 + KV4 calibrated (vllm target; smoothing from the identity)", True),
 ]
 BY_KEY = {r.key: r for r in ROWS}
 
@@ -89,6 +90,8 @@ def row_config(args, row: Row, seed: int) -> WKVQuantConfig:
         return ours_config(args, 0, rtn=True, target=VLLM, cache_type=INT4)
     if row.key == "ours":
         return ours_config(args, seed, rtn=False, target=VLLM, cache_type=INT4)
+    if row.key == "ours-identity":
+        return ours_config(args, seed, rtn=False, target=VLLM, cache_type=INT4, smooth_init="identity")
     init = row.key.removeprefix("kv-")
     return ours_config(args, seed, rtn=False, kv_only=True, target=VLLM, cache_type=INT4, smooth_init=init)
 
@@ -225,11 +228,14 @@ def goals(records: dict[str, list[dict]]) -> list[str]:
                 lines.append(f"- {verdict(cost <= own / 2)}: {BY_KEY[key].label}: KV4 cost {cost:+.3f} ppl "
                              f"= {cost / own:.2f} × vLLM's uncalibrated int4_per_token_head cost ({own:+.3f}) on FP "
                              "weights (goal ≤ 0.5)")
-    ours, awq = mean("ours", INT4), mean("awq", INT4)
-    if ours is not None and awq is not None:
-        ours_bytes, awq_bytes = records["ours"][0]["weight_bytes"], records["awq"][0]["weight_bytes"]
-        lines.append(f"- {verdict(ours < awq and ours_bytes <= awq_bytes)}: ours W4 + KV4 ppl {ours:.3f} "
-                     f"{'<' if ours < awq else '≥'} AWQ + int4_per_token_head {awq:.3f}, weights "
+    awq = mean("awq", INT4)
+    for key in ("ours", "ours-identity"):
+        ours = mean(key, INT4)
+        if ours is None or awq is None:
+            continue
+        ours_bytes, awq_bytes = records[key][0]["weight_bytes"], records["awq"][0]["weight_bytes"]
+        lines.append(f"- {verdict(ours < awq and ours_bytes <= awq_bytes)}: {BY_KEY[key].label.strip('*')}: ppl "
+                     f"{ours:.3f} {'<' if ours < awq else '≥'} AWQ + int4_per_token_head {awq:.3f}, weights "
                      f"{ours_bytes / 1e6:.2f} MB {'≤' if ours_bytes <= awq_bytes else '>'} AWQ's "
                      f"{awq_bytes / 1e6:.2f} MB (the same KV bytes)")
     return lines
