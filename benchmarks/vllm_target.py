@@ -88,10 +88,9 @@ def fp_config() -> WKVQuantConfig:
 def row_config(args, row: Row, seed: int) -> WKVQuantConfig:
     if row.key == "rtn":
         return ours_config(args, 0, rtn=True, target=VLLM, cache_type=INT4)
-    if row.key == "ours":
-        return ours_config(args, seed, rtn=False, target=VLLM, cache_type=INT4)
-    if row.key == "ours-identity":
-        return ours_config(args, seed, rtn=False, target=VLLM, cache_type=INT4, smooth_init="identity")
+    if row.key in ("ours", "ours-identity"):  # each row names its smoothing's start, whatever the method's default
+        init = "identity" if row.key == "ours-identity" else "range"
+        return ours_config(args, seed, rtn=False, target=VLLM, cache_type=INT4, smooth_init=init)
     init = row.key.removeprefix("kv-")
     return ours_config(args, seed, rtn=False, kv_only=True, target=VLLM, cache_type=INT4, smooth_init=init)
 
