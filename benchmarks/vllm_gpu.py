@@ -1,21 +1,20 @@
-"""Real vLLM on a CUDA GPU (issue 27, Deliver 5): the original model and our vllm export, each served with
-`--kv-cache-dtype int4_per_token_head` (Triton attention backend) and `auto`, in bf16: perplexity from vLLM's prompt
-logprobs on benchmarks/vllm_target.py's windows beside our emulation of the same run, generation tokens/s, and the
-KV cache's capacity in tokens.
+"""Real vLLM on a CUDA GPU (issue 27, Deliver 5): the original model and our vllm export, each served in bf16 with
+`--kv-cache-dtype int4_per_token_head` and `auto`: perplexity from vLLM's prompt logprobs on
+benchmarks/vllm_target.py's windows beside our emulation of the same run, generation tokens/s, and the KV cache's
+capacity in tokens.
 
 Two steps, on two machines:
 
     # here (the project's venv): a bundle with the windows, our emulated perplexities and the models' files
     python benchmarks/vllm_gpu.py prepare runs/vllm-gpu-bundle
-    # on the GPU machine, where `vllm` (CUDA) imports: one process per model and cache dtype; json + table
+    # on the GPU machine, with the python where `vllm` (CUDA) imports: json + table
     python benchmarks/vllm_gpu.py run runs/vllm-gpu-bundle --out runs/vllm-gpu.json [--dry-run]
 
-`run` imports nothing from this project (vLLM pins its own transformers and compressed-tensors): only vllm and the
-bundle. `--dry-run` prints what it would run and needs neither vllm nor a GPU. Perplexity: each window one prompt,
-tokens 1..n-1 scored (`SamplingParams(max_tokens=1, prompt_logprobs=0)`), as `wkvq eval` scores them. Tokens/s:
-`--batch` prompts of `--prompt-tokens` tokens (the windows' first ones), `--new-tokens` greedy tokens each with EOS
-ignored, generated tokens / wall seconds of `generate` after one warm-up. Capacity: the engine's
-`cache_config.kv_cache_size_tokens` at `--gpu-memory-utilization`.
+`run` imports nothing from this project: per model and cache dtype it runs benchmarks/engine_vllm.py (same python)
+twice, for the windows' prompt logprobs (tokens 1..n-1 of each window from an empty cache, as `wkvq eval` scores
+them) and with --throughput (`--batch` prompts of `--prompt-tokens` tokens, the windows' first ones, `--new-tokens`
+greedy tokens each: generated tokens / seconds, and the KV cache vLLM allotted, blocks × block size).
+`--dry-run` prints those commands and needs neither vllm nor a GPU.
 """
 
 from __future__ import annotations
@@ -23,16 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 KV_DTYPES = ("auto", "int4_per_token_head")
-ATTENTION_BACKEND = "TRITON_ATTN"  # the backend that holds int4_per_token_head
-ENGINE_OPTIONS = ("--gpu-memory-utilization", "--max-model-len", "--batch", "--prompt-tokens", "--new-tokens")
+ENGINE = Path(__file__).resolve().parent / "engine_vllm.py"  # runs in vLLM's python, imports nothing of ours
 MODELS = {"fp": "original (bf16)", "ours": "ours W4 + KV4 calibrated (vllm target, seed 0)"}
 
 
@@ -65,42 +62,20 @@ def prepare(args) -> None:
 
 # --- run (the GPU machine, vLLM's environment) --------------------------------------------------------------------
 
-def engine_kwargs(model_dir: Path, kv_dtype: str, args) -> dict:
-    """`LLM(**kwargs)`: what `vllm serve MODEL --dtype bfloat16 --kv-cache-dtype KV [--attention-backend
-    TRITON_ATTN]` sets, with the context the windows need."""
-    kwargs = dict(model=str(model_dir), dtype="bfloat16", kv_cache_dtype=kv_dtype, max_model_len=args.max_model_len,
-                  gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager, seed=0)
-    if kv_dtype != "auto":
-        kwargs["attention_backend"] = ATTENTION_BACKEND
-    return kwargs
+def engine_commands(bundle: Path, name: str, kv_dtype: str, args) -> dict[str, list[str]]:
+    """benchmarks/engine_vllm.py's two runs of one model and cache dtype (bf16): the windows' prompt logprobs, and
+    --throughput on the batch of prompts; each writes `<bundle>/out/<name>-<kv_dtype>-<run>.json`."""
+    model, out = bundle / "models" / name, bundle / "out" / f"{name}-{kv_dtype}"
+    common = ["--dtype", "bfloat16", "--kv-cache-dtype", kv_dtype]
+    return {"ppl": [sys.executable, str(ENGINE), str(model), str(bundle / "windows.json"), f"{out}-ppl.json", *common],
+            "throughput": [sys.executable, str(ENGINE), str(model), str(bundle / "prompts.json"),
+                           f"{out}-throughput.json", *common, "--throughput", str(args.new_tokens)]}
 
 
-def window_nll(prompt_logprobs: list, window: list[int]) -> tuple[float, int]:
-    """(sum of -logprob of tokens 1..n-1, n-1) from one prompt's `prompt_logprobs` (entry 0 is None)."""
-    return -sum(step[token].logprob for step, token in zip(prompt_logprobs[1:], window[1:])), len(window) - 1
-
-
-def measure(model_dir: Path, kv_dtype: str, windows: list[list[int]], args) -> dict:
-    """One engine: perplexity, tokens/s and KV capacity (run in its own process: vLLM frees GPU memory on exit)."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = LLM(**engine_kwargs(model_dir, kv_dtype, args))
-    cache = llm.llm_engine.vllm_config.cache_config
-    scored = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows],
-                          SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    nll, tokens = map(sum, zip(*(window_nll(out.prompt_logprobs, w) for out, w in zip(scored, windows))))
-    prompts = [TokensPrompt(prompt_token_ids=windows[i % len(windows)][: args.prompt_tokens])
-               for i in range(args.batch)]
-    greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts[:1], greedy, use_tqdm=False)  # warm-up
-    started = time.perf_counter()
-    outputs = llm.generate(prompts, greedy, use_tqdm=False)
-    seconds = time.perf_counter() - started
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"ppl": math.exp(nll / tokens), "scored_tokens": tokens, "tokens_per_s": generated / seconds,
-            "kv_cache_tokens": cache.kv_cache_size_tokens, "num_gpu_blocks": cache.num_gpu_blocks,
-            "block_size": cache.block_size}
+def perplexity(logprobs: list[list[float]]) -> tuple[float, int]:
+    """(perplexity, scored tokens) of engine_vllm.py's per-window logprobs."""
+    scored = [lp for window in logprobs for lp in window]
+    return math.exp(-sum(scored) / len(scored)), len(scored)
 
 
 def check_engine() -> None:
@@ -134,33 +109,33 @@ def run(args) -> None:
     if missing:
         sys.exit(f"{bundle}: no {', '.join(missing)}: make the bundle with `python benchmarks/vllm_gpu.py prepare`")
     windows, emulated = json.loads((bundle / "windows.json").read_text()), json.loads((bundle / "emulated.json").read_text())
-    jobs = [(name, dtype) for name in emulated for dtype in KV_DTYPES]
+    prompts = [windows[i % len(windows)][: args.prompt_tokens] for i in range(args.batch)]
+    jobs = {(name, dtype): engine_commands(bundle, name, dtype, args) for name in emulated for dtype in KV_DTYPES}
     if args.dry_run:
-        for name, dtype in jobs:
-            kwargs = engine_kwargs(bundle / "models" / name, dtype, args)
-            print(f"{name} {dtype}: LLM({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}); ppl over "
-                  f"{len(windows)} windows × {len(windows[0])} tokens (emulated {emulated[name][dtype]:.3f}); "
-                  f"{args.batch} × {args.new_tokens} new tokens")
+        print(f"{len(windows)} windows × {len(windows[0])} tokens; throughput: {args.batch} prompts of "
+              f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens each")
+        for (name, dtype), commands in jobs.items():
+            for what, command in commands.items():
+                print(f"{name} {dtype} {what} (emulated ppl {emulated[name][dtype]:.3f}): {shlex.join(command)}")
         return
     check_engine()
+    (bundle / "prompts.json").write_text(json.dumps(prompts))
+    (bundle / "out").mkdir(exist_ok=True)
     results: dict = {}
-    for name, dtype in jobs:
-        child = subprocess.run([sys.executable, __file__, "one", str(bundle), name, dtype, *args.engine_argv],
-                               capture_output=True, text=True, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-        if child.returncode:
-            sys.exit(f"{name} {dtype}: vLLM failed:\n{child.stderr[-3000:]}")
-        results.setdefault(name, {})[dtype] = json.loads(child.stdout.strip().splitlines()[-1])
+    for (name, dtype), commands in jobs.items():
+        measured = {}
+        for what, command in commands.items():
+            child = subprocess.run(command, capture_output=True, text=True)
+            if child.returncode:
+                sys.exit(f"{name} {dtype} {what}: vLLM failed:\n{child.stderr[-3000:]}")
+            measured[what] = json.loads(Path(command[4]).read_text())
+        ppl, tokens = perplexity(measured["ppl"]["logprobs"])
+        results.setdefault(name, {})[dtype] = {"ppl": ppl, "scored_tokens": tokens} | {
+            key: measured["throughput"][key] for key in ("tokens_per_s", "kv_cache_tokens", "kv_cache_size_tokens")}
         print(f"  {name} {dtype}: {results[name][dtype]}", file=sys.stderr, flush=True)
-    import vllm
-
-    Path(args.out).write_text(json.dumps({"vllm": vllm.__version__, "args": vars(args), "results": results,
-                                          "emulated": emulated}, indent=1, default=str))
+    Path(args.out).write_text(json.dumps({"versions": {k: measured["ppl"][k] for k in ("vllm", "torch", "device")},
+                                          "args": vars(args), "results": results, "emulated": emulated}, indent=1))
     print(table(results, emulated))
-
-
-def one(args) -> None:
-    windows = json.loads((Path(args.bundle) / "windows.json").read_text())
-    print(json.dumps(measure(Path(args.bundle) / "models" / args.name, args.kv_dtype, windows, args)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,26 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     prep = steps.add_parser("prepare", help="write the bundle (here: the project's venv)")
     prep.add_argument("bundle")
     prep.add_argument("target_args", nargs=argparse.REMAINDER, help="vllm_target.py's settings of the rows")
-    engine = argparse.ArgumentParser(add_help=False)
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.5)
-    engine.add_argument("--max-model-len", type=int, default=2048)
-    engine.add_argument("--batch", type=int, default=64, help="prompts generated at once (tokens/s)")
-    engine.add_argument("--prompt-tokens", type=int, default=128)
-    engine.add_argument("--new-tokens", type=int, default=256)
-    engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (vLLM CPU: needed)")
-    go = steps.add_parser("run", parents=[engine], help="measure in vLLM (the GPU machine)")
+    go = steps.add_parser("run", help="measure in vLLM (the GPU machine)")
     go.add_argument("bundle")
     go.add_argument("--out", default="vllm-gpu.json")
-    go.add_argument("--dry-run", action="store_true", help="print the engines it would start; needs no vllm")
-    single = steps.add_parser("one", parents=[engine], help="(internal) one engine, json on stdout")
-    for name in ("bundle", "name", "kv_dtype"):
-        single.add_argument(name)
+    go.add_argument("--batch", type=int, default=64, help="prompts generated at once (tokens/s)")
+    go.add_argument("--prompt-tokens", type=int, default=128)
+    go.add_argument("--new-tokens", type=int, default=256)
+    go.add_argument("--dry-run", action="store_true", help="print the engine runs it would start; needs no vllm")
     args = parser.parse_args(argv)
-    if args.step == "run":  # the engine options, passed on to each engine's process
-        args.engine_argv = [a for opt in ENGINE_OPTIONS for a in (opt, str(getattr(args, opt[2:].replace("-", "_"))))]
-        args.engine_argv += ["--enforce-eager"] if args.enforce_eager else []
-    {"prepare": prepare, "run": run, "one": one}[args.step](args)
-
+    {"prepare": prepare, "run": run}[args.step](args)
 
 if __name__ == "__main__":
     main()

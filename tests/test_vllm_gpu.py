@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,6 @@ finally:
     sys.path.remove(str(BENCHMARKS))
 
 
-@dataclass
-class Logprob:  # vllm.logprobs.Logprob's field that the script reads
-    logprob: float
-
-
 @pytest.fixture
 def bundle(tmp_path) -> Path:
     (tmp_path / "models" / "fp").mkdir(parents=True)
@@ -35,18 +29,18 @@ def bundle(tmp_path) -> Path:
     return tmp_path
 
 
-def test_window_nll_scores_tokens_after_the_first():
-    window = [7, 3, 9]
-    steps = [None, {3: Logprob(-1.5), 4: Logprob(-0.1)}, {9: Logprob(-0.25)}]
-    assert vllm_gpu.window_nll(steps, window) == (1.75, 2)
+def test_perplexity_of_per_window_logprobs():
+    ppl, tokens = vllm_gpu.perplexity([[-1.0, -2.0], [-3.0]])
+    assert tokens == 3 and math.isclose(ppl, math.exp(2.0))
 
 
-def test_engine_kwargs_name_the_triton_backend_for_the_int4_cache(bundle):
-    args = argparse.Namespace(max_model_len=1024, gpu_memory_utilization=0.4, enforce_eager=False)
-    int4 = vllm_gpu.engine_kwargs(bundle, "int4_per_token_head", args)
-    assert int4["kv_cache_dtype"] == "int4_per_token_head" and int4["attention_backend"] == "TRITON_ATTN"
-    assert int4["dtype"] == "bfloat16"
-    assert "attention_backend" not in vllm_gpu.engine_kwargs(bundle, "auto", args)
+def test_engine_commands_score_then_time_each_cache(bundle):
+    args = argparse.Namespace(new_tokens=32)
+    commands = vllm_gpu.engine_commands(bundle, "ours", "int4_per_token_head", args)
+    ppl, speed = commands["ppl"], commands["throughput"]
+    assert ppl[1].endswith("engine_vllm.py") and ppl[2] == str(bundle / "models" / "ours")
+    assert ppl[-4:] == ["--dtype", "bfloat16", "--kv-cache-dtype", "int4_per_token_head"]
+    assert speed[3].endswith("prompts.json") and speed[-2:] == ["--throughput", "32"]
 
 
 def test_table_compares_emulation_and_capacity():
@@ -56,11 +50,12 @@ def test_table_compares_emulation_and_capacity():
     assert "| +0.00% |" in text and "| +1.00% |" in text and "3.50×" in text and "3,500" in text
 
 
-def test_dry_run_lists_every_engine(bundle, capsys):
+def test_dry_run_lists_every_engine_run(bundle, capsys):
     vllm_gpu.main(["run", str(bundle), "--dry-run"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and all("LLM(" in line for line in lines)
-    assert math.isclose(float(lines[1].split("emulated ")[1].split(")")[0]), 31.0)
+    assert lines[0].startswith("2 windows × 4 tokens")
+    assert len(lines) == 1 + 2 * 2 * 2 and all("engine_vllm.py" in line for line in lines[1:])
+    assert "fp int4_per_token_head ppl (emulated ppl 31.000)" in "\n".join(lines)
 
 
 def test_run_without_vllm_fails_in_one_line(bundle):
