@@ -485,5 +485,6 @@ def main(argv: list[str] | None = None) -> None:
             f"transformers {transformers.__version__}, gguf {importlib.metadata.version('gguf')}, "
             f"Python {platform.python_version()}", run(args), args.write)
 
+
 if __name__ == "__main__":
     main()
