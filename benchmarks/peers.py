@@ -333,7 +333,7 @@ class Preparer:
         samples_file = self.workdir / "calib_samples.pt"
         if not samples_file.exists():
             torch.save(self.samples.clone(), samples_file)
-        out, report_file, log = (self.workdir / f"{key}-ckpt", self.workdir / f"{key}.json",
+        out, report_file, log = (self.workdir / f"{key}-ckpt", self.workdir / f"{key}-report.json",
                                  self.workdir / f"{key}.log")
         cmd = [str(python), str(WORKER), "--method", method, "--scheme", scheme, "--model", self.args.model_dir,
                "--samples", str(samples_file), "--out", str(out), "--report", str(report_file),
