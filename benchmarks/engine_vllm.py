@@ -67,8 +67,9 @@ def throughput(llm, windows: list[list[int]], new_tokens: int) -> dict:
 def load_vllm(export: str, dtype: str, kv_cache_dtype: str, max_len: int):
     from vllm import LLM
 
+    backend = {"attention_backend": "TRITON_ATTN"} if kv_cache_dtype in GPU_ONLY_KV else {}  # holds int4 KV
     return LLM(model=export, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_model_len=max_len, enforce_eager=True,
-               enable_prefix_caching=False, seed=0)
+               enable_prefix_caching=False, seed=0, **backend)
 
 
 @torch.no_grad()
