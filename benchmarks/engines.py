@@ -278,13 +278,13 @@ def predictions(model, windows: torch.Tensor, kv: KVQuantConfig) -> dict[str, fl
 def ours_config(args, seed: int, rtn: bool, kv_only: bool = False, target: str = "llamacpp",
                 cache_type: str = "q4_0", **kv_fields) -> WKVQuantConfig:
     """What `wkvq quantize --target TARGET --kv-cache-type CACHE_TYPE --method METHOD [--lwc --smoothing]` builds
-    (kv_only: --w-bits 16); `kv_fields`: further KV options (smooth_init)."""
+    (kv_only: --w-bits 16); `kv_fields`: further KV options (smooth_init, smoothing)."""
     calib = CalibConfig(nsamples=args.nsamples, seqlen=args.calib_seqlen, epochs=0 if rtn else args.epochs, seed=seed)
     weight = WeightQuantConfig(bits=FP_BITS) if kv_only else WeightQuantConfig(bits=4, group_size=args.group_size,
                                                                                  lwc=not rtn)
     config = WKVQuantConfig(target=target, weight=weight,
-                            kv=kv_config(args.method, target, bits=4, cache_type=cache_type, smoothing=not rtn,
-                                         **kv_fields),
+                            kv=kv_config(args.method, target, bits=4, cache_type=cache_type,
+                                         **({"smoothing": not rtn} | kv_fields)),
                             calib=calib)
     check_config(config)
     return config

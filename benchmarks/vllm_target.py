@@ -75,6 +75,7 @@ ROWS = [
     Row("rtn", "ours W4 RTN (vllm target)", False),
     Row("ours", "**ours W4 + KV4 calibrated (vllm target; smoothing from statistics)**", True),
     Row("ours-identity", "ours W4 + KV4 calibrated (vllm target; smoothing from the identity)", True),
+    Row("ours-nosmooth", "ours W4 calibrated for KV4 (vllm target; no KV smoothing)", True),
 ]
 BY_KEY = {r.key: r for r in ROWS}
 
@@ -91,6 +92,8 @@ def row_config(args, row: Row, seed: int) -> WKVQuantConfig:
     if row.key in ("ours", "ours-identity"):  # each row names its smoothing's start, whatever the method's default
         init = "identity" if row.key == "ours-identity" else "range"
         return ours_config(args, seed, rtn=False, target=VLLM, cache_type=INT4, smooth_init=init)
+    if row.key == "ours-nosmooth":
+        return ours_config(args, seed, rtn=False, target=VLLM, cache_type=INT4, smoothing=False)
     init = row.key.removeprefix("kv-")
     return ours_config(args, seed, rtn=False, kv_only=True, target=VLLM, cache_type=INT4, smooth_init=init)
 
@@ -228,7 +231,7 @@ def goals(records: dict[str, list[dict]]) -> list[str]:
                              f"= {cost / own:.2f} × vLLM's uncalibrated int4_per_token_head cost ({own:+.3f}) on FP "
                              "weights (goal ≤ 0.5)")
     awq = mean("awq", INT4)
-    for key in ("ours", "ours-identity"):
+    for key in ("ours", "ours-identity", "ours-nosmooth"):
         ours = mean(key, INT4)
         if ours is None or awq is None:
             continue
