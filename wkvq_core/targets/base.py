@@ -50,3 +50,14 @@ def named_cache_type(kv: KVQuantConfig, bits_of: dict[str, int], default_for_bit
         raise ConfigError(f"kv cache_type {kv.cache_type} holds {bits_of[kv.cache_type]}-bit values; "
                           f"kv_bits is {kv.bits}")
     return kv.cache_type
+
+
+# our runtime's KV options that an engine's cache, written after RoPE and read by the engine's own attention, lacks
+RUNTIME_ONLY_KV_OPTIONS = ("k_pre_rope", "rotate", "sink_tokens", "fp_prefill")
+
+
+def refuse_kv_options(kv: KVQuantConfig, refused: tuple[str, ...], cache: str, target: str) -> None:
+    """ConfigError naming the options of `kv` in `refused` that are on (`cache`: the engine's cache, as named)."""
+    unsupported = [name for name in refused if getattr(kv, name)]
+    if unsupported:
+        raise ConfigError(f"{cache} has no {', '.join(unsupported)}: turn them off for the {target} target")

@@ -41,7 +41,7 @@ from ..config import FP_BITS, KVQuantConfig, WKVQuantConfig, head_dim, linear_in
 from ..errors import ConfigError
 from ..quant.kv_quant import KEY, QUERY, VALUE
 from ..quant.primitives import hadamard
-from .base import Target, named_cache_type
+from .base import RUNTIME_ONLY_KV_OPTIONS, Target, named_cache_type, refuse_kv_options
 
 BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
 Q8_1_BLOCK = 32  # QK8_1
@@ -186,7 +186,7 @@ def kv_quantizer_for(kv_type: str, rotate: bool = True) -> LlamaCppKV:
     return LlamaCppKV(kv_type, rotate)
 
 
-REFUSED_KV_OPTIONS = ("k_pre_rope", "rotate", "sink_tokens", "fp_prefill")
+REFUSED_KV_OPTIONS = RUNTIME_ONLY_KV_OPTIONS
 BITS_OF_TYPE = {"f16": FP_BITS, "q4_0": 4, "q4_1": 4, "q8_0": 8}
 WEIGHT_BITS = (4, FP_BITS)  # Q4_1 blocks, or the weights unquantized
 # Q4_1 stores d = scale and m = -(zero + k) * scale in fp16 (11 significant bits): with 7-bit scales and |zero + k|
@@ -205,10 +205,7 @@ def kv_quantizer(kv: KVQuantConfig) -> LlamaCppKV:
     kv_type = cache_type(kv)
     if kv.group_size not in (None, BLOCK):
         raise ConfigError(f"llama.cpp quantizes the KV cache in blocks of {BLOCK}; got kv_group_size {kv.group_size}")
-    unsupported = [name for name in REFUSED_KV_OPTIONS if getattr(kv, name)]
-    if unsupported:
-        raise ConfigError(f"llama.cpp's KV cache has no {', '.join(unsupported)}: turn them off for the llamacpp "
-                          "target")
+    refuse_kv_options(kv, REFUSED_KV_OPTIONS, "llama.cpp's KV cache", "llamacpp")
     return kv_quantizer_for(kv_type)
 
 

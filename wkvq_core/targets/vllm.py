@@ -42,7 +42,7 @@ from ..config import FP_BITS, KVQuantConfig, WKVQuantConfig, head_dim, linear_in
 from ..errors import ConfigError
 from ..quant.kv_quant import KEY, QUERY, VALUE
 from ..quant.primitives import hadamard
-from .base import Target, named_cache_type
+from .base import RUNTIME_ONLY_KV_OPTIONS, Target, named_cache_type, refuse_kv_options
 from .llamacpp import trunc_ste
 
 INT4 = "int4_per_token_head"
@@ -56,7 +56,7 @@ WEIGHT_BITS = (4, 8, FP_BITS)
 WEIGHT_GROUPS = (-1, 32, 64, 128)  # what vLLM's compressed-tensors WNA16 kernels (Marlin, CPU) take
 WEIGHT_SCALE_BITS = 8  # bf16's significant bits
 MIN_HEAD_DIM = 32  # TritonAttentionBackend.supports_head_size
-REFUSED_KV_OPTIONS = ("k_pre_rope", "rotate", "sink_tokens", "fp_prefill")
+REFUSED_KV_OPTIONS = RUNTIME_ONLY_KV_OPTIONS
 
 
 def bf16_ste(x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +82,15 @@ def rht_signs(size: int) -> torch.Tensor:
     return 2.0 * torch.bernoulli(torch.full((size,), 0.5), generator=generator) - 1.0
 
 
+def sylvester(size: int) -> torch.Tensor:
+    """The unnormalized Sylvester Hadamard matrix of `size` (entries +-1), float64."""
+    return (hadamard(size, torch.float64) * size**0.5).round()
+
+
 @lru_cache(maxsize=None)
 def rht_matrix(size: int) -> torch.Tensor:
     """M = diag(s) H_b (H_b unnormalized): a row vector x rotates to x @ M = H_b (x * s); M M^T = b I."""
-    return rht_signs(size)[:, None] * (hadamard(size, torch.float64) * size**0.5).round().float()
+    return rht_signs(size)[:, None] * sylvester(size).float()
 
 
 def _blockwise(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -108,7 +113,7 @@ def hadacore_stages(n: int) -> tuple[torch.Tensor, ...]:
     stages, done = [], 1  # channels already transformed together
     while done < n:
         size = min(HADACORE_STAGE, n // done)
-        stage = (hadamard(size, torch.float64) * size**0.5).round() * HADACORE_ENTRY[size]
+        stage = sylvester(size) * HADACORE_ENTRY[size]
         stages.append(torch.kron(torch.eye(n // (done * size), dtype=torch.float64),
                                  torch.kron(stage, torch.eye(done, dtype=torch.float64))).float())
         done *= size
@@ -187,9 +192,7 @@ def kv_quantizer(kv: KVQuantConfig) -> VllmKV:
     if kv.group_size is not None:
         raise ConfigError(f"vLLM's {INT4} cache quantizes each token's whole head: kv_group_size must be unset; got "
                           f"{kv.group_size}")
-    unsupported = [name for name in REFUSED_KV_OPTIONS if getattr(kv, name)]
-    if unsupported:
-        raise ConfigError(f"vLLM's {INT4} cache has no {', '.join(unsupported)}: turn them off for the vllm target")
+    refuse_kv_options(kv, REFUSED_KV_OPTIONS, f"vLLM's {INT4} cache", "vllm")
     return VllmKV()
 
 
