@@ -42,7 +42,8 @@ from wkvq_core.evaluation.semantics import LLAMACPP, apply_semantics_
 from wkvq_core.model import quant_state
 from wkvq_core.pipeline import QuantizeJob, run_quantize_job
 
-ROOT = Path(__file__).resolve().parent.parent
+from provenance import append_to_results
+
 ASSETS = Path(wkvq_core.__file__).parent / "assets"
 DRIVER = Path(__file__).resolve().parent / "engine_llamacpp.py"
 INSTALL_SCRIPT = "scripts/install-llamacpp.sh"
@@ -224,8 +225,7 @@ def main() -> None:
             f"{torch.__version__}.\n\n{table(result)}\n")
     print(text)
     if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+        append_to_results(text)
 
 
 if __name__ == "__main__":

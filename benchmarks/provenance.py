@@ -50,6 +50,11 @@ def section(title: str, started: datetime.datetime, code: str, versions: str, bo
     ])
     print(text)
     if write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + text + "\n")
+        append_to_results(text)
     return text
+
+
+def append_to_results(text: str) -> None:
+    """Append a section to benchmarks/RESULTS.md, after a blank line."""
+    with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
+        f.write("\n" + text.rstrip("\n") + "\n")

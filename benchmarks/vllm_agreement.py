@@ -47,7 +47,8 @@ from wkvq_core.runtime.packed_linear import PackedLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp_agreement  # noqa: E402
-from llamacpp_agreement import ASSETS, ROOT, build_artifact  # noqa: E402
+from llamacpp_agreement import ASSETS, build_artifact  # noqa: E402
+from provenance import append_to_results  # noqa: E402
 
 DRIVER = Path(__file__).resolve().parent / "engine_vllm.py"
 INSTALL_SCRIPT = "scripts/install-vllm.sh"
@@ -182,8 +183,7 @@ def main() -> None:
             f"i.e. that dtype's own rounding.\n\n{table(result)}\n")
     print(text)
     if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+        append_to_results(text)
 
 
 if __name__ == "__main__":
