@@ -114,6 +114,7 @@ def benchmark_rows(protocol: Protocol) -> list[Row]:
         row(None, ("FP", EvalMode.FP)),
         row(cfg(kv=FP, **rtn), ("W4 RTN", w)),
         row(cfg(kv=FP, crr_k=1, loss="mse"), ("W4 LWC (OmniQuant: k=1, MSE)", w)),
+        row(cfg(kv=FP), ("W4 LWC + CRR (k=5, MAE)", w)),
         row(cfg(w=FP, **rtn), ("KV4 RTN, FP weights", wkv)),
         row(cfg(w=FP), ("KV4 WKVQuant, FP weights", wkv), ("  + 4 FP sink tokens at eval", wkv, {"sink_tokens": 4})),
         row(cfg(**rtn), ("W4KV4 RTN", wkv)),
@@ -135,6 +136,8 @@ def benchmark_rows(protocol: Protocol) -> list[Row]:
         row(cfg(w=FP, kv_options=METHODS["recommended"]), ("KV4 method recommended", wkv)),
         row(cfg(kv_options=METHODS["recommended"]), ("W4KV4 method recommended", wkv),
             ("  its weights alone (FP cache)", w)),
+        row(cfg(kv_options=METHODS["recommended"] | {"smooth_v_scale": False}),
+            ("W4KV4 recommended, V smoothing shift only", wkv), ("  its weights alone (FP cache)", w)),
         row(cfg(kv_options=METHODS["recommended"], cache_dtype="bfloat16"),
             ("W4KV4 recommended, bfloat16 activation caches", wkv), ("  its weights alone (FP cache)", w)),
     ]

@@ -206,3 +206,20 @@ def test_sink_tokens_are_left_out_of_the_smoothing_statistics():
         seen[sinks], first.observer = first.observer, None
     for name in ("kmin", "kmax", "vmin", "vmax"):
         assert torch.allclose(getattr(seen[2], name), getattr(seen[0], name), atol=1e-5)
+
+
+@pytest.mark.parametrize("smooth_param", ["direct", "relative"])
+def test_v_smoothing_shift_only_keeps_o_proj_weights_and_trains_the_rest(tiny_model, calib_ids, smooth_param):
+    """smooth_v_scale=False: V's scale stays 1 (o_proj's weights are its own), its shift and K's smoothing train."""
+    samples = calibration_samples(calib_ids, 4, 64, seed=0)
+    config = WKVQuantConfig(weight=WeightQuantConfig(bits=4, group_size=-1),
+                            kv=KVQuantConfig(bits=4, lr=1e-2, smooth_param=smooth_param, smooth_v_scale=False),
+                            calib=CalibConfig(nsamples=4, seqlen=64, epochs=1))
+    model = prepare_model_(copy.deepcopy(tiny_model), config)
+    calibrate_(model, config, samples)
+    for attn in attentions(model):
+        assert torch.equal(attn.v_scale, torch.ones_like(attn.v_scale))
+        assert torch.equal(attn.projection("o_proj")[0], attn.o_proj.weight)
+        assert attn.v_shift.abs().sum() > 0 and not torch.equal(attn.k_scale, torch.ones_like(attn.k_scale))
+    assert "smooth_v_scale" not in WKVQuantConfig().to_dict()["kv"]
+    assert WKVQuantConfig.from_dict(config.to_dict()) == config

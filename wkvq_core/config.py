@@ -161,6 +161,8 @@ class KVQuantConfig:
         left out of the smoothing's calibration statistics.
     fp_prefill: a forward of several new tokens through a cache (generate's prefill) attends to all of them in full
         precision; they are stored quantized. Teacher-forced perplexity (one pass, no cache) is unaffected.
+    smooth_v_scale: False keeps V's smoothing scale at 1 (V only shifted): the scale is folded into o_proj's input
+        channels, which widens its weight groups; the shift folds into o_proj's bias exactly.
     cache_type: the engine's KV cache type, for targets that have several of one bit width (llamacpp: q4_0 or q4_1);
         None: the target's default for `bits`.
     """
@@ -178,6 +180,7 @@ class KVQuantConfig:
     fp_prefill: bool = False
     cache_type: str | None = None
     smooth_init: str = "range"
+    smooth_v_scale: bool = True
 
     def __post_init__(self) -> None:
         _check_bits("kv_bits", self.bits)
@@ -206,6 +209,9 @@ METHODS: dict[str, dict[str, Any]] = {
     RECOMMENDED: RECOMMENDED_KV,
 }
 DEFAULT_METHOD = "recommended"
+# The weight side of each method: the paper's LWC, and the options beyond it that won (benchmarks/weights.py).
+RECOMMENDED_WEIGHT: dict[str, Any] = {}
+WEIGHT_METHODS: dict[str, dict[str, Any]] = {"paper": {}, RECOMMENDED: RECOMMENDED_WEIGHT}
 
 
 def kv_config(method: str, refused: tuple[str, ...] = (), **fields: Any) -> KVQuantConfig:
@@ -215,6 +221,14 @@ def kv_config(method: str, refused: tuple[str, ...] = (), **fields: Any) -> KVQu
         raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     options = {name: value for name, value in METHODS[method].items() if name not in refused}
     return KVQuantConfig(**(options | fields))
+
+
+def weight_config(method: str, **fields: Any) -> WeightQuantConfig:
+    """A WeightQuantConfig with a method's weight options (WEIGHT_METHODS); `fields` (bits, group_size, lwc, ...)
+    set the rest."""
+    if method not in WEIGHT_METHODS:
+        raise ConfigError(f"method must be one of {', '.join(WEIGHT_METHODS)}; got {method!r}")
+    return WeightQuantConfig(**(WEIGHT_METHODS[method] | fields))
 
 
 @dataclass
@@ -285,6 +299,8 @@ class WKVQuantConfig:
             del data["kv"]["cache_type"]
         if self.kv.smooth_init == "range":
             del data["kv"]["smooth_init"]
+        if self.kv.smooth_v_scale:
+            del data["kv"]["smooth_v_scale"]
         if self.target == RUNTIME_TARGET:
             del data["target"]
         return data

@@ -290,13 +290,15 @@ class WKVAttention(nn.Module):
         self.register_buffer("rotation", hadamard(self.head_dim, dtype) if kv_cfg.rotate else None, persistent=False)
         self._rotary = [rotary]  # a list: a reference, not a submodule of this layer
         self.k_folded = k_folded
+        self.v_scaled = kv_cfg.smooth_v_scale
         self.smoothing_folded = False  # True when the projections already hold the smoothing (a loaded artifact)
         self.kv_quant = kv_cfg.enabled
         self.attention_backend = "eager"
         self.observer: ChannelRange | None = None
 
     def smoothing_parameter_names(self) -> tuple[str, ...]:
-        return tuple(name for name in SMOOTHING_PARAMETERS if not (self.k_folded and name == "k_shift"))
+        fixed = ("k_shift",) * self.k_folded + ("v_scale",) * (not self.v_scaled)
+        return tuple(name for name in SMOOTHING_PARAMETERS if name not in fixed)
 
     def smoothing_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, name) for name in self.smoothing_parameter_names()]
@@ -315,6 +317,8 @@ class WKVAttention(nn.Module):
                 half = torch.cat([pair, pair], dim=-1)
             else:
                 shift.copy_((hi + lo) / 2)
+            if scale is self.v_scale and not self.v_scaled:
+                continue
             half = half**alpha
             scale.copy_(half / half.log().mean().exp())
 
