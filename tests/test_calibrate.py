@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from wkvq_core.artifact import packed_state_dict
 from wkvq_core.calib.calibrate import calibrate_, calibration_state
 from wkvq_core.calib.checkpoint import DirectoryCheckpoints
 from wkvq_core.calib.data import calibration_samples, eval_windows
@@ -15,9 +16,9 @@ from wkvq_core.model import decoder_layers, prepare_model_, quant_state
 from wkvq_core.pipeline import quantize_model_
 
 
-def config(**calib) -> WKVQuantConfig:
+def config(weight_options: dict | None = None, **calib) -> WKVQuantConfig:
     return WKVQuantConfig(
-        weight=WeightQuantConfig(bits=4, group_size=-1),
+        weight=WeightQuantConfig(bits=4, group_size=-1, **(weight_options or {})),
         kv=KVQuantConfig(bits=4),
         calib=CalibConfig(**{"nsamples": 4, "seqlen": 64, "epochs": 2, "crr_k": 2} | calib),
     )
@@ -50,8 +51,10 @@ def run(model, cfg, samples, checkpoints=None, cancel_after_block=None):
 
 
 @pytest.mark.slow
-def test_resume_after_interruption_is_byte_identical(tiny_model, calib_ids, tmp_path):
-    cfg = config()
+@pytest.mark.parametrize("weight_options", [{}, {"gptq": True}], ids=["paper", "gptq"])
+def test_resume_after_interruption_is_byte_identical(tiny_model, calib_ids, tmp_path, weight_options):
+    """Also what the artifact stores: the options beyond the paper are rerun on resume from the same inputs."""
+    cfg = config(weight_options)
     samples = calibration_samples(calib_ids, 4, 64, seed=0)
     reference_model = copy.deepcopy(tiny_model)
     reference_report, rec = run(reference_model, cfg, samples, DirectoryCheckpoints(tmp_path / "a"))
@@ -68,6 +71,7 @@ def test_resume_after_interruption_is_byte_identical(tiny_model, calib_ids, tmp_
     assert rec.blocks(EventKind.BLOCK_START) == [2, 3, 4]  # no finished block redone
     assert report.resumed_blocks == 2
     assert state_bytes(tiny_model) == state_bytes(reference_model)
+    assert save(packed_state_dict(tiny_model)) == save(packed_state_dict(reference_model))
     for i in range(5):
         assert (tmp_path / "a" / f"block-{i:04d}.safetensors").read_bytes() == (
             tmp_path / "b" / f"block-{i:04d}.safetensors"

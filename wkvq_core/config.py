@@ -121,6 +121,10 @@ class WeightQuantConfig:
 
     group_size: consecutive input channels sharing one (scale, zero); -1 = one group per output row.
     lwc: learn per-group clip factors sigmoid(gamma) on the max and sigmoid(beta) on the min.
+
+    Beyond the paper (off in the `paper` method):
+    gptq: once a block is calibrated, its codes are chosen by GPTQ's error-compensating rounding on the learned
+        scales and zero points (the grid LWC found), from the block's inputs on the quantized path.
     """
 
     bits: int = 4
@@ -128,6 +132,7 @@ class WeightQuantConfig:
     lwc: bool = True
     lwc_init: float = 4.0
     lr: float = 1e-2
+    gptq: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("w_bits", self.bits)
@@ -301,6 +306,9 @@ class WKVQuantConfig:
             del data["kv"]["smooth_init"]
         if self.kv.smooth_v_scale:
             del data["kv"]["smooth_v_scale"]
+        for option in ("gptq",):  # the weight options beyond the paper, written only when on
+            if not data["weight"][option]:
+                del data["weight"][option]
         if self.target == RUNTIME_TARGET:
             del data["target"]
         return data

@@ -33,6 +33,7 @@ from ..config import CalibConfig, CRRLoss, WKVQuantConfig
 from ..errors import ConfigError, WKVQError
 from ..model import attentions, calibration_parameters, decoder_layers, quant_state
 from ..quant.kv_quant import SMOOTHING_PARAMETERS, ChannelRange, set_attention_backend
+from .gptq import gptq_block_
 from .loader import LayerSource, ResidentLayers
 from .progress import CalibrationCallbacks, CalibrationEvent, EventKind
 
@@ -211,6 +212,7 @@ def calibrate_(
         layer = layers.acquire(i, device)
         blocks.propagate_(x_fp, i, quantized=False)
         fp_depth += 1
+        _round_block(config, blocks, i, x_q)
         blocks.propagate_(x_q, i, quantized=True)
         if on_block_done is not None:
             on_block_done(i, layer)
@@ -228,6 +230,7 @@ def calibrate_(
             blocks.propagate_(x_fp, fp_depth, quantized=False)
             fp_depth += 1
         loss = _calibrate_block(config, blocks, i, window.stop, x_q, x_fp, callbacks)
+        _round_block(config, blocks, i, x_q)
         blocks.propagate_(x_q, i, quantized=True)
         if on_block_done is not None:
             on_block_done(i, blocks.layers[i])
@@ -242,6 +245,12 @@ def calibrate_(
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes = _peak_memory(device)
     return report
+
+
+def _round_block(config: WKVQuantConfig, blocks: _Blocks, index: int, x_q: torch.Tensor) -> None:
+    """GPTQ's codes for a calibrated block, when configured (rerun on resume: checkpoints hold no codes)."""
+    if config.weight.gptq and config.weight.enabled:
+        gptq_block_(blocks.layers[index], index, blocks, x_q)
 
 
 def _resume(layers: nn.ModuleList, callbacks: CalibrationCallbacks, run_key: str) -> list[float]:

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from ..config import FP_BITS, WeightQuantConfig
 from ..errors import ConfigError
-from .primitives import fake_quant_per_token, fake_quant_weight, quantize_weight
+from .primitives import dequantize_weight, fake_quant_per_token, fake_quant_weight, quantize_weight
 
 
 class LearnableWeightClip(nn.Module):
@@ -56,17 +56,29 @@ class QuantLinear(nn.Module):
         self.weight_quant = config.enabled
         self.act_quant = act_bits != FP_BITS
         self.frozen_weight: torch.Tensor | None = None  # fake_quant(weight) held during evaluation (frozen_weights)
+        self.input_observer: Callable[[torch.Tensor], None] | None = None  # sees the matmul's input (calib.gptq)
+        for name in ("fixed_codes", "fixed_scale", "fixed_zero"):  # a fixed quantization (fix_quantization_)
+            self.register_buffer(name, None, persistent=False)
 
     def _clip_factors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.clip.factors() if self.clip is not None else (None, None)
 
+    def fix_quantization_(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """From now on the quantized weight is these codes, scales and zeros (as `quantize` returns them), whatever
+        weight is passed (GPTQ's rounding of the weight with its smoothing folded in)."""
+        self.fixed_codes, self.fixed_scale, self.fixed_zero = codes, scale, zero
+
     def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.weight_quant:
             return weight
+        if self.fixed_codes is not None:
+            return dequantize_weight(self.fixed_codes, self.fixed_scale, self.fixed_zero, self.group_size, weight.dtype)
         return fake_quant_weight(weight, self.bits, self.group_size, *self._clip_factors(), self.scale_bits)
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Integer codes, scales and zeros of `weight` under the learned clipping (for export)."""
+        """Integer codes, scales and zeros of `weight` under the learned clipping (for export), or the fixed ones."""
+        if self.fixed_codes is not None:
+            return self.fixed_codes, self.fixed_scale, self.fixed_zero
         return quantize_weight(weight, self.bits, self.group_size, *self._clip_factors(), self.scale_bits)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -77,6 +89,8 @@ class QuantLinear(nn.Module):
             x = fake_quant_per_token(x, self.act_bits)
         if self.input_rounding is not None and self.weight_quant:
             x = self.input_rounding(x)
+        if self.input_observer is not None:
+            self.input_observer(x)
         return F.linear(x, quantized_weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,40 @@
+"""GPTQ rounding of a calibrated block (`WeightQuantConfig.gptq`): its linears in the order inputs flow (q/k/v, o,
+gate/up, down), each group's Hessian from its inputs on the quantized path (the block's earlier linears already
+rounded), the learned clip ranges kept as the grid."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import attentions
+from ..quant.gptq import gptq_codes
+
+SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+@torch.no_grad()
+def gptq_block_(block: nn.Module, index: int, blocks, x_q: torch.Tensor) -> None:
+    """Fix block `index`'s weights to GPTQ's codes; `blocks` (calibrate._Blocks) runs it on the cached inputs x_q."""
+    attn = attentions(block)[0]
+    for names in SEQUENTIAL:
+        owner = attn if names[0] in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
+        linears = [getattr(owner, name) for name in names]
+        hessian = torch.zeros(linears[0].in_features, linears[0].in_features, device=blocks.device)
+
+        def accumulate(x: torch.Tensor) -> None:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            hessian.add_(flat.T @ flat)
+
+        linears[0].input_observer = accumulate  # the group's linears share their input
+        try:
+            for s in range(0, x_q.shape[0], blocks.batch_size):
+                blocks.callbacks.check(f"while rounding block {index} with GPTQ, sample {s} of {x_q.shape[0]}")
+                blocks.forward(blocks.batch(x_q[s : s + blocks.batch_size]), index, index + 1, quantize_first=True)
+        finally:
+            linears[0].input_observer = None
+        for name, lin in zip(names, linears):
+            weight = attn.projection(name)[0] if owner is attn else lin.weight
+            _, scale, zero = lin.quantize(weight)
+            codes = gptq_codes(weight, hessian, lin.bits, lin.group_size, scale, zero)
+            lin.fix_quantization_(codes.to(weight.device), scale, zero)

@@ -1,0 +1,41 @@
+"""Error-compensating rounding (GPTQ, Frantar et al. 2022) on a fixed grid: the per-group scales and zero points are
+given (the learned LWC clip ranges); GPTQ only chooses the integer codes, column by column, moving each column's
+rounding error onto the columns not yet rounded as the inputs' second moments H = X^T X direct."""
+
+from __future__ import annotations
+
+import torch
+
+from .primitives import qmax
+
+
+@torch.no_grad()
+def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, scale: torch.Tensor,
+               zero: torch.Tensor, damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """uint8 codes (out, in) of `weight` (out, in) on the grid (codes - zero) * scale, scale and zero (out, in // group)
+    per group of `group_size` input columns (-1: the whole row); hessian (in, in): sum of x x^T over inputs x.
+    Columns no input reaches (H_ii = 0) are rounded to nearest. Lazy batch updates of `block` columns, in float64."""
+    out_features, in_features = weight.shape
+    group = in_features if group_size == -1 else group_size
+    w = weight.detach().to(torch.float64).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    scales = scale.to(torch.float64).repeat_interleave(group, dim=1)
+    zeros = zero.to(torch.float64).repeat_interleave(group, dim=1)
+    codes = torch.empty(out_features, in_features, dtype=torch.float64)
+    for start in range(0, in_features, block):
+        stop = min(start + block, in_features)
+        w_block, errors, h_block = w[:, start:stop].clone(), torch.zeros(out_features, stop - start,
+                                                                         dtype=torch.float64), h_inv[start:stop, start:stop]
+        for i in range(stop - start):
+            col, s, z = w_block[:, i], scales[:, start + i], zeros[:, start + i]
+            q = (torch.round(col / s) + z).clamp(0, qmax(bits))
+            codes[:, start + i] = q
+            err = (col - (q - z) * s) / h_block[i, i]
+            w_block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
+            errors[:, i] = err
+        w[:, stop:] -= errors @ h_inv[start:stop, stop:]
+    return codes.to(torch.uint8)
