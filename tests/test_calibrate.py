@@ -51,7 +51,8 @@ def run(model, cfg, samples, checkpoints=None, cancel_after_block=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weight_options", [{}, {"gptq": True}], ids=["paper", "gptq"])
+@pytest.mark.parametrize("weight_options", [{}, {"gptq": True}, {"equalize": True, "gptq": True}],
+                         ids=["paper", "gptq", "equalize+gptq"])
 def test_resume_after_interruption_is_byte_identical(tiny_model, calib_ids, tmp_path, weight_options):
     """Also what the artifact stores: the options beyond the paper are rerun on resume from the same inputs."""
     cfg = config(weight_options)

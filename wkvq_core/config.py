@@ -123,6 +123,8 @@ class WeightQuantConfig:
     lwc: learn per-group clip factors sigmoid(gamma) on the max and sigmoid(beta) on the min.
 
     Beyond the paper (off in the `paper` method):
+    equalize: before a block is calibrated, activation-aware equivalent scaling (AWQ's search) folded into its
+        weights (RMSNorm -> q/k/v and gate/up, v_proj -> o_proj, up_proj -> down_proj): LWC and CRR train from there.
     gptq: once a block is calibrated, its codes are chosen by GPTQ's error-compensating rounding on the learned
         scales and zero points (the grid LWC found), from the block's inputs on the quantized path.
     """
@@ -132,6 +134,7 @@ class WeightQuantConfig:
     lwc: bool = True
     lwc_init: float = 4.0
     lr: float = 1e-2
+    equalize: bool = False
     gptq: bool = False
 
     def __post_init__(self) -> None:
@@ -306,7 +309,7 @@ class WKVQuantConfig:
             del data["kv"]["smooth_init"]
         if self.kv.smooth_v_scale:
             del data["kv"]["smooth_v_scale"]
-        for option in ("gptq",):  # the weight options beyond the paper, written only when on
+        for option in ("equalize", "gptq"):  # the weight options beyond the paper, written only when on
             if not data["weight"][option]:
                 del data["weight"][option]
         if self.target == RUNTIME_TARGET:

@@ -33,6 +33,7 @@ from ..config import CalibConfig, CRRLoss, WKVQuantConfig
 from ..errors import ConfigError, WKVQError
 from ..model import attentions, calibration_parameters, decoder_layers, quant_state
 from ..quant.kv_quant import SMOOTHING_PARAMETERS, ChannelRange, set_attention_backend
+from .equalize import equalize_block_
 from .gptq import gptq_block_
 from .loader import LayerSource, ResidentLayers
 from .progress import CalibrationCallbacks, CalibrationEvent, EventKind
@@ -212,6 +213,7 @@ def calibrate_(
         layer = layers.acquire(i, device)
         blocks.propagate_(x_fp, i, quantized=False)
         fp_depth += 1
+        _equalize_block(config, blocks, i, x_q)
         _round_block(config, blocks, i, x_q)
         blocks.propagate_(x_q, i, quantized=True)
         if on_block_done is not None:
@@ -229,6 +231,7 @@ def calibrate_(
         while fp_depth < window.stop:
             blocks.propagate_(x_fp, fp_depth, quantized=False)
             fp_depth += 1
+        _equalize_block(config, blocks, i, x_q)
         loss = _calibrate_block(config, blocks, i, window.stop, x_q, x_fp, callbacks)
         _round_block(config, blocks, i, x_q)
         blocks.propagate_(x_q, i, quantized=True)
@@ -245,6 +248,13 @@ def calibrate_(
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes = _peak_memory(device)
     return report
+
+
+def _equalize_block(config: WKVQuantConfig, blocks: _Blocks, index: int, x_q: torch.Tensor) -> None:
+    """AWQ's scales folded into a block before its calibration, when configured (rerun on resume: checkpoints hold
+    no weights; the search depends only on the block's inputs and original weights)."""
+    if config.weight.equalize and config.weight.enabled:
+        equalize_block_(blocks.layers[index], index, blocks, x_q)
 
 
 def _round_block(config: WKVQuantConfig, blocks: _Blocks, index: int, x_q: torch.Tensor) -> None:
