@@ -44,13 +44,15 @@ def reference_codes(weight, hessian, scale, zero, group, bits=4, damp=0.01):
     return codes
 
 
+@pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("group", [16, -1])
-def test_gptq_beats_round_to_nearest_on_the_same_grid(group):
+def test_gptq_beats_round_to_nearest_on_the_same_grid(group, act_order):
     weight, x = example()
     _, scale, zero = quantize_weight(weight, 4, group)
     hessian = x.T @ x
     rtn = dequantize_weight(*quantize_weight(weight, 4, group), group)
-    gptq = dequantize_weight(gptq_codes(weight, hessian, 4, group, scale, zero), scale, zero, group)
+    codes = gptq_codes(weight, hessian, 4, group, scale, zero, act_order=act_order)
+    gptq = dequantize_weight(codes, scale, zero, group)
     error = lambda w: (x @ (weight - w).T).pow(2).sum().item()  # noqa: E731
     assert error(gptq) < 0.8 * error(rtn)
 
@@ -59,9 +61,14 @@ def test_lazy_batches_equal_the_plain_column_by_column_reference():
     weight, x = example(in_features=64)
     _, scale, zero = quantize_weight(weight, 4, 16)
     hessian = x.T @ x
-    codes = gptq_codes(weight, hessian, 4, 16, scale, zero, block=24)  # blocks across group borders
+    codes = gptq_codes(weight, hessian, 4, 16, scale, zero, block=24, act_order=False)  # blocks across groups
     expected = reference_codes(weight, hessian, scale, zero, 16)
     assert (codes.numpy() != expected).mean() < 0.002  # rounding ties apart
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    permuted = reference_codes(weight[:, order], hessian[order][:, order], scale.repeat_interleave(16, 1)[:, order],
+                               zero.repeat_interleave(16, 1)[:, order], 1)
+    in_order = gptq_codes(weight, hessian, 4, 16, scale, zero, block=24, act_order=True).numpy()
+    assert (in_order[:, order.numpy()] != permuted).mean() < 0.002
 
 
 @pytest.mark.slow

@@ -11,10 +11,12 @@ from .primitives import qmax
 
 @torch.no_grad()
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, scale: torch.Tensor,
-               zero: torch.Tensor, damp: float = 0.01, block: int = 128) -> torch.Tensor:
+               zero: torch.Tensor, damp: float = 0.01, block: int = 128, act_order: bool = True) -> torch.Tensor:
     """uint8 codes (out, in) of `weight` (out, in) on the grid (codes - zero) * scale, scale and zero (out, in // group)
     per group of `group_size` input columns (-1: the whole row); hessian (in, in): sum of x x^T over inputs x.
-    Columns no input reaches (H_ii = 0) are rounded to nearest. Lazy batch updates of `block` columns, in float64."""
+    Columns no input reaches (H_ii = 0) are rounded to nearest. act_order: columns in decreasing H_ii (their inputs'
+    energy), each on its own group's grid ("static groups": the groups stay contiguous). Lazy batch updates of `block`
+    columns, in float64."""
     out_features, in_features = weight.shape
     group = in_features if group_size == -1 else group_size
     w = weight.detach().to(torch.float64).clone()
@@ -22,9 +24,11 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * h.diagonal().mean())
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     scales = scale.to(torch.float64).repeat_interleave(group, dim=1)
     zeros = zero.to(torch.float64).repeat_interleave(group, dim=1)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_features)
+    w, h, scales, zeros = w[:, order], h[order][:, order], scales[:, order], zeros[:, order]
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.empty(out_features, in_features, dtype=torch.float64)
     for start in range(0, in_features, block):
         stop = min(start + block, in_features)
@@ -38,4 +42,4 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
             w_block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
             errors[:, i] = err
         w[:, stop:] -= errors @ h_inv[start:stop, stop:]
-    return codes.to(torch.uint8)
+    return codes[:, torch.argsort(order)].to(torch.uint8)
