@@ -30,7 +30,8 @@ import torch
 import transformers
 
 from wkvq_core.calib.data import calibration_samples, eval_windows, load_text, tokenize
-from wkvq_core.config import FP_BITS, METHODS, CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.config import (FP_BITS, METHODS, RECOMMENDED_WEIGHT, CalibConfig, KVQuantConfig, WeightQuantConfig,
+                              WKVQuantConfig)
 from wkvq_core.evaluation.perplexity import EvalMode, kv_bytes_per_token, perplexity
 from wkvq_core.model import attentions, load_model
 from wkvq_core.model_zoo import MODELS as PACKAGED_MODELS, fetch_model
@@ -96,9 +97,10 @@ class Row:
 def benchmark_rows(protocol: Protocol) -> list[Row]:
     calib = CalibConfig(nsamples=protocol.nsamples, seqlen=protocol.seqlen, epochs=protocol.epochs)
 
-    def cfg(*, w=4, lwc=True, kv=4, act_bits=FP, kv_options=None, **calib_changes) -> WKVQuantConfig:
+    def cfg(*, w=4, lwc=True, kv=4, act_bits=FP, kv_options=None, weight_options=None, **calib_changes):
         return WKVQuantConfig(
-            weight=WeightQuantConfig(bits=w, group_size=protocol.group_size, lwc=lwc and w != FP),
+            weight=WeightQuantConfig(bits=w, group_size=protocol.group_size, lwc=lwc and w != FP,
+                                     **(weight_options or {})),
             kv=KVQuantConfig(bits=kv, **(kv_options or {})),
             calib=replace(calib, **calib_changes),
             act_bits=act_bits,
@@ -115,6 +117,9 @@ def benchmark_rows(protocol: Protocol) -> list[Row]:
         row(cfg(kv=FP, **rtn), ("W4 RTN", w)),
         row(cfg(kv=FP, crr_k=1, loss="mse"), ("W4 LWC (OmniQuant: k=1, MSE)", w)),
         row(cfg(kv=FP), ("W4 LWC + CRR (k=5, MAE)", w)),
+        row(cfg(kv=FP, weight_options=dict(equalize=True)), ("W4 + equalize", w)),
+        row(cfg(kv=FP, weight_options=dict(gptq=True)), ("W4 + gptq", w)),
+        row(cfg(kv=FP, weight_options=RECOMMENDED_WEIGHT), ("W4 + equalize + gptq (recommended)", w)),
         row(cfg(w=FP, **rtn), ("KV4 RTN, FP weights", wkv)),
         row(cfg(w=FP), ("KV4 WKVQuant, FP weights", wkv), ("  + 4 FP sink tokens at eval", wkv, {"sink_tokens": 4})),
         row(cfg(**rtn), ("W4KV4 RTN", wkv)),
@@ -134,11 +139,13 @@ def benchmark_rows(protocol: Protocol) -> list[Row]:
         row(cfg(w=FP, kv_options=beyond), ("KV4 beyond (all four options)", wkv)),
         row(cfg(kv_options=beyond), ("W4KV4 beyond (all four options)", wkv), ("  its weights alone (FP cache)", w)),
         row(cfg(w=FP, kv_options=METHODS["recommended"]), ("KV4 method recommended", wkv)),
-        row(cfg(kv_options=METHODS["recommended"]), ("W4KV4 method recommended", wkv),
+        row(cfg(kv_options=METHODS["recommended"], weight_options=RECOMMENDED_WEIGHT), ("W4KV4 method recommended",
+            wkv), ("  its weights alone (FP cache)", w)),
+        row(cfg(kv_options=METHODS["recommended"]), ("W4KV4 recommended KV, the paper's weights", wkv),
             ("  its weights alone (FP cache)", w)),
-        row(cfg(kv_options=METHODS["recommended"] | {"smooth_v_scale": False}),
-            ("W4KV4 recommended, V smoothing shift only", wkv), ("  its weights alone (FP cache)", w)),
-        row(cfg(kv_options=METHODS["recommended"], cache_dtype="bfloat16"),
+        row(cfg(kv_options=METHODS["recommended"] | {"smooth_v_scale": True}),
+            ("W4KV4 recommended KV, V smoothing scaled too", wkv), ("  its weights alone (FP cache)", w)),
+        row(cfg(kv_options=METHODS["recommended"], weight_options=RECOMMENDED_WEIGHT, cache_dtype="bfloat16"),
             ("W4KV4 recommended, bfloat16 activation caches", wkv), ("  its weights alone (FP cache)", w)),
     ]
 

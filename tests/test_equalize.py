@@ -9,8 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from wkvq_core.calib.data import calibration_samples
 from wkvq_core.calib.equalize import fold_scales_
 from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
-from wkvq_core.model import decoder_layers, prepare_model_, quant_state
-from wkvq_core.pipeline import quantize_model_
+from wkvq_core.model import decoder_layers, prepare_model_, quant_linears, quant_state
+from wkvq_core.pipeline import quantize_model_, rtn_layer
 from wkvq_core.quant.equalize import search_scales
 from wkvq_core.quant.primitives import fake_quant_weight
 
@@ -50,7 +50,8 @@ def test_the_search_lowers_the_quantized_output_error_of_an_outlier_channel():
 
 @pytest.mark.slow
 def test_an_equalized_calibration_changes_the_weights_and_keeps_full_precision(tiny_model, calib_ids):
-    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=-1, equalize=True), kv=KVQuantConfig(bits=4),
+    """... and the job's round-to-nearest baseline is of the original weights (the scaling undone, no GPTQ codes)."""
+    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=-1, equalize=True, gptq=True), kv=KVQuantConfig(bits=4),
                             calib=CalibConfig(nsamples=2, seqlen=32, epochs=1))
     original = copy.deepcopy(tiny_model)
     quantize_model_(tiny_model, config, calibration_samples(calib_ids, 2, 32, seed=0))
@@ -59,3 +60,9 @@ def test_an_equalized_calibration_changes_the_weights_and_keeps_full_precision(t
         assert torch.allclose(tiny_model(ids).logits, original(ids).logits, atol=1e-4, rtol=1e-4)
     assert not torch.equal(decoder_layers(tiny_model)[0].mlp.down_proj.weight,
                            decoder_layers(original)[0].mlp.down_proj.weight)
+    for layer, reference in zip(decoder_layers(tiny_model), decoder_layers(original)):
+        rtn = rtn_layer(layer)
+        for lin in quant_linears(rtn):
+            assert lin.fixed_codes is None and lin.clip is None
+        for name, value in reference.named_parameters():
+            assert torch.allclose(rtn.get_parameter(name), value, rtol=1e-5, atol=1e-7), name

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .calib.estimate import format_seconds
 from .config import (DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, FP_BITS, METHODS, RUNTIME_TARGET, TARGET_NAMES,
-                     CalibConfig, CRRLoss, EvalMode, WeightQuantConfig, WKVQuantConfig, check_kv_group_size,
+                     CalibConfig, CRRLoss, EvalMode, WKVQuantConfig, check_kv_group_size, weight_config,
                      resolve_group_size, resolve_seqlen)
 from .errors import WKVQError
 
@@ -99,7 +99,9 @@ def _build_config(**kw) -> WKVQuantConfig:
 
     target = kw.get("target", RUNTIME_TARGET)
     return WKVQuantConfig(
-        weight=WeightQuantConfig(bits=kw["w_bits"], group_size=kw["group_size"], lwc=kw.get("lwc", False)),
+        weight=weight_config(kw.get("method", "paper"), bits=kw["w_bits"], group_size=kw["group_size"],
+                             lwc=kw.get("lwc", False),
+                             **{k: kw[k] for k in ("equalize", "gptq") if kw.get(k) is not None}),
         kv=kv_config(
             kw.get("method", "paper"), target, bits=kw["kv_bits"], group_size=kw.get("kv_group_size"),
             smoothing=kw.get("smoothing", False), poq=kw.get("poq", True), cache_type=kw.get("kv_cache_type"),
@@ -272,10 +274,15 @@ def quantize(
     batch_size: int = 1,
     seed: int = 0,
     lwc: Annotated[bool, typer.Option(help="Learnable weight clipping.")] = True,
+    equalize: Annotated[Optional[bool], typer.Option(help="AWQ's activation-aware scaling folded into each block "
+                                                          "before it trains (default: the method's).")] = None,
+    gptq: Annotated[Optional[bool], typer.Option(help="GPTQ's error-compensating rounding on the learned grid once a "
+                                                      "block is trained (default: the method's).")] = None,
     smoothing: Annotated[bool, typer.Option(help="2D KV smoothing.")] = True,
     poq: Annotated[bool, typer.Option(help="Past-only quantization.")] = True,
-    method: Annotated[str, typer.Option(help=f"{' or '.join(METHODS)}: the paper's KV method exactly, or with "
-                                              "the options that won on held-out text (docs/method.md).")] = DEFAULT_METHOD,
+    method: Annotated[str, typer.Option(help=f"{' or '.join(METHODS)}: the paper's method exactly, or with the "
+                                              "weight and KV options that won on held-out text (docs/method.md).")
+                      ] = DEFAULT_METHOD,
     target: Annotated[str, typer.Option(help=f"The engine the artifact is calibrated for: {', '.join(TARGET_NAMES)} "
                                               "(docs/targets.md).")] = RUNTIME_TARGET,
     kv_cache_type: Annotated[Optional[str], typer.Option(help="llamacpp: q4_1 instead of q4_0 for kv_bits 4 "

@@ -57,6 +57,8 @@ def check_seqlen(seqlen: int, model_config: dict[str, Any]) -> None:
         raise ConfigError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {max_len}")
 
 
+EQUALIZE_ALPHAS = tuple(i / 20 for i in range(20))  # the exponents AWQ's search tries (0: no scaling)
+EQUALIZE_TOKENS = 8192  # inputs per linear the search keeps (every k-th token)
 DEFAULT_GROUP_SIZES = (128, 64, 32)  # smaller groups would cost more in scales and zeros than they save
 
 
@@ -210,7 +212,8 @@ class KVQuantConfig:
 
 # KV options beyond the paper, by method name: "paper" is arXiv 2402.12065 as published (KVQuantConfig's own
 # defaults); "recommended" won on held-out text over 3 calibration seeds on SmolLM2-135M (benchmarks/RESULTS.md).
-RECOMMENDED_KV: dict[str, Any] = dict(smooth_param="relative", lr=1e-2, k_pre_rope=True, sink_tokens=4)
+RECOMMENDED_KV: dict[str, Any] = dict(smooth_param="relative", lr=1e-2, k_pre_rope=True, sink_tokens=4,
+                                      smooth_v_scale=False)
 RECOMMENDED = "recommended"
 METHODS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -218,7 +221,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_METHOD = "recommended"
 # The weight side of each method: the paper's LWC, and the options beyond it that won (benchmarks/weights.py).
-RECOMMENDED_WEIGHT: dict[str, Any] = {}
+RECOMMENDED_WEIGHT: dict[str, Any] = dict(equalize=True, gptq=True)
 WEIGHT_METHODS: dict[str, dict[str, Any]] = {"paper": {}, RECOMMENDED: RECOMMENDED_WEIGHT}
 
 

@@ -14,6 +14,7 @@ import torch
 from .artifact import ArtifactWriter
 from .calib.calibrate import CalibrationReport, Precision, calibrate_
 from .calib.data import calibration_samples, eval_windows, evaluation_ids, load_text, tokenize
+from .calib.equalize import unscale_
 from .calib.loader import CheckpointReader, ResidentLayers, StreamedLayers, load_skeleton
 from .calib.progress import CalibrationCallbacks
 from .config import DEFAULT_EVAL_TOKENS, FP_BITS, WKVQuantConfig
@@ -72,10 +73,13 @@ def rtn_modes(config: WKVQuantConfig) -> list[EvalMode]:
 
 
 def rtn_layer(layer):
-    """A copy of a prepared decoder layer quantized by round to nearest: no learned clipping, no smoothing."""
+    """A copy of a prepared decoder layer quantized by round to nearest: no learned clipping, no smoothing, no
+    equivalent scaling (undone) and no GPTQ codes."""
     rtn = copy.deepcopy(layer)
+    unscale_(rtn)
     for lin in quant_linears(rtn):
         lin.clip = None
+        lin.fix_quantization_(None, None, None)
     for attn in attentions(rtn):
         attn.smoothing = attn.smoothing_configured = False
     return rtn

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from wkvq_core.calib.estimate import (ModelShape, ResourceEstimate, estimate_resources, estimate_storage,
                                       eval_windows_for_chars, format_bytes, format_seconds)
-from wkvq_core.config import FP_BITS, RUNTIME_TARGET, CalibConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.config import FP_BITS, RUNTIME_TARGET, CalibConfig, WKVQuantConfig, weight_config
 from wkvq_core.errors import ConfigError
 
 from ..core.config import GpuBudget, Settings
@@ -41,7 +41,8 @@ def job_wkvq_config(spec_config: dict[str, Any]) -> WKVQuantConfig:
     target = c.get("target", RUNTIME_TARGET)
     return WKVQuantConfig(
         target=target,
-        weight=WeightQuantConfig(bits=c["w_bits"], group_size=c["group_size"], lwc=c["lwc"]),
+        weight=weight_config(c.get("method", "paper"), bits=c["w_bits"], group_size=c["group_size"], lwc=c["lwc"],
+                             **{k: c[k] for k in ("equalize", "gptq") if c.get(k) is not None}),
         kv=kv_config(c.get("method", "paper"), target, bits=c["kv_bits"], group_size=c["kv_group_size"],
                      smoothing=c["smoothing"], poq=c["poq"], cache_type=c.get("kv_cache_type")),
         calib=CalibConfig(nsamples=c["nsamples"], seqlen=c["seqlen"], epochs=c["epochs"], crr_k=c["crr_k"],

@@ -103,6 +103,10 @@ class QuantConfig(Strict):
     eval_tokens: int = Field(DEFAULT_EVAL_TOKENS, ge=0, le=2**31 - 1,
                              description="evaluate at most this many tokens of the evaluation text; 0: all of it")
     lwc: bool = True
+    equalize: bool | None = Field(None, description="AWQ's activation-aware scaling folded into each block before it "
+                                                   "trains; null: the method's (recommended: on, paper: off)")
+    gptq: bool | None = Field(None, description="GPTQ's error-compensating rounding on the learned grid once a block "
+                                               "is trained; null: the method's (recommended: on, paper: off)")
     smoothing: bool = True
     poq: bool = True
     target: Literal[TARGETS] = Field(  # type: ignore[valid-type]
@@ -117,8 +121,8 @@ class QuantConfig(Strict):
                           "q4_1, 8 -> q8_0, 16 -> f16; vllm (--kv-cache-dtype): 4 -> int4_per_token_head, 16 -> "
                           "auto; null: the one of kv_bits (q4_0 for llamacpp's 4)")
     method: Literal["paper", "recommended"] = Field(
-        DEFAULT_METHOD, description="paper: arXiv 2402.12065 exactly; recommended: with the KV options that won on "
-                                    "held-out text (docs/method.md, benchmarks/RESULTS.md)")
+        DEFAULT_METHOD, description="paper: arXiv 2402.12065 exactly; recommended: with the weight and KV options "
+                                    "that won on held-out text (docs/method.md, benchmarks/RESULTS.md)")
 
     @field_validator("w_bits")
     @classmethod

@@ -9,10 +9,9 @@ import math
 import torch
 from torch import nn
 
+from ..config import EQUALIZE_TOKENS
 from ..model import attentions
 from ..quant.equalize import search_scales
-
-MAX_TOKENS = 8192  # inputs kept per linear for the search (every k-th token)
 
 
 def _scale_columns_(lin: nn.Module, s: torch.Tensor) -> None:
@@ -30,10 +29,11 @@ def equalize_block_(block: nn.Module, index: int, blocks, x_q: torch.Tensor) -> 
     """Search and fold block `index`'s scales; `blocks` (calibrate._Blocks) runs it on the cached inputs x_q."""
     attn, mlp = attentions(block)[0], block.mlp
     first = {"qkv": attn.q_proj, "o": attn.o_proj, "gate_up": mlp.gate_proj, "down": mlp.down_proj}
-    stride = max(1, math.ceil(x_q.shape[0] * x_q.shape[1] / MAX_TOKENS))
+    stride = max(1, math.ceil(x_q.shape[0] * x_q.shape[1] / EQUALIZE_TOKENS))
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in first}
     for name, lin in first.items():
-        lin.input_observer = lambda x, name=name: inputs[name].append(x.detach().reshape(-1, x.shape[-1])[::stride].float())
+        lin.input_observer = lambda x, name=name: inputs[name].append(
+            x.detach().reshape(-1, x.shape[-1])[::stride].float())
     try:
         for s in range(0, x_q.shape[0], blocks.batch_size):
             blocks.callbacks.check(f"while equalizing block {index}, sample {s} of {x_q.shape[0]}")
@@ -63,10 +63,20 @@ def _shared_by_heads(attn: nn.Module):
 
 
 @torch.no_grad()
+def unscale_(block: nn.Module) -> None:
+    """Undo the scales `equalize_block_` folded into a block (a copy's original weights, up to rounding)."""
+    scales = getattr(block, "equalization_scales", None)
+    if scales is not None:
+        fold_scales_(block, {name: 1 / s for name, s in scales.items()})
+        block.equalization_scales = None
+
+
+@torch.no_grad()
 def fold_scales_(block: nn.Module, scales: dict[str, torch.Tensor]) -> None:
     """Fold positive per-channel scales into a block, exactly: "qkv" (hidden) and "gate_up" (hidden) divide the
     RMSNorm before them, "o" (n_kv_heads * head_dim) v_proj's rows, "down" (intermediate) up_proj's rows; each
-    multiplies the inputs' columns of the linears after it."""
+    multiplies the inputs' columns of the linears after it. The block keeps them as `equalization_scales`."""
+    block.equalization_scales = scales
     attn, mlp = attentions(block)[0], block.mlp
     expand, _ = _shared_by_heads(attn)
     for norm, linears, s in ((block.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj), scales["qkv"]),

@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ATTENTION_KERNELS, FP_BITS, WKVQuantConfig
+from ..config import ATTENTION_KERNELS, EQUALIZE_ALPHAS, EQUALIZE_TOKENS, FP_BITS, WKVQuantConfig
 from ..errors import ConfigError
 
 __all__ = [
@@ -365,6 +365,12 @@ def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, 
     forward_transient = b * (3 * t * shape.intermediate * act
                              + (2 * shape.heads * t * t * 4 if attention == "eager" else 0))
     phases = {"calibration": calibration}
+    gptq = config.weight.enabled and config.weight.gptq
+    if gptq:  # one group's Hessian (fp32) and gptq_codes' float64 copies of it, its inverse and the weight
+        widest = max(i for _, i in shape.linears().values())
+        largest_weight = max(o * i for o, i in shape.linears().values())
+        phases["gptq"] = {"blocks": window * block_bytes, "hessian": widest * widest * 4,
+                          "gptq_working_set": 3 * widest * widest * 8 + 3 * largest_weight * 8}
     if eval_windows:
         phases["evaluation"] = {"blocks": window * block_bytes,
                                 "rtn_copy": block_bytes if rtn_mode_count(config) else 0,
@@ -404,6 +410,13 @@ def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, 
         "calibration": calib.epochs * 3 * window_layers * per_layer if trained else 0.0,
         "quantized_propagation": layers * per_layer,
     }
+    if config.weight.enabled and config.weight.equalize:  # a full-precision pass, then the search's grid
+        kept = min(n * t, EQUALIZE_TOKENS)
+        flops["equalize"] = layers * (per_layer + (len(EQUALIZE_ALPHAS) + 1) * 2.0 * kept * shape.linear_params)
+    if gptq:  # a quantized pass per group of linears sharing an input (q/k/v, o, gate/up, down), the Hessians,
+        # GPTQ's updates (~2 out in^2 per linear)
+        flops["gptq"] = layers * (4 * per_layer
+                                  + sum(2.0 * n * t * i * i + 2.0 * o * i * i for o, i in shape.linears().values()))
     if eval_windows:
         flops["evaluation"] = streams * (layers * layer_forward_flops(shape, t, eval_windows)
                                          + eval_windows * 2.0 * t * shape.vocab * hidden)

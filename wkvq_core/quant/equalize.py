@@ -9,9 +9,8 @@ from typing import Callable
 
 import torch
 
+from ..config import EQUALIZE_ALPHAS
 from .primitives import fake_quant_weight
-
-ALPHAS = tuple(i / 20 for i in range(20))  # alpha 0: s = 1, no scaling
 
 
 def activation_scales(magnitude: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -23,7 +22,8 @@ def activation_scales(magnitude: torch.Tensor, alpha: float) -> torch.Tensor:
 @torch.no_grad()
 def search_scales(
     x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int, scale_bits: int | None = None,
-    expand: Callable[[torch.Tensor], torch.Tensor] = lambda s: s, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda m: m,
+    expand: Callable[[torch.Tensor], torch.Tensor] = lambda s: s,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda m: m,
 ) -> torch.Tensor:
     """The scales (free channels) with the least summed squared output error of `weights` (each (out, in)) on inputs
     x (tokens, in) once scaled and quantized to nearest. `reduce` maps per-input-channel magnitudes to the free
@@ -31,7 +31,7 @@ def search_scales(
     magnitude = reduce(x.abs().mean(dim=0))
     targets = [x @ w.T for w in weights]
     best, best_error = None, float("inf")
-    for alpha in ALPHAS:
+    for alpha in EQUALIZE_ALPHAS:
         free = activation_scales(magnitude, alpha)
         s = expand(free)
         scaled_x = x / s

@@ -26,14 +26,15 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
     h.diagonal().add_(damp * h.diagonal().mean())
     scales = scale.to(torch.float64).repeat_interleave(group, dim=1)
     zeros = zero.to(torch.float64).repeat_interleave(group, dim=1)
-    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_features)
+    order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
+             else torch.arange(in_features, device=w.device))
     w, h, scales, zeros = w[:, order], h[order][:, order], scales[:, order], zeros[:, order]
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.empty(out_features, in_features, dtype=torch.float64)
+    codes = torch.empty_like(w)
     for start in range(0, in_features, block):
         stop = min(start + block, in_features)
-        w_block, errors, h_block = w[:, start:stop].clone(), torch.zeros(out_features, stop - start,
-                                                                         dtype=torch.float64), h_inv[start:stop, start:stop]
+        w_block, h_block = w[:, start:stop].clone(), h_inv[start:stop, start:stop]
+        errors = torch.zeros_like(w_block)
         for i in range(stop - start):
             col, s, z = w_block[:, i], scales[:, start + i], zeros[:, start + i]
             q = (torch.round(col / s) + z).clamp(0, qmax(bits))
