@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from ..config import CalibConfig, CRRLoss, WKVQuantConfig
 from ..errors import ConfigError, WKVQError
-from ..model import attentions, calibration_parameters, decoder_layers, quant_state
+from ..model import attentions, calibration_parameters, decoder_layers, frozen_weights, quant_state
 from ..quant.kv_quant import SMOOTHING_PARAMETERS, ChannelRange, set_attention_backend
 from .equalize import equalize_block_
 from .gptq import gptq_block_
@@ -145,9 +145,13 @@ class _Blocks:
     def propagate_(self, x: torch.Tensor, index: int, quantized: bool) -> None:
         """Block `index` over all cached samples, in place."""
         path = "quantized" if quantized else "full-precision"
-        for s in range(0, x.shape[0], self.batch_size):
-            self.callbacks.check(f"while propagating block {index} ({path}), sample {s} of {x.shape[0]}")
-            x[s : s + self.batch_size] = self.forward(self.batch(x[s : s + self.batch_size]), index, index + 1, quantized)
+        layer = self.layers[index]
+        # the weights are fixed here: fake-quantize them once, not per batch
+        with quant_state(layer, weights=quantized, kv=quantized), frozen_weights(layer):
+            for s in range(0, x.shape[0], self.batch_size):
+                self.callbacks.check(f"while propagating block {index} ({path}), sample {s} of {x.shape[0]}")
+                x[s : s + self.batch_size] = self.forward(self.batch(x[s : s + self.batch_size]), index, index + 1,
+                                                          quantized)
 
 
 @torch.no_grad()
@@ -387,7 +391,8 @@ def _init_smoothing(block: nn.Module, blocks: _Blocks, x_q: torch.Tensor, alpha:
     attn = attentions(block)[0]
     attn.observer = stats = ChannelRange()
     try:
-        with quant_state(block, weights=True, kv=False), blocks.precision.autocasting(blocks.device):
+        with quant_state(block, weights=True, kv=False), frozen_weights(block), \
+                blocks.precision.autocasting(blocks.device):
             for s in range(0, x_q.shape[0], blocks.batch_size):
                 blocks.callbacks.check(f"while initialising the smoothing of block {attn.layer_idx}")
                 block(blocks.batch(x_q[s : s + blocks.batch_size]), attention_mask=None,
