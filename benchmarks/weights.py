@@ -72,15 +72,12 @@ ROWS = [
     Row("eq-gptq", "ours W4 + equalize + gptq", True, (RUNTIME_W,), {"equalize": True, "gptq": True}),
     Row("w4kv4-paper", "ours W4KV4, method paper", True, (RUNTIME_W, RUNTIME_WKV)),
     Row("w4kv4-rec", "**ours W4KV4, method recommended**", True, (RUNTIME_W, RUNTIME_WKV)),
-    Row("w4kv4-rec-vscale", "ours W4KV4, method recommended but V smoothing scaled (smooth_v_scale)", True,
-        (RUNTIME_W, RUNTIME_WKV)),
     Row("vllm-rec", "**ours W4KV4, method recommended, target vllm**", True, (RUNTIME_W, VLLM_INT4)),
 ]
 BY_KEY = {r.key: r for r in ROWS}
 
 
 KV_ROWS = {"w4kv4-paper": ("paper", "runtime", None), "w4kv4-rec": ("recommended", "runtime", None),
-           "w4kv4-rec-vscale": ("recommended", "runtime", None),
            "vllm-rec": ("recommended", "vllm", INT4)}  # method, target, cache type
 
 
@@ -88,9 +85,8 @@ def row_config(args, row: Row, seed: int) -> WKVQuantConfig:
     """What `wkvq quantize` builds for the row (the KV rows: --method METHOD, its weight side included)."""
     if row.key in KV_ROWS:
         method, target, cache_type = KV_ROWS[row.key]
-        kv_options = {"smooth_v_scale": True} if row.key == "w4kv4-rec-vscale" else {}
         config = ours_config(argparse.Namespace(**{**vars(args), "method": method}), seed, rtn=False, target=target,
-                             cache_type=cache_type, **kv_options)
+                             cache_type=cache_type)
         return replace(config, weight=weight_config(method, bits=4, group_size=args.group_size))
     config = ours_config(args, seed, rtn=row.key == "rtn", target="runtime", cache_type=None, smoothing=False)
     return replace(config, kv=replace(config.kv, bits=FP_BITS), weight=replace(config.weight, **row.weight_options))
