@@ -119,7 +119,7 @@ def benchmark_rows(protocol: Protocol) -> list[Row]:
         row(cfg(kv=FP), ("W4 LWC + CRR (k=5, MAE)", w)),
         row(cfg(kv=FP, weight_options=dict(equalize=True)), ("W4 + equalize", w)),
         row(cfg(kv=FP, weight_options=dict(gptq=True)), ("W4 + gptq", w)),
-        row(cfg(kv=FP, weight_options=RECOMMENDED_WEIGHT), ("W4 + equalize + gptq (recommended)", w)),
+        row(cfg(kv=FP, weight_options=dict(equalize=True, gptq=True)), ("W4 + equalize + gptq", w)),
         row(cfg(w=FP, **rtn), ("KV4 RTN, FP weights", wkv)),
         row(cfg(w=FP), ("KV4 WKVQuant, FP weights", wkv), ("  + 4 FP sink tokens at eval", wkv, {"sink_tokens": 4})),
         row(cfg(**rtn), ("W4KV4 RTN", wkv)),

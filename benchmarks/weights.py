@@ -72,13 +72,18 @@ ROWS = [
     Row("eq-gptq", "ours W4 + equalize + gptq", True, (RUNTIME_W,), {"equalize": True, "gptq": True}),
     Row("w4kv4-paper", "ours W4KV4, method paper", True, (RUNTIME_W, RUNTIME_WKV)),
     Row("w4kv4-rec", "**ours W4KV4, method recommended**", True, (RUNTIME_W, RUNTIME_WKV)),
+    Row("w4kv4-rec-eq", "ours W4KV4, method recommended + equalize", True, (RUNTIME_W, RUNTIME_WKV),
+        {"equalize": True}),
+    Row("vllm-rec-eq", "ours W4KV4, method recommended + equalize, target vllm", True, (RUNTIME_W, VLLM_INT4),
+        {"equalize": True}),
     Row("vllm-rec", "**ours W4KV4, method recommended, target vllm**", True, (RUNTIME_W, VLLM_INT4)),
 ]
 BY_KEY = {r.key: r for r in ROWS}
 
 
 KV_ROWS = {"w4kv4-paper": ("paper", "runtime", None), "w4kv4-rec": ("recommended", "runtime", None),
-           "vllm-rec": ("recommended", "vllm", INT4)}  # method, target, cache type
+           "vllm-rec": ("recommended", "vllm", INT4), "w4kv4-rec-eq": ("recommended", "runtime", None),
+           "vllm-rec-eq": ("recommended", "vllm", INT4)}  # method, target, cache type
 
 
 def row_config(args, row: Row, seed: int) -> WKVQuantConfig:
@@ -87,7 +92,7 @@ def row_config(args, row: Row, seed: int) -> WKVQuantConfig:
         method, target, cache_type = KV_ROWS[row.key]
         config = ours_config(argparse.Namespace(**{**vars(args), "method": method}), seed, rtn=False, target=target,
                              cache_type=cache_type)
-        return replace(config, weight=weight_config(method, bits=4, group_size=args.group_size))
+        return replace(config, weight=weight_config(method, bits=4, group_size=args.group_size, **row.weight_options))
     config = ours_config(args, seed, rtn=row.key == "rtn", target="runtime", cache_type=None, smoothing=False)
     return replace(config, kv=replace(config.kv, bits=FP_BITS), weight=replace(config.weight, **row.weight_options))
 

@@ -18,7 +18,7 @@ from tests.conftest import CALIB_TEXT, EVAL_TEXT, TINY_MODEL, wkvq_peak_rss
 from wkvq_core.calib.estimate import (DEVICE_KINDS, HOST_BASELINE_BYTES, TEXT_BYTES_PER_CHAR, ModelShape,
                                 estimate_resources, format_bytes, layer_forward_flops, layer_saved_bytes)
 from wkvq_core.cli import app
-from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig, kv_config
+from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig, kv_config, weight_config
 from wkvq_core.errors import ConfigError
 from wkvq_core.model import calibration_parameters, decoder_layers, prepare_model_, quant_state
 from wkvq_core.quant.kv_quant import set_attention_backend
@@ -201,7 +201,7 @@ def test_host_estimate_brackets_the_measured_peak_rss(tmp_path):
     measured = wkvq_peak_rss("quantize", "--model", str(TINY_MODEL), "--calib", str(CALIB_TEXT), "--out",
                              str(tmp_path / "out"), "--device", "cpu", "--group-size", "-1", "--json",
                              *[f"--{k.replace('_', '-')}={v}" for k, v in args.items()])
-    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=-1), kv=kv_config("recommended"),
+    config = WKVQuantConfig(weight=weight_config("recommended", group_size=-1), kv=kv_config("recommended"),
                             calib=CalibConfig(**args))
     est = estimate_resources(json.loads((TINY_MODEL / "config.json").read_text()), config, device="cpu")
     print(f"measured {measured / MiB:.0f} MiB, estimated {est.peak_host_bytes / MiB:.0f} MiB",
@@ -222,7 +222,7 @@ def test_tokenization_peak_does_not_grow_with_the_text_and_the_estimate_covers_i
     """Issue 24 finding 7: tokenizing a whole text held ~150 B per character (a 16 MiB upload raised the API
     process by 2.2 GB, outside the estimate). Tokenized in pieces, 6 MiB more text adds its characters and int32
     ids only, and the host estimate of the job covers the measured peak."""
-    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=-1), kv=kv_config("recommended"),
+    config = WKVQuantConfig(weight=weight_config("recommended", group_size=-1), kv=kv_config("recommended"),
                             calib=CalibConfig(nsamples=4, seqlen=64, epochs=0))
     peaks = {}
     for mib in (2, 8):
@@ -268,7 +268,7 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = dry_run("--nsamples", "64", "--seqlen", "256", "--eval", str(EVAL_TEXT), "--estimate-for", "cpu")
     assert result.exit_code == 0, (result.output, result.exception)
-    config = WKVQuantConfig(weight=WeightQuantConfig(group_size=-1), kv=kv_config("recommended"),
+    config = WKVQuantConfig(weight=weight_config("recommended", group_size=-1), kv=kv_config("recommended"),
                             calib=CalibConfig(nsamples=64, seqlen=256))
     chars = len(EVAL_TEXT.read_text(encoding="utf-8"))
     windows = int(chars / 3.0) // 256

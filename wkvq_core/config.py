@@ -221,7 +221,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_METHOD = "recommended"
 # The weight side of each method: the paper's LWC, and the options beyond it that won (benchmarks/weights.py).
-RECOMMENDED_WEIGHT: dict[str, Any] = dict(equalize=True, gptq=True)
+RECOMMENDED_WEIGHT: dict[str, Any] = dict(gptq=True)
 WEIGHT_METHODS: dict[str, dict[str, Any]] = {"paper": {}, RECOMMENDED: RECOMMENDED_WEIGHT}
 
 
