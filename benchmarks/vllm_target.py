@@ -280,33 +280,43 @@ def run(args) -> str:
     ])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default=",".join(BY_KEY), help=f"rows to measure: {', '.join(BY_KEY)}")
+def add_bench_arguments(parser: argparse.ArgumentParser, rows: list[str], work: Path) -> None:
+    """The options this script and benchmarks/weights.py share: rows, eval windows, calibration, llm-compressor."""
+    parser.add_argument("--rows", default=",".join(rows), help=f"rows to measure: {', '.join(rows)}")
     parser.add_argument("--windows", type=int, default=8, help="eval windows")
     parser.add_argument("--seqlen", type=int, default=512, help="eval window length (tokens)")
-    parser.add_argument("--seeds", default="0,1,2", help="calibration seeds of our calibrated rows")
+    parser.add_argument("--seeds", default="0,1,2", help="calibration seeds of the calibrated rows")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--calib-seqlen", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--method", default="recommended", choices=METHODS, help="our KV method")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--peer-venv", default=str(PEER_VENV), help="virtual environment for llm-compressor")
     parser.add_argument("--llmcompressor-spec", default=LLMCOMPRESSOR_SPEC)
-    parser.add_argument("--work", default=str(ROOT / "runs" / "vllm-target"), help="exports and cached rows")
+    parser.add_argument("--work", default=str(work), help="cached rows (and exports)")
     parser.add_argument("--write", action="store_true", help="append the section to benchmarks/RESULTS.md")
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None, rows: list[str]) -> argparse.Namespace:
+    """Parsed options, --rows and --seeds as lists; an unknown row is a usage error."""
+    args = parser.parse_args(argv)
+    args.rows, args.seeds = [r for r in args.rows.split(",") if r], [int(s) for s in args.seeds.split(",") if s]
+    unknown = [r for r in args.rows if r not in rows]
+    if unknown:
+        parser.error(f"--rows: unknown {', '.join(unknown)}; rows: {', '.join(rows)}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser, list(BY_KEY), ROOT / "runs" / "vllm-target")
+    parser.add_argument("--method", default="recommended", choices=METHODS, help="our KV method")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.rows, args.seeds = [r for r in args.rows.split(",") if r], [int(s) for s in args.seeds.split(",") if s]
-    unknown = [r for r in args.rows if r not in BY_KEY]
-    if unknown:
-        parser.error(f"--rows: unknown {', '.join(unknown)}; rows: {', '.join(BY_KEY)}")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_bench_args(build_parser(), argv, list(BY_KEY))
     started, code = datetime.datetime.now(datetime.timezone.utc), code_version("wkvq_core", "benchmarks")
     section("vllm target, emulated vLLM semantics", started, code,
             f"torch {torch.__version__}, transformers {transformers.__version__}, compressed-tensors "

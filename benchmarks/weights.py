@@ -23,7 +23,6 @@ import argparse
 import copy
 import datetime
 import json
-import os
 import platform
 import statistics
 import sys
@@ -43,10 +42,10 @@ from wkvq_core.targets.vllm import INT4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engines import MODEL, ours_config, stat
-from peers import LLMCOMPRESSOR_SPEC, PEER_VENV, Preparer
+from peers import Preparer
 from provenance import ROOT, code_version, section
 from quality import reset_peak_rss
-from vllm_target import Bench, fp_config
+from vllm_target import Bench, add_bench_arguments, fp_config, parse_bench_args
 
 RUNTIME_W, RUNTIME_WKV, VLLM_INT4 = "runtime, FP cache", "runtime, KV4", "vLLM int4_per_token_head"
 COLUMNS = (RUNTIME_W, RUNTIME_WKV, VLLM_INT4)
@@ -236,37 +235,16 @@ def run(args) -> str:
     ])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default=",".join(BY_KEY), help=f"rows to measure: {', '.join(BY_KEY)}")
-    parser.add_argument("--windows", type=int, default=8, help="eval windows")
-    parser.add_argument("--seqlen", type=int, default=512, help="eval window length (tokens)")
-    parser.add_argument("--seeds", default="0,1,2", help="calibration seeds")
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--nsamples", type=int, default=8)
-    parser.add_argument("--calib-seqlen", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--peer-venv", default=str(PEER_VENV), help="virtual environment for llm-compressor")
-    parser.add_argument("--llmcompressor-spec", default=LLMCOMPRESSOR_SPEC)
-    parser.add_argument("--work", default=str(ROOT / "runs" / "weights"), help="cached rows")
-    parser.add_argument("--write", action="store_true", help="append the section to benchmarks/RESULTS.md")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.rows, args.seeds = [r for r in args.rows.split(",") if r], [int(s) for s in args.seeds.split(",") if s]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser, list(BY_KEY), ROOT / "runs" / "weights")
+    args = parse_bench_args(parser, argv, list(BY_KEY))
     args.method = "paper"
-    unknown = [r for r in args.rows if r not in BY_KEY]
-    if unknown:
-        parser.error(f"--rows: unknown {', '.join(unknown)}; rows: {', '.join(BY_KEY)}")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started, code = datetime.datetime.now(datetime.timezone.utc), code_version("wkvq_core", "benchmarks")
     section("Weights against AWQ and GPTQ (issue 28)", started, code,
             f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
             run(args), args.write)
+
 
 if __name__ == "__main__":
     main()
