@@ -7,7 +7,7 @@ nothing from the project:
 
 ids.json: a json list of token ids, evaluated as one batch from an empty cache (the ids are used as given: no BOS is
 added). One CPU thread, flash attention on (a quantized V cache needs it). LLAMA_ATTN_ROT_DISABLE=1 in the
-environment turns off llama.cpp's Hadamard rotation of a quantized cache.
+environment turns off llama.cpp's Hadamard rotation of a quantized cache. No extra (AMX / repacked) weight buffers.
 """
 
 from __future__ import annotations
@@ -15,10 +15,24 @@ from __future__ import annotations
 import argparse
 import json
 
+import llama_cpp.llama_cpp as llama_api
 import numpy as np
 from llama_cpp import Llama
 
 GGML_TYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}  # ggml.h enum ggml_type
+_default_model_params = llama_api.llama_model_default_params
+
+
+def _model_params_without_extra_buffers():
+    """llama.cpp's default model parameters with `use_extra_bufts` off (what llama-cli's --no-repack sets): on CPUs
+    with AMX the AMX buffer repacks Q4 weights and its matmul crashes this build (SIGSEGV in
+    ggml_backend_amx_mul_mat, llama.cpp issue 20824); without it every CPU runs ggml's reference CPU kernels."""
+    params = _default_model_params()
+    params.use_extra_bufts = False
+    return params
+
+
+llama_api.llama_model_default_params = _model_params_without_extra_buffers  # what `Llama` calls
 
 
 def engine_logits(model_path: str, ids: list[int], n_ctx: int, type_k: str, type_v: str,

@@ -10,8 +10,9 @@ logprobs differ from ours in fp32 with nothing rounded ("exact") by that dtype's
 KV cache. The tolerances are that rounding as measured on our side in each test: our runtime in the engine's dtype
 against "exact" (the floor). vLLM rounds at the same places, not in the same order or with the same kernels, so its
 distance from "exact" is the floor's size (measured: 0.9x the floor's mean |ΔNLL| and 0.8x its max, in both
-dtypes; bfloat16's floor is 10x float16's); the bound is twice the floor, so a run in the other dtype, or any error in
-the weights' layout, fails. `wkvq eval --semantics vllm --kv-type auto` (bf16 linear inputs, the rest in fp32; it
+dtypes, on CPUs without AMX; with AMX, 2.1x in bfloat16: see FLOOR_MULTIPLE; bfloat16's floor is 10x float16's); the
+bound is twice the floor in float16 (three times in bfloat16), so a run in the other dtype, or any error in the
+weights' layout, fails. `wkvq eval --semantics vllm --kv-type auto` (bf16 linear inputs, the rest in fp32; it
 predicts a bf16 vLLM on a GPU) is as far from vLLM CPU bf16 as "exact" is (measured 1.0x the floor: the CPU engine
 rounds its whole bf16 model, so its rounding draws differ); its perplexity is vLLM's within the bf16 floor's mean
 |ΔNLL| (measured 0.02x of it in bf16, 0.01x in fp16). In fp32 (plain transformers), the floor is fp32 itself:
@@ -44,6 +45,9 @@ finally:
     sys.path.remove(str(BENCHMARKS))
 
 SEQLEN, WINDOWS = 128, 4
+# vLLM's distance from "exact" in multiples of our floor: bfloat16 measured 0.9x on CPUs without AMX, 2.1x (mean and
+# max) with AMX (Sapphire Rapids class), where vLLM's CPU kernels take other bf16 paths; float16 0.9x / 0.7x with AMX
+FLOOR_MULTIPLE = {"float16": 2.0, "bfloat16": 3.0}
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +103,9 @@ def test_vllm_scores_the_export_as_we_do_up_to_its_dtypes_rounding(setup, floors
     assert (meta["engine"], meta["vllm"], meta["device"], meta["dtype"], meta["kv_cache_dtype"]) == (
         "vllm", agreement.ENGINE_VERSION, "cpu", dtype, "auto")
     assert engine.shape == exact.shape == (WINDOWS, SEQLEN - 1) and np.isfinite(engine).all()
-    result, floor = agreement.Agreement.of(engine, exact), floors[dtype]
-    assert result.mean_abs_nll < 2 * floor.mean_abs_nll, (result, floor)
-    assert result.max_abs_nll < 2 * floor.max_abs_nll, (result, floor)
+    result, floor, bound = agreement.Agreement.of(engine, exact), floors[dtype], FLOOR_MULTIPLE[dtype]
+    assert result.mean_abs_nll < bound * floor.mean_abs_nll, (result, floor)
+    assert result.max_abs_nll < bound * floor.max_abs_nll, (result, floor)
     # `wkvq eval` scores exactly these tokens, as `our_logprobs` predicts them
     prediction = agreement.our_logprobs(artifact, windows, prediction=True)
     assert predicted["semantics"] == {"target": "vllm", "kv_cache_type": "auto", "matmul_inputs": "bf16"}
@@ -109,8 +113,8 @@ def test_vllm_scores_the_export_as_we_do_up_to_its_dtypes_rounding(setup, floors
     assert predicted["ppl"]["wkv"] == pytest.approx(math.exp(-prediction.mean()), rel=1e-5)
     if dtype == "bfloat16":
         to_prediction = agreement.Agreement.of(engine, prediction)
-        assert to_prediction.mean_abs_nll < 2 * floor.mean_abs_nll, (to_prediction, floor)
-        assert to_prediction.max_abs_nll < 2 * floor.max_abs_nll, (to_prediction, floor)
+        assert to_prediction.mean_abs_nll < bound * floor.mean_abs_nll, (to_prediction, floor)
+        assert to_prediction.max_abs_nll < bound * floor.max_abs_nll, (to_prediction, floor)
     # the mean of a per-token difference is at most its mean magnitude: a bf16 floor's
     assert abs(math.log(result.ppl_a / predicted["ppl"]["wkv"])) < floors["bfloat16"].mean_abs_nll
 
