@@ -5,6 +5,9 @@ from torch import nn
 from wkvq_core.config import WeightQuantConfig
 from wkvq_core.errors import ConfigError
 from wkvq_core.quant.primitives import (
+    _fake_quant,
+    _group,
+    _qparams,
     dequantize_weight,
     fake_quant_per_token,
     fake_quant_weight,
@@ -77,3 +80,47 @@ def test_constant_and_single_value_groups_are_exact():
     assert torch.allclose(fake_quant_weight(x, 4, 8), x, rtol=2e-3)  # fp16 scale
     values = torch.tensor([[0.7, -1.3, 2.0, 0.05]])
     assert torch.allclose(fake_quant_per_token(values, 4, group_size=1), values, rtol=2e-3)  # fp16 scale
+
+
+def _autograd_fake_quant(grouped, bits, scale, zero):
+    """The fake quantization as a plain graph of torch ops (straight-through rounding), autograd's gradients."""
+    ratio = grouped / scale
+    codes = (ratio.round() - ratio).detach() + ratio + zero
+    return (codes.clamp(0, 2**bits - 1) - zero) * scale
+
+
+@pytest.mark.parametrize("group_size", [64, -1])
+def test_written_out_gradients_equal_autograds_through_a_linear(group_size):
+    """`_fake_quant`'s hand-written backward against autograd's on the same ops: the same forward bit for bit,
+    the same gradients to the weight (clamped codes included: clip factors well below 1) and the clip logits,
+    with the weight's gradient arriving transposed from F.linear as in calibration."""
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128) * 0.05, torch.randn(2, 16, 128)
+    logits = torch.randn(96, 128 // (64 if group_size == 64 else 128), 1)
+    results = []
+    for fake_quant in (_fake_quant, _autograd_fake_quant):
+        weight, gamma, beta = (t.clone().requires_grad_(True) for t in (w, logits, logits - 1))
+        grouped = _group(weight, group_size)
+        scale, zero = _qparams(grouped, 4, torch.sigmoid(gamma), torch.sigmoid(beta))
+        quantized = fake_quant(grouped, 4, scale, zero).reshape(weight.shape)
+        nn.functional.linear(x, quantized).pow(2).sum().backward()
+        results.append((quantized.detach(), weight.grad, gamma.grad, beta.grad))
+    (ours, *our_grads), (reference, *reference_grads) = results
+    assert torch.equal(ours, reference)
+    for got, want in zip(our_grads, reference_grads):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
+def test_written_out_gradients_reach_per_token_inputs_and_their_scales():
+    """Per token (the KV cache's quantizer): the input's gradient, through scale and zero too, is autograd's."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 10, 16)
+    grads = []
+    for fake_quant in (_fake_quant, _autograd_fake_quant):
+        leaf = x.clone().requires_grad_(True)
+        grouped = leaf.reshape(2, 3, 10, 1, 16)
+        out = fake_quant(grouped, 4, *_qparams(grouped, 4))
+        (out * torch.linspace(-1, 1, 16)).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)

@@ -152,14 +152,15 @@ def calibration_parameters(block: nn.Module) -> tuple[list[nn.Parameter], list[n
 
 
 @contextmanager
-def frozen_weights(module: nn.Module):
-    """Fake-quantize every QuantLinear's own weight once for a run of inference-only forwards (evaluation), in
-    the quantization state set on entry, instead of on every forward."""
+def frozen_weights(module: nn.Module, dtype: torch.dtype | None = None):
+    """Fake-quantize every QuantLinear's own weight once for a run of forwards that do not train it (evaluation,
+    the fixed blocks of a calibration), in the quantization state set on entry, instead of on every forward.
+    dtype: hold it cast to the autocast dtype the forwards run in (autocast re-casts only weights that train)."""
     lins = quant_linears(module)
     try:
         with torch.no_grad():
             for lin in lins:
-                lin.frozen_weight = lin.fake_quant(lin.weight).detach()
+                lin.frozen_weight = lin.fake_quant(lin.weight).detach().to(dtype)
         yield module
     finally:
         for lin in lins:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -141,13 +141,23 @@ class _Blocks:
                     x = self.layers[i](x, attention_mask=None, position_embeddings=self.position_embeddings)
         return x.to(self.dtype)
 
+    @contextmanager
+    def fixed(self, first: int, last: int):
+        """Blocks first..last-1 in full precision with their weights frozen (in the autocast dtype): the rest of a
+        CRR window, which the training of the block before them runs through but does not change."""
+        with ExitStack() as stack:
+            for i in range(first, last):
+                stack.enter_context(quant_state(self.layers[i], weights=False, kv=False))
+                stack.enter_context(frozen_weights(self.layers[i], self.precision.autocast))
+            yield
+
     @torch.no_grad()
     def propagate_(self, x: torch.Tensor, index: int, quantized: bool) -> None:
         """Block `index` over all cached samples, in place."""
         path = "quantized" if quantized else "full-precision"
         layer = self.layers[index]
         # the weights are fixed here: fake-quantize them once, not per batch
-        with quant_state(layer, weights=quantized, kv=quantized), frozen_weights(layer):
+        with quant_state(layer, weights=quantized, kv=quantized), frozen_weights(layer, self.precision.autocast):
             for s in range(0, x.shape[0], self.batch_size):
                 self.callbacks.check(f"while propagating block {index} ({path}), sample {s} of {x.shape[0]}")
                 x[s : s + self.batch_size] = self.forward(self.batch(x[s : s + self.batch_size]), index, index + 1,
@@ -354,12 +364,21 @@ def relative_smoothing(atts: list[nn.Module]):
 
 
 def _train_block(config, blocks, index, stop, x_q, x_fp, callbacks, clip, smooth) -> float:
-    calib = config.calib
     groups = [g for g in ({"params": clip, "lr": config.weight.lr}, {"params": smooth, "lr": config.kv.lr}) if g["params"]]
     params = clip + smooth
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    try:
+        with blocks.fixed(index + 1, stop):
+            return _epochs(config.calib, blocks, index, stop, x_q, x_fp, callbacks, optimizer)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
+def _epochs(calib, blocks, index, stop, x_q, x_fp, callbacks, optimizer) -> float:
+    """The CRR training of block `index` through blocks index..stop-1; returns the last epoch's mean loss."""
     distance = nn.functional.l1_loss if calib.loss == CRRLoss.MAE else nn.functional.mse_loss
     gen = torch.Generator().manual_seed(calib.seed * 1_000_003 + index)
     n_blocks, n = len(blocks.layers), x_q.shape[0]
@@ -380,8 +399,6 @@ def _train_block(config, blocks, index, stop, x_q, x_fp, callbacks, clip, smooth
             callbacks.check(f"in block {index} of {n_blocks}, epoch {epoch}")
         epoch_loss = total / n
         callbacks.emit(CalibrationEvent(EventKind.EPOCH_END, index, n_blocks, epoch, calib.epochs, epoch_loss))
-    for p in params:
-        p.requires_grad_(False)
     return epoch_loss
 
 
@@ -391,7 +408,7 @@ def _init_smoothing(block: nn.Module, blocks: _Blocks, x_q: torch.Tensor, alpha:
     attn = attentions(block)[0]
     attn.observer = stats = ChannelRange()
     try:
-        with quant_state(block, weights=True, kv=False), frozen_weights(block), \
+        with quant_state(block, weights=True, kv=False), frozen_weights(block, blocks.precision.autocast), \
                 blocks.precision.autocasting(blocks.device):
             for s in range(0, x_q.shape[0], blocks.batch_size):
                 blocks.callbacks.check(f"while initialising the smoothing of block {attn.layer_idx}")
