@@ -10,7 +10,8 @@ Rows: FP; llm-compressor AWQ W4A16_ASYM, GPTQ W4A16_ASYM and GPTQ W4A16 (symmetr
 windows (benchmarks/peers.py's worker, in its own venv); our W4 RTN; our W4 calibration (LWC + CRR, the paper's
 weights) alone and with each option beyond the paper (`equalize`: activation-aware equivalent scaling as the
 initialisation; `gptq`: error-compensating rounding with the learned clip ranges fixed), and both; W4KV4 with the
-paper's method and with `recommended` (its weight side included), on our runtime and on the vllm target.
+paper's method and with `recommended` (its weight side included), on our runtime and on the vllm target; the
+`-bf16` rows: the same calibration under bf16 autocast (`--compute-dtype bfloat16`, faster on CPUs with AMX).
 Columns: perplexity in our runtime with a full-precision KV cache (the weights alone) and with the row's KV4 cache
 (the rows that calibrate one), and as vLLM computes it (emulated, `apply_semantics_`: bf16 matmul inputs and its
 uncalibrated `int4_per_token_head` cache for the peers and FP; our vllm-target calibration's cache for ours).
@@ -49,6 +50,7 @@ from vllm_target import Bench, add_bench_arguments, fp_config, parse_bench_args
 
 RUNTIME_W, RUNTIME_WKV, VLLM_INT4 = "runtime, FP cache", "runtime, KV4", "vLLM int4_per_token_head"
 COLUMNS = (RUNTIME_W, RUNTIME_WKV, VLLM_INT4)
+BF16 = {"compute_dtype": "bfloat16"}  # calibration under bf16 autocast (AMX / avx512_bf16 matmuls on the CPU)
 PEERS = {"awq": "AWQ W4A16_ASYM", "gptq-asym": "GPTQ W4A16_ASYM", "gptq": "GPTQ W4A16 (symmetric)"}
 
 
@@ -59,6 +61,7 @@ class Row:
     seeded: bool
     columns: tuple[str, ...]
     weight_options: dict = field(default_factory=dict)  # WeightQuantConfig fields of ours
+    calib_options: dict = field(default_factory=dict)  # CalibConfig fields of ours
 
 
 ROWS = [
@@ -76,11 +79,15 @@ ROWS = [
     Row("vllm-rec-eq", "ours W4KV4, method recommended + equalize, target vllm", True, (RUNTIME_W, VLLM_INT4),
         {"equalize": True}),
     Row("vllm-rec", "**ours W4KV4, method recommended, target vllm**", True, (RUNTIME_W, VLLM_INT4)),
+    Row("lwc-bf16", "ours W4 LWC + CRR, bf16 autocast", True, (RUNTIME_W,), calib_options=BF16),
+    Row("w4kv4-rec-bf16", "ours W4KV4, method recommended, bf16 autocast", True, (RUNTIME_W, RUNTIME_WKV),
+        calib_options=BF16),
 ]
 BY_KEY = {r.key: r for r in ROWS}
 
 
 KV_ROWS = {"w4kv4-paper": ("paper", "runtime", None), "w4kv4-rec": ("recommended", "runtime", None),
+           "w4kv4-rec-bf16": ("recommended", "runtime", None),
            "vllm-rec": ("recommended", "vllm", INT4), "w4kv4-rec-eq": ("recommended", "runtime", None),
            "vllm-rec-eq": ("recommended", "vllm", INT4)}  # method, target, cache type
 
@@ -91,9 +98,11 @@ def row_config(args, row: Row, seed: int) -> WKVQuantConfig:
         method, target, cache_type = KV_ROWS[row.key]
         config = ours_config(argparse.Namespace(**{**vars(args), "method": method}), seed, rtn=False, target=target,
                              cache_type=cache_type)
-        return replace(config, weight=weight_config(method, bits=4, group_size=args.group_size, **row.weight_options))
-    config = ours_config(args, seed, rtn=row.key == "rtn", target="runtime", cache_type=None, smoothing=False)
-    return replace(config, kv=replace(config.kv, bits=FP_BITS), weight=replace(config.weight, **row.weight_options))
+        config = replace(config, weight=weight_config(method, bits=4, group_size=args.group_size, **row.weight_options))
+    else:
+        config = ours_config(args, seed, rtn=row.key == "rtn", target="runtime", cache_type=None, smoothing=False)
+        config = replace(config, kv=replace(config.kv, bits=FP_BITS), weight=replace(config.weight, **row.weight_options))
+    return replace(config, calib=replace(config.calib, **row.calib_options))
 
 
 class WeightsBench(Bench):
@@ -181,15 +190,17 @@ def goals(records: dict[str, list[dict]]) -> list[str]:
     lines = []
     best_peer = min((k for k in PEERS if mean(k, RUNTIME_W) is not None), key=lambda k: mean(k, RUNTIME_W),
                     default=None)
-    for key in ("lwc", "eq", "lwc-gptq", "eq-gptq", "w4kv4-rec"):
+    for key in ("lwc", "eq", "lwc-gptq", "eq-gptq", "w4kv4-rec", "w4kv4-rec-bf16"):
         ours = mean(key, RUNTIME_W)
         if ours is not None and best_peer is not None:
             peer = mean(best_peer, RUNTIME_W)
             lines.append(line(ours < peer, f"{BY_KEY[key].label.strip('*')}, weights alone {ours:.3f} vs "
                                            f"{PEERS[best_peer]} (the best peer) {peer:.3f}"))
-    rec, awq = mean("w4kv4-rec", RUNTIME_WKV), mean("awq", RUNTIME_W)
-    if rec is not None and awq is not None:
-        lines.append(line(rec < awq, f"W4KV4 recommended (runtime, KV4) {rec:.3f} vs AWQ W4 with an FP cache {awq:.3f}"))
+    for key in ("w4kv4-rec", "w4kv4-rec-bf16"):
+        rec, awq = mean(key, RUNTIME_WKV), mean("awq", RUNTIME_W)
+        if rec is not None and awq is not None:
+            lines.append(line(rec < awq, f"{BY_KEY[key].label.strip('*')} (runtime, KV4) {rec:.3f} vs AWQ W4 with an "
+                                         f"FP cache {awq:.3f}"))
     rec_vllm, awq_vllm = mean("vllm-rec", VLLM_INT4), mean("awq", VLLM_INT4)
     if rec_vllm is not None and awq_vllm is not None:
         lines.append(line(rec_vllm < awq_vllm, f"W4KV4 recommended on vLLM (emulated int4_per_token_head) "
