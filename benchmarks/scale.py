@@ -8,8 +8,9 @@ cpu-flops: the first `--blocks` decoder layers of SmolLM2-135M (`wkvq fetch-mode
 (W4 LWC + KV4, nsamples x seqlen, 1 epoch, k = 5) once timed and once under `torch.utils.flop_counter.FlopCounterMode`
 (the same work, counted); achieved = counted FLOPs / wall time. The peak is torch's fp32 matmul on the same linear
 shapes (tokens = batch x seqlen), measured in the same process and threads. Rows: this checkout with the eager and
-the sdpa POQ attention; with --baseline-checkout the same measurement also runs in a subprocess on another
-checkout (e.g. `git worktree add /tmp/before <commit>`), as that checkout calibrates by default.
+the sdpa POQ attention in float32, and eager under bfloat16 autocast; with --baseline-checkout the same measurement
+also runs in a subprocess on another checkout (e.g. `git worktree add /tmp/before <commit>`), as that checkout
+calibrates by default, and the speed-up column is relative to it.
 
 host-memory: random-weight checkpoints of SmolLM2-135M's width (hidden 576, GQA 9:3, vocab 49152) with 8 and 32
 decoder layers are saved as safetensors; `wkvq quantize` runs on each in a subprocess and its peak RSS
@@ -92,14 +93,16 @@ def _matmul_peak(shapes: list[tuple[int, int, int]], repeats: int = 20) -> dict[
     return result
 
 
-def measure_cpu_flops(model_dir: Path, blocks: int, nsamples: int, seqlen: int, attention: str = "auto") -> dict:
+def measure_cpu_flops(model_dir: Path, blocks: int, nsamples: int, seqlen: int, attention: str = "auto",
+                      compute: str = "auto") -> dict:
     from wkvq_core.calib.data import calibration_samples, load_text, tokenize
     from wkvq_core.model import load_model
     from wkvq_core.pipeline import quantize_model_
 
     with tempfile.TemporaryDirectory() as tmp:
         source = _truncated(model_dir, blocks, Path(tmp) / "model")
-        config = _config(nsamples, seqlen, epochs=1, **({} if attention == "auto" else {"attention": attention}))
+        config = _config(nsamples, seqlen, epochs=1, **({} if attention == "auto" else {"attention": attention}),
+                         **({} if compute == "auto" else {"compute_dtype": compute}))
         _, tokenizer = load_model(source)
         samples = calibration_samples(tokenize(tokenizer, load_text(str(CALIB_TEXT))), nsamples, seqlen, 0)
         model, _ = load_model(source)
@@ -133,18 +136,20 @@ def cpu_flops(args) -> list[str]:
     model_dir = fetch_model("smollm2-135m")
     measure = ["cpu-flops-measure", "--model-dir", str(model_dir), "--blocks", str(args.blocks),
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-    rows = [(f"this checkout, {attention} attention",
-             measure_cpu_flops(model_dir, args.blocks, args.nsamples, args.seqlen, attention))
-            for attention in ("eager", "sdpa")]
+    rows = [(f"this checkout, {attention} attention, {compute}",
+             measure_cpu_flops(model_dir, args.blocks, args.nsamples, args.seqlen, attention, compute))
+            for attention, compute in (("eager", "float32"), ("sdpa", "float32"), ("eager", "bfloat16"))]
     if args.baseline_checkout:
-        rows.append((f"{args.baseline_checkout} ({_commit(args.baseline_checkout)})", _in_checkout(args.baseline_checkout, measure)))
+        rows.append((f"{args.baseline_checkout} ({_commit(args.baseline_checkout)}), its defaults",
+                     _in_checkout(args.baseline_checkout, measure)))
+    baseline = rows[-1][1]["seconds"]
     lines = [f"SmolLM2-135M, first {args.blocks} blocks, W4 g64 LWC + KV4 (paper), {args.nsamples} x {args.seqlen}, "
-             f"1 epoch, k = 5, fp32, {torch.get_num_threads()} threads", "",
-             "| code | wall s | counted TFLOP | achieved GFLOP/s | fp32 matmul peak GFLOP/s | achieved / peak |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"1 epoch, k = 5, {torch.get_num_threads()} threads; bfloat16: autocast", "",
+             "| code | wall s | speed-up vs the last row | counted TFLOP | achieved GFLOP/s | fp32 matmul peak GFLOP/s | "
+             "achieved / fp32 peak |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows:
-        lines.append(f"| {name} | {r['seconds']:.1f} | {r['flops'] / 1e12:.2f} | {r['achieved_gflops']:.1f} | "
-                     f"{r['peak_gflops']:.1f} | {r['achieved_gflops'] / r['peak_gflops']:.0%} |")
+        lines.append(f"| {name} | {r['seconds']:.1f} | {baseline / r['seconds']:.2f}x | {r['flops'] / 1e12:.2f} | "
+                     f"{r['achieved_gflops']:.1f} | {r['peak_gflops']:.1f} | {r['achieved_gflops'] / r['peak_gflops']:.0%} |")
     lines += ["", "matmul peak per shape (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rows[0][1]["peaks"].items())]
     return lines
 
