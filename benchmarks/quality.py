@@ -147,6 +147,8 @@ def benchmark_rows(protocol: Protocol) -> list[Row]:
             ("W4KV4 recommended KV, V smoothing scaled too", wkv), ("  its weights alone (FP cache)", w)),
         row(cfg(kv_options=METHODS["recommended"], weight_options=RECOMMENDED_WEIGHT, cache_dtype="bfloat16"),
             ("W4KV4 recommended, bfloat16 activation caches", wkv), ("  its weights alone (FP cache)", w)),
+        row(cfg(kv_options=METHODS["recommended"], weight_options=RECOMMENDED_WEIGHT, compute_dtype="bfloat16"),
+            ("W4KV4 recommended, bfloat16 autocast", wkv), ("  its weights alone (FP cache)", w)),
     ]
 
 
