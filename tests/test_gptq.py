@@ -10,6 +10,7 @@ import torch
 
 from wkvq_core.artifact import load_quantized, save_artifact
 from wkvq_core.calib.data import calibration_samples, eval_windows
+from wkvq_core.calib.gptq import add_second_moments_
 from wkvq_core.config import CalibConfig, EvalMode, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.evaluation.perplexity import perplexity
 from wkvq_core.model import quant_linears
@@ -95,3 +96,15 @@ def test_gptq_calibration_writes_its_codes_into_the_artifact(tiny_model, tokeniz
     for mode in (EvalMode.W, EvalMode.WKV):
         assert perplexity(loaded, windows, mode).ppl == pytest.approx(perplexity(rounded, windows, mode).ppl, rel=1e-4)
 
+
+
+def test_second_moments_stay_float32_under_bfloat16_autocast():
+    """Calibration's bf16 autocast must not reach the Hessian's X^T X (in bf16 it lost positive definiteness on
+    SmolLM2 at 32 x 512 tokens): the accumulation matches float64 to float32's precision."""
+    x = torch.randn(2, 300, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    hessian = torch.zeros(64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        add_second_moments_(hessian, x)
+        add_second_moments_(hessian, x[:, :100])
+    flat = torch.cat([x.reshape(-1, 64), x[:, :100].reshape(-1, 64)]).double()
+    torch.testing.assert_close(hessian.double(), flat.T @ flat, rtol=1e-6, atol=1e-4)

@@ -4,6 +4,8 @@ rounded), the learned clip ranges kept as the grid."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -11,6 +13,14 @@ from ..model import attentions
 from ..quant.gptq import gptq_codes
 
 SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def add_second_moments_(hessian: torch.Tensor, x: torch.Tensor) -> None:
+    """hessian += X^T X of the (..., in) inputs x, in float32 also under autocast (in bfloat16 it is not even
+    positive semi-definite: GPTQ's Cholesky factorisation fails)."""
+    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    with torch.autocast(flat.device.type, enabled=False):
+        hessian.add_(flat.T @ flat)
 
 
 @torch.no_grad()
@@ -21,12 +31,7 @@ def gptq_block_(block: nn.Module, index: int, blocks, x_q: torch.Tensor) -> None
         owner = attn if names[0] in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
         linears = [getattr(owner, name) for name in names]
         hessian = torch.zeros(linears[0].in_features, linears[0].in_features, device=blocks.device)
-
-        def accumulate(x: torch.Tensor) -> None:
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            hessian.add_(flat.T @ flat)
-
-        linears[0].input_observer = accumulate  # the group's linears share their input
+        linears[0].input_observer = partial(add_second_moments_, hessian)  # the group's linears share their input
         try:
             for s in range(0, x_q.shape[0], blocks.batch_size):
                 blocks.callbacks.check(f"while rounding block {index} with GPTQ, sample {s} of {x_q.shape[0]}")
