@@ -145,11 +145,12 @@ def cpu_flops(args) -> list[str]:
     baseline = rows[-1][1]["seconds"]
     lines = [f"SmolLM2-135M, first {args.blocks} blocks, W4 g64 LWC + KV4 (paper), {args.nsamples} x {args.seqlen}, "
              f"1 epoch, k = 5, {torch.get_num_threads()} threads; bfloat16: autocast", "",
-             "| code | wall s | speed-up vs the last row | counted TFLOP | achieved GFLOP/s | fp32 matmul peak GFLOP/s | "
-             "achieved / fp32 peak |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| code | wall s | speed-up vs the last row | counted TFLOP | achieved GFLOP/s | "
+             "fp32 matmul peak GFLOP/s | achieved / fp32 peak |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows:
         lines.append(f"| {name} | {r['seconds']:.1f} | {baseline / r['seconds']:.2f}x | {r['flops'] / 1e12:.2f} | "
-                     f"{r['achieved_gflops']:.1f} | {r['peak_gflops']:.1f} | {r['achieved_gflops'] / r['peak_gflops']:.0%} |")
+                     f"{r['achieved_gflops']:.1f} | {r['peak_gflops']:.1f} | "
+                     f"{r['achieved_gflops'] / r['peak_gflops']:.0%} |")
     lines += ["", "matmul peak per shape (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rows[0][1]["peaks"].items())]
     return lines
 

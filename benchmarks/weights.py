@@ -101,7 +101,8 @@ def row_config(args, row: Row, seed: int) -> WKVQuantConfig:
         config = replace(config, weight=weight_config(method, bits=4, group_size=args.group_size, **row.weight_options))
     else:
         config = ours_config(args, seed, rtn=row.key == "rtn", target="runtime", cache_type=None, smoothing=False)
-        config = replace(config, kv=replace(config.kv, bits=FP_BITS), weight=replace(config.weight, **row.weight_options))
+        config = replace(config, kv=replace(config.kv, bits=FP_BITS),
+                         weight=replace(config.weight, **row.weight_options))
     return replace(config, calib=replace(config.calib, **row.calib_options))
 
 

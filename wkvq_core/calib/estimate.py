@@ -129,8 +129,8 @@ DEVICE_KINDS: dict[str, DeviceKind] = {
 # torch.autograd.graph.saved_tensors_hooks (distinct storages, parameters and inputs left out), least squares over
 # 24 LLaMA shapes (the quantized block's rows refitted when the fake quantization's backward was written out);
 # tests/test_estimate.py re-measures them. The quantized block keeps, per linear, the fake quantization's levels
-# (fp32) and clamp mask (bool) and the quantized weight; under bf16 autocast every block keeps bf16 copies of its weights
-# for the input gradient. Eager attention keeps the (heads, T, T) probabilities (fp32, plus a bf16 copy under
+# (fp32) and clamp mask (bool) and the quantized weight; under bf16 autocast every block keeps bf16 copies of its
+# weights for the input gradient. Eager attention keeps the (heads, T, T) probabilities (fp32, plus a bf16 copy under
 # autocast); the fused SDPA path does not.
 _SAVED = {
     # (attention, act bytes, quantized): (TI, TH, Tkv, hT2, P, G)
