@@ -182,3 +182,21 @@ def test_a_llamacpp_target_artifact_exports_exactly_and_runs_with_its_predicted_
     prediction = agreement.our_logits(artifact, ids, "q4_0", round_activations=True)
     floor = agreement.Agreement.of(prediction, agreement.our_logits(artifact, ids, "q4_0"), ids)
     assert agreement.Agreement.of(engine, prediction, ids).mean_abs_nll < 0.8 * floor.mean_abs_nll  # measured: 0.49
+
+
+def test_a_kv_only_llamacpp_artifact_runs_with_its_predicted_perplexity(tmp_path, engine):
+    """Unquantized weights (w_bits 16) with the KV smoothing calibrated for llama.cpp's q4_0 cache: the GGUF holds
+    its linears unquantized, and `wkvq eval --semantics llamacpp` (no Q8_1 rounding: no 4-bit linear) gives
+    llama.cpp's perplexity within the 1% of the tests above."""
+    config = WKVQuantConfig(target="llamacpp", weight=WeightQuantConfig(bits=16),
+                            kv=kv_config(DEFAULT_METHOD, "llamacpp"),
+                            calib=CalibConfig(nsamples=4, seqlen=SEQLEN, epochs=1))
+    artifact = agreement.build_artifact(tmp_path, config)
+    agreement.export_gguf(artifact, tmp_path / "gguf")
+    got = wkvq_eval(artifact, "--semantics", "llamacpp", "--kv-type", "q4_0")
+    assert got["semantics"] == {"target": "llamacpp", "kv_cache_type": "q4_0", "rotation": True}
+    ppl, tokens = engine_perplexity(tmp_path / "gguf" / agreement.GGUF_FILE, eval_windows_of(artifact), "q4_0")
+    assert got["tokens"] == tokens
+    assert abs(math.log(got["ppl"]["wkv"] / ppl)) < 0.01  # measured: 931.35 against 932.23 (0.0009)
+    f16 = wkvq_eval(artifact, "--semantics", "llamacpp", "--kv-type", "f16")["ppl"]["wkv"]
+    assert abs(math.log(f16 / ppl)) > 0.01  # the q4_0 cache's own effect (measured: f16 916.18, 0.017) is larger

@@ -14,7 +14,8 @@ prepared model (RTN weights, `prepare_model_`) in place; `perplexity` then gives
     folded into v_proj / o_proj either way;
   - the inputs of the 4-bit linears rounded to Q8_1 blocks (the target's `matmul_input`), as llama.cpp's CPU
     Q4_1 matmuls round them (ggml's vec_dot type for Q4_1), and the query as its attention rounds it for the
-    quantized K (`LlamaCppKV`).
+    quantized K (`LlamaCppKV`). A KV-only artifact's linears are unquantized in the GGUF too (its dtype), their
+    inputs left as they are.
   An "f16" cache leaves K/V unquantized here (llama.cpp rounds them to fp16, which this leaves out).
   Not computed: the fp16 rounding of the Q8_1 block sums that multiply Q4_1's m, the F16 matmuls of the
   embeddings / lm_head, the rest of the attention's own arithmetic, and the Q4_1 blocks that the export cannot
@@ -77,15 +78,16 @@ class Semantics:
 
 
 def _llamacpp_linears(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers' linears, checked to be what the GGUF export writes as Q4_1: 4-bit weights in groups of a
-    multiple of 32, unquantized activations."""
-    linears = []
+    """The decoder layers' 4-bit linears, checked to be what the GGUF export writes as Q4_1: groups of a multiple of
+    32, unquantized activations. Unquantized linears (a KV-only artifact) are written in the artifact's dtype; all
+    or none of them must be, as the export writes them."""
+    linears, unquantized = [], []
     for name, module in decoder_layers(model).named_modules():
-        if isinstance(module, (PackedLinear, QuantLinear)):
+        if isinstance(module, (PackedLinear, QuantLinear)) and module.bits != FP_BITS:
             group = module.in_features if module.group_size == -1 else module.group_size
             if module.bits != 4:
-                raise ConfigError(f"llama.cpp runs the GGUF export, whose linears are 4-bit Q4_1; layer {name} has "
-                                  f"{module.bits}-bit weights")
+                raise ConfigError(f"llama.cpp runs the GGUF export, whose quantized linears are 4-bit Q4_1; layer "
+                                  f"{name} has {module.bits}-bit weights")
             if group % BLOCK:
                 raise ConfigError(f"layer {name}: weight groups of {group} input channels are not a multiple of "
                                   f"Q4_1's {BLOCK}-weight blocks")
@@ -93,9 +95,10 @@ def _llamacpp_linears(model: nn.Module) -> list[nn.Module]:
                 raise ConfigError(f"layer {name}: {module.act_bits}-bit activations; llama.cpp runs weight-only (A16) "
                                   "models")
             linears.append(module)
-        elif isinstance(module, nn.Linear):
-            raise ConfigError(f"llama.cpp runs the GGUF export, whose linears are 4-bit Q4_1; layer {name} is not "
-                              "quantized")
+        elif isinstance(module, (PackedLinear, QuantLinear, nn.Linear)):
+            unquantized.append(name)
+    if linears and unquantized:
+        raise ConfigError(f"the GGUF export writes every linear as Q4_1 or none; layer {unquantized[0]} is not quantized")
     return linears
 
 
@@ -155,7 +158,7 @@ def apply_semantics_(model: nn.Module, config: WKVQuantConfig, target: str, cach
     _engine_cache_(model, quantizer, LLAMACPP_TARGET.poq, BITS_OF_TYPE[cache_type], "GGUF export")
     for linear in linears:
         linear.input_rounding = LLAMACPP_TARGET.matmul_input if round_matmul_inputs else None
-    return Semantics(LLAMACPP, cache_type, rotate, "q8_1" if round_matmul_inputs else None)
+    return Semantics(LLAMACPP, cache_type, rotate, "q8_1" if round_matmul_inputs and linears else None)
 
 
 def _vllm_semantics_(model: nn.Module, config: WKVQuantConfig, cache_type: str | None) -> Semantics:
