@@ -10,11 +10,15 @@ Rows: FP; llm-compressor AWQ W4A16_ASYM, GPTQ W4A16_ASYM and GPTQ W4A16 (symmetr
 windows (benchmarks/peers.py's worker, in its own venv); our W4 RTN; our W4 calibration (LWC + CRR, the paper's
 weights) alone and with each option beyond the paper (`equalize`: activation-aware equivalent scaling as the
 initialisation; `gptq`: error-compensating rounding with the learned clip ranges fixed), and both; W4KV4 with the
-paper's method and with `recommended` (its weight side included), on our runtime and on the vllm target; the
-`-bf16` rows: the same calibration under bf16 autocast (`--compute-dtype bfloat16`, faster on CPUs with AMX).
+paper's method and with `recommended` (its weight side included), on our runtime and on the vllm and llamacpp
+targets; the `-bf16` rows: the same calibration under bf16 autocast (`--compute-dtype bfloat16`, faster on CPUs with
+AMX, much slower on CPUs without native bf16); the `-kN` rows: `recommended` with a CRR window of N blocks.
 Columns: perplexity in our runtime with a full-precision KV cache (the weights alone) and with the row's KV4 cache
 (the rows that calibrate one), and as vLLM computes it (emulated, `apply_semantics_`: bf16 matmul inputs and its
-uncalibrated `int4_per_token_head` cache for the peers and FP; our vllm-target calibration's cache for ours).
+uncalibrated `int4_per_token_head` cache for the peers and FP; our vllm-target calibration's cache for ours), and
+as llama.cpp computes it (emulated likewise: its q4_0 cache, Hadamard-rotated, uncalibrated for the peers and FP;
+Q8_1-rounded inputs for our Q4_1 linears; the peers' linears are left unrounded, as an F16 GGUF of their dequantized
+weights would run, which favours them slightly).
 Each row and seed is cached as json in --work, so processes with disjoint --rows run side by side.
 """
 
@@ -36,7 +40,7 @@ import transformers
 
 from wkvq_core.config import FP_BITS, CalibConfig, EvalMode, WKVQuantConfig, weight_config
 from wkvq_core.evaluation.perplexity import perplexity
-from wkvq_core.evaluation.semantics import VLLM, apply_semantics_
+from wkvq_core.evaluation.semantics import LLAMACPP, VLLM, apply_semantics_
 from wkvq_core.model import load_model, prepare_model_
 from wkvq_core.pipeline import quantize_model_
 from wkvq_core.targets.vllm import INT4
@@ -49,7 +53,8 @@ from quality import reset_peak_rss
 from vllm_target import Bench, add_bench_arguments, fp_config, parse_bench_args
 
 RUNTIME_W, RUNTIME_WKV, VLLM_INT4 = "runtime, FP cache", "runtime, KV4", "vLLM int4_per_token_head"
-COLUMNS = (RUNTIME_W, RUNTIME_WKV, VLLM_INT4)
+LLAMACPP_Q4 = "llama.cpp q4_0"
+COLUMNS = (RUNTIME_W, RUNTIME_WKV, VLLM_INT4, LLAMACPP_Q4)
 BF16 = {"compute_dtype": "bfloat16"}  # calibration under bf16 autocast (AMX / avx512_bf16 matmuls on the CPU)
 PEERS = {"awq": "AWQ W4A16_ASYM", "gptq-asym": "GPTQ W4A16_ASYM", "gptq": "GPTQ W4A16 (symmetric)"}
 
@@ -65,8 +70,8 @@ class Row:
 
 
 ROWS = [
-    Row("fp", "FP", False, (RUNTIME_W, VLLM_INT4)),
-    *[Row(key, f"llm-compressor {label}", True, (RUNTIME_W, VLLM_INT4)) for key, label in PEERS.items()],
+    Row("fp", "FP", False, (RUNTIME_W, VLLM_INT4, LLAMACPP_Q4)),
+    *[Row(key, f"llm-compressor {label}", True, (RUNTIME_W, VLLM_INT4, LLAMACPP_Q4)) for key, label in PEERS.items()],
     Row("rtn", "ours W4 RTN", False, (RUNTIME_W,)),
     Row("lwc", "ours W4 LWC + CRR (the paper's weights)", True, (RUNTIME_W,)),
     Row("eq", "ours W4 + equalize", True, (RUNTIME_W,), {"equalize": True}),
@@ -79,17 +84,23 @@ ROWS = [
     Row("vllm-rec-eq", "ours W4KV4, method recommended + equalize, target vllm", True, (RUNTIME_W, VLLM_INT4),
         {"equalize": True}),
     Row("vllm-rec", "**ours W4KV4, method recommended, target vllm**", True, (RUNTIME_W, VLLM_INT4)),
+    Row("llamacpp-rec", "**ours W4KV4, method recommended, target llamacpp**", True, (RUNTIME_W, LLAMACPP_Q4)),
     Row("lwc-bf16", "ours W4 LWC + CRR, bf16 autocast", True, (RUNTIME_W,), calib_options=BF16),
     Row("w4kv4-rec-bf16", "ours W4KV4, method recommended, bf16 autocast", True, (RUNTIME_W, RUNTIME_WKV),
         calib_options=BF16),
+    *[Row(f"w4kv4-rec-k{k}", f"ours W4KV4, method recommended, CRR k = {k}", True, (RUNTIME_W, RUNTIME_WKV),
+          calib_options={"crr_k": k}) for k in (1, 2, 3)],
 ]
+K_ROWS = [row.key for row in ROWS if "crr_k" in row.calib_options]
 BY_KEY = {r.key: r for r in ROWS}
 
 
 KV_ROWS = {"w4kv4-paper": ("paper", "runtime", None), "w4kv4-rec": ("recommended", "runtime", None),
            "w4kv4-rec-bf16": ("recommended", "runtime", None),
+           **{f"w4kv4-rec-k{k}": ("recommended", "runtime", None) for k in (1, 2, 3)},
            "vllm-rec": ("recommended", "vllm", INT4), "w4kv4-rec-eq": ("recommended", "runtime", None),
-           "vllm-rec-eq": ("recommended", "vllm", INT4)}  # method, target, cache type
+           "vllm-rec-eq": ("recommended", "vllm", INT4),
+           "llamacpp-rec": ("recommended", "llamacpp", "q4_0")}  # method, target, cache type
 
 
 def row_config(args, row: Row, seed: int) -> WKVQuantConfig:
@@ -117,9 +128,9 @@ class WeightsBench(Bench):
         model, config, calib_seconds, peak, notes = self.build(row, seed)
         ppl = {}
         for column in row.columns:
-            if column == VLLM_INT4:
+            if column in (VLLM_INT4, LLAMACPP_Q4):
                 engine = copy.deepcopy(model)
-                apply_semantics_(engine, config, VLLM, INT4)
+                apply_semantics_(engine, config, *((VLLM, INT4) if column == VLLM_INT4 else (LLAMACPP, "q4_0")))
                 ppl[column] = perplexity(engine, self.windows, EvalMode.WKV).ppl
             else:
                 ppl[column] = perplexity(model, self.windows, EvalMode.W if column == RUNTIME_W else EvalMode.WKV).ppl
@@ -191,13 +202,13 @@ def goals(records: dict[str, list[dict]]) -> list[str]:
     lines = []
     best_peer = min((k for k in PEERS if mean(k, RUNTIME_W) is not None), key=lambda k: mean(k, RUNTIME_W),
                     default=None)
-    for key in ("lwc", "eq", "lwc-gptq", "eq-gptq", "w4kv4-rec", "w4kv4-rec-bf16"):
+    for key in ("lwc", "eq", "lwc-gptq", "eq-gptq", "w4kv4-rec", "w4kv4-rec-bf16", *K_ROWS):
         ours = mean(key, RUNTIME_W)
         if ours is not None and best_peer is not None:
             peer = mean(best_peer, RUNTIME_W)
             lines.append(line(ours < peer, f"{BY_KEY[key].label.strip('*')}, weights alone {ours:.3f} vs "
                                            f"{PEERS[best_peer]} (the best peer) {peer:.3f}"))
-    for key in ("w4kv4-rec", "w4kv4-rec-bf16"):
+    for key in ("w4kv4-rec", "w4kv4-rec-bf16", *K_ROWS):
         rec, awq = mean(key, RUNTIME_WKV), mean("awq", RUNTIME_W)
         if rec is not None and awq is not None:
             lines.append(line(rec < awq, f"{BY_KEY[key].label.strip('*')} (runtime, KV4) {rec:.3f} vs AWQ W4 with an "
@@ -206,6 +217,10 @@ def goals(records: dict[str, list[dict]]) -> list[str]:
     if rec_vllm is not None and awq_vllm is not None:
         lines.append(line(rec_vllm < awq_vllm, f"W4KV4 recommended on vLLM (emulated int4_per_token_head) "
                                                f"{rec_vllm:.3f} vs AWQ + vLLM's own int4 {awq_vllm:.3f}"))
+    rec_cpp, awq_cpp = mean("llamacpp-rec", LLAMACPP_Q4), mean("awq", LLAMACPP_Q4)
+    if rec_cpp is not None and awq_cpp is not None:
+        lines.append(line(rec_cpp < awq_cpp, f"W4KV4 recommended on llama.cpp (emulated q4_0 cache) {rec_cpp:.3f} vs "
+                                             f"AWQ + llama.cpp's own q4_0 {awq_cpp:.3f}"))
     for key in ("w4kv4-paper", "w4kv4-rec"):
         ours, lwc = mean(key, RUNTIME_W), mean("lwc", RUNTIME_W)
         if ours is not None and lwc is not None:
@@ -235,10 +250,11 @@ def run(args) -> str:
         f"- calibration: {args.nsamples} × {args.calib_seqlen} tokens of `wiki.valid.tokens`, epochs {args.epochs}, "
         f"the same windows for every method (seed = the windows, and our initialisation): seeds "
         f"{','.join(map(str, args.seeds))}; weights 4-bit in groups of {args.group_size} (asymmetric but GPTQ "
-        f"W4A16); ours: CRR k = 5, MAE; {args.threads} torch thread(s) per process; peak RSS: the process's "
-        "high-water mark during the row's calibration (llm-compressor: its worker's)",
+        f"W4A16); ours: CRR k = 5 (but where a row names k), MAE; {args.threads} torch thread(s) per process; peak RSS: "
+        "the process's high-water mark during the row's calibration (llm-compressor: its worker's)",
         f"- `{RUNTIME_W}`: decode-exact perplexity in our runtime (fp32), KV cache unquantized; `{RUNTIME_WKV}`: the "
-        f"row's calibrated KV4 cache (POQ); `{VLLM_INT4}`: as vLLM computes it in bf16 (emulated)",
+        f"row's calibrated KV4 cache (POQ); `{VLLM_INT4}`: as vLLM computes it in bf16 (emulated); `{LLAMACPP_Q4}`: "
+        "as llama.cpp computes it with a q4_0 cache (emulated; peers' linears unrounded)",
         *notes,
         "",
         table(records),
