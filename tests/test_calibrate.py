@@ -1,11 +1,14 @@
 import copy
+import re
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save
 
 from wkvq_core.artifact import packed_state_dict
-from wkvq_core.calib.calibrate import calibrate_, calibration_state
+from wkvq_core.calib.calibrate import Precision, calibrate_, calibration_state
 from wkvq_core.calib.checkpoint import DirectoryCheckpoints
 from wkvq_core.calib.data import calibration_samples, eval_windows
 from wkvq_core.calib.progress import CalibrationCallbacks, EventKind
@@ -132,6 +135,19 @@ def test_crr_loss_is_the_distance_after_k_blocks(tiny_model, calib_ids, k, loss,
     distance = torch.nn.functional.l1_loss if loss == "mae" else torch.nn.functional.mse_loss
     expected = reference_crr_loss(tiny_model, samples, block, k, distance)
     assert reported == pytest.approx(expected, rel=1e-4 if compute == "float32" else 1e-2)
+
+
+def test_bfloat16_on_a_cpu_without_native_bf16_matmuls_warns():
+    """Without AMX or avx512_bf16 (the CPU's own flags) torch emulates bf16 matmuls: 16x slower than float32 on an
+    AVX2 EPYC (benchmarks/RESULTS.md); with them, bf16 is the faster choice and nothing is said."""
+    flags = set(re.findall(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[0].split())
+    native = bool(flags & {"amx_tile", "avx512_bf16"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Precision.resolve(CalibConfig(compute_dtype="bfloat16"), "cpu")
+        Precision.resolve(CalibConfig(), "cpu")
+    assert [str(w.message).split(":")[0] for w in caught] == (
+        [] if native else ["compute_dtype bfloat16 on a CPU without native bf16 matmuls (AMX, avx512_bf16)"])
 
 
 @pytest.mark.slow

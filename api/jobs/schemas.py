@@ -104,7 +104,8 @@ class QuantConfig(Strict):
                              description="evaluate at most this many tokens of the evaluation text; 0: all of it")
     lwc: bool = True
     equalize: bool | None = Field(None, description="AWQ's activation-aware scaling folded into each block before it "
-                                                   "trains; null: the method's (recommended: on, paper: off)")
+                                                   "trains; null: the method's (off in both: no gain measured on "
+                                                   "top of recommended's gptq)")
     gptq: bool | None = Field(None, description="GPTQ's error-compensating rounding on the learned grid once a block "
                                                "is trained; null: the method's (recommended: on, paper: off)")
     smoothing: bool = True

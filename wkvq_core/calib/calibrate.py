@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -105,10 +106,18 @@ class Precision:
     @classmethod
     def resolve(cls, calib: CalibConfig, device: torch.device | str) -> Precision:
         cache, compute, attention = calib.resolved(torch.device(device).type == "cuda")
+        if compute == "bfloat16" and torch.device(device).type == "cpu" and not native_cpu_bf16():
+            warnings.warn("compute_dtype bfloat16 on a CPU without native bf16 matmuls (AMX, avx512_bf16): torch "
+                          "emulates them, many times slower than float32; use float32 (auto) here", stacklevel=2)
         return cls(getattr(torch, cache), None if compute == "float32" else getattr(torch, compute), attention)
 
     def autocasting(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles or avx512_bf16), as oneDNN's bf16 matmuls need."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 FULL_PRECISION = Precision(torch.float32, None, "eager")  # CalibConfig's "auto" on the CPU
