@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..model import attentions
+from ..model import attentions, frozen_weights, quant_state
 from ..quant.gptq import gptq_codes
 
 SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -23,6 +23,15 @@ def add_second_moments_(hessian: torch.Tensor, x: torch.Tensor) -> None:
         hessian.add_(flat.T @ flat)
 
 
+class _Observed(Exception):
+    """Raised once a group's input is recorded: the rest of the block's forward is not needed."""
+
+
+def _record_and_stop(hessian: torch.Tensor, x: torch.Tensor) -> None:
+    add_second_moments_(hessian, x)
+    raise _Observed
+
+
 @torch.no_grad()
 def gptq_block_(block: nn.Module, index: int, blocks, x_q: torch.Tensor) -> None:
     """Fix block `index`'s weights to GPTQ's codes; `blocks` (calibrate._Blocks) runs it on the cached inputs x_q."""
@@ -31,11 +40,17 @@ def gptq_block_(block: nn.Module, index: int, blocks, x_q: torch.Tensor) -> None
         owner = attn if names[0] in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
         linears = [getattr(owner, name) for name in names]
         hessian = torch.zeros(linears[0].in_features, linears[0].in_features, device=blocks.device)
-        linears[0].input_observer = partial(add_second_moments_, hessian)  # the group's linears share their input
+        linears[0].input_observer = partial(_record_and_stop, hessian)  # the group's linears share their input
         try:
-            for s in range(0, x_q.shape[0], blocks.batch_size):
-                blocks.callbacks.check(f"while rounding block {index} with GPTQ, sample {s} of {x_q.shape[0]}")
-                blocks.forward(blocks.batch(x_q[s : s + blocks.batch_size]), index, index + 1, quantize_first=True)
+            # the weights are fixed during a group's pass: fake-quantize them once (after the last group's rounding)
+            with quant_state(block, weights=True, kv=True), frozen_weights(block, blocks.precision.autocast):
+                for s in range(0, x_q.shape[0], blocks.batch_size):
+                    blocks.callbacks.check(f"while rounding block {index} with GPTQ, sample {s} of {x_q.shape[0]}")
+                    try:
+                        blocks.forward(blocks.batch(x_q[s : s + blocks.batch_size]), index, index + 1,
+                                       quantize_first=True)
+                    except _Observed:
+                        pass
         finally:
             linears[0].input_observer = None
         for name, lin in zip(names, linears):
