@@ -19,28 +19,27 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
     columns, in float64."""
     out_features, in_features = weight.shape
     group = in_features if group_size == -1 else group_size
-    w = weight.detach().to(torch.float64).clone()
+    w = weight.detach().to(torch.float64).T.clone()  # (in, out): each weight column a contiguous row
     h = hessian.detach().to(torch.float64).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * h.diagonal().mean())
-    scales = scale.to(torch.float64).repeat_interleave(group, dim=1)
-    zeros = zero.to(torch.float64).repeat_interleave(group, dim=1)
+    scales = scale.to(torch.float64).T.repeat_interleave(group, dim=0)
+    zeros = zero.to(torch.float64).T.repeat_interleave(group, dim=0)
     order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
              else torch.arange(in_features, device=w.device))
-    w, h, scales, zeros = w[:, order], h[order][:, order], scales[:, order], zeros[:, order]
+    w, h, scales, zeros = w[order], h[order][:, order], scales[order], zeros[order]
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.empty_like(w)
     for start in range(0, in_features, block):
         stop = min(start + block, in_features)
-        w_block, h_block = w[:, start:stop].clone(), h_inv[start:stop, start:stop]
-        errors = torch.zeros_like(w_block)
+        w_block, h_block = w[start:stop].clone(), h_inv[start:stop, start:stop]
+        errors = torch.empty_like(w_block)
         for i in range(stop - start):
-            col, s, z = w_block[:, i], scales[:, start + i], zeros[:, start + i]
-            q = (torch.round(col / s) + z).clamp(0, qmax(bits))
-            codes[:, start + i] = q
-            err = (col - (q - z) * s) / h_block[i, i]
-            w_block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
-            errors[:, i] = err
-        w[:, stop:] -= errors @ h_inv[start:stop, stop:]
-    return codes[:, torch.argsort(order)].to(torch.uint8)
+            col, s, z = w_block[i], scales[start + i], zeros[start + i]
+            q = torch.round(col / s).add_(z).clamp_(0, qmax(bits))
+            codes[start + i] = q
+            err = torch.sub(col, (q - z).mul_(s), out=errors[i]).div_(h_block[i, i])
+            w_block[i:].addr_(h_block[i, i:], err, alpha=-1)
+        w[stop:].addmm_(h_inv[start:stop, stop:].T, errors, alpha=-1)
+    return codes[torch.argsort(order)].to(torch.uint8).T.contiguous()
