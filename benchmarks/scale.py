@@ -3,6 +3,11 @@
     python benchmarks/scale.py cpu-flops   [--baseline-checkout DIR]   # achieved FLOP/s vs fp32 matmul peak
     python benchmarks/scale.py host-memory [--baseline-checkout DIR]   # peak RSS of `wkvq quantize`, 8 vs 32 layers
     python benchmarks/scale.py gpu         [--smoke]                   # 7B-shaped blocks, fp32 and bf16 (CUDA)
+    python benchmarks/scale.py block-seconds --blocks 7 --threads 1 [--baseline-checkout DIR]  # seconds per block
+
+block-seconds: the steady seconds per block (whole CRR windows) of calibrations of the first `--blocks` layers of
+SmolLM2-135M, paper and recommended at k = 5 and recommended at k = 2, each in its own process, alternated
+`--repeats` times with --baseline-checkout's paper and recommended (float32, 1 thread by `--threads 1`).
 
 cpu-flops: the first `--blocks` decoder layers of SmolLM2-135M (`wkvq fetch-model smollm2-135m`) are calibrated
 (W4 LWC + KV4, nsamples x seqlen, 1 epoch, k = 5) once timed and once under `torch.utils.flop_counter.FlopCounterMode`
@@ -152,6 +157,68 @@ def cpu_flops(args) -> list[str]:
                      f"{r['achieved_gflops']:.1f} | {r['peak_gflops']:.1f} | "
                      f"{r['achieved_gflops'] / r['peak_gflops']:.0%} |")
     lines += ["", "matmul peak per shape (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rows[0][1]["peaks"].items())]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------- block-seconds
+
+BLOCK_CONFIGS = (("paper", 5), ("recommended", 5), ("recommended", 2))  # (method, CRR k)
+BASELINE_CONFIGS = BLOCK_CONFIGS[:2]  # what an older checkout can run
+
+
+def measure_block_seconds(model_dir: Path, blocks: int, nsamples: int, seqlen: int, epochs: int, method: str,
+                          k: int) -> dict:
+    """Seconds of each block of a calibration of the first `blocks` layers (method's weight and KV options, W4 g64 +
+    KV4, CRR k), with whichever wkvq_core is on the path (an older one may lack `weight_config`: paper weights)."""
+    import wkvq_core.config as C
+    from wkvq_core.calib.data import calibration_samples, load_text, tokenize
+    from wkvq_core.calib.progress import CalibrationCallbacks
+    from wkvq_core.model import load_model
+    from wkvq_core.pipeline import quantize_model_
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = _truncated(model_dir, blocks, Path(tmp) / "model")
+        model, tokenizer = load_model(source)
+    weight = C.weight_config(method, group_size=64) if hasattr(C, "weight_config") else C.WeightQuantConfig(group_size=64)
+    config = C.WKVQuantConfig(weight=weight, kv=C.kv_config(method),
+                              calib=C.CalibConfig(nsamples=nsamples, seqlen=seqlen, epochs=epochs, crr_k=k))
+    samples = calibration_samples(tokenize(tokenizer, load_text(str(ROOT / "benchmarks" / "data" / "wikitext2" /
+                                                                    "wiki.valid.tokens"))), nsamples, seqlen, 0)
+    seconds = {}
+    on_event = lambda e: seconds.update({e.block: e.seconds}) if e.kind.value == "block_end" else None  # noqa: E731
+    quantize_model_(model, config, samples, callbacks=CalibrationCallbacks(on_event=on_event))
+    return {"blocks": [seconds[i] for i in sorted(seconds)]}
+
+
+def block_seconds(args) -> list[str]:
+    """Steady-state seconds per block (blocks 1..blocks-5: whole 5-block windows after the first block), each
+    configuration in its own process, this checkout and --baseline-checkout alternated --repeats times."""
+    from wkvq_core.model_zoo import fetch_model
+
+    model_dir = fetch_model("smollm2-135m")
+    runs = [(ROOT, method, k) for method, k in BLOCK_CONFIGS]
+    if args.baseline_checkout:
+        runs = [(Path(args.baseline_checkout), method, k) for method, k in BASELINE_CONFIGS] + runs
+    measured: dict[tuple, list[float]] = {}
+    for _ in range(args.repeats):
+        for checkout, method, k in runs:
+            argv = ["block-seconds-measure", "--model-dir", str(model_dir), "--blocks", str(args.blocks),
+                    "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--epochs", str(args.epochs),
+                    "--method", method, "--crr-k", str(k), "--threads", str(args.threads)]
+            blocks = _in_checkout(str(checkout), argv)["blocks"]
+            steady = blocks[1: max(2, args.blocks - 4)]
+            measured.setdefault((str(checkout), method, k), []).append(sum(steady) / len(steady))
+    base = (str(args.baseline_checkout or ROOT), "recommended", 5)
+    reference = sum(measured[base]) / len(measured[base])
+    lines = [f"SmolLM2-135M, first {args.blocks} blocks, W4 g64 + KV4, {args.nsamples} x {args.seqlen} x "
+             f"{args.epochs} epochs, {args.threads} thread(s), float32; seconds of blocks 1-{max(1, args.blocks - 5)} "
+             f"(whole windows), mean over {args.repeats} alternated runs", "",
+             f"| code | method | CRR k | s per block | runs | speed-up vs {_commit(base[0])} recommended, k = 5 |",
+             "|---|---|---:|---:|---|---:|"]
+    for (checkout, method, k), values in measured.items():
+        mean = sum(values) / len(values)
+        lines.append(f"| {_commit(checkout)} | {method} | {k} | {mean:.2f} | "
+                     f"{', '.join(f'{v:.2f}' for v in values)} | {reference / mean:.2f}x |")
     return lines
 
 
@@ -336,7 +403,8 @@ def gpu(args) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["cpu-flops", "host-memory", "gpu", "cpu-flops-measure"])
+    parser.add_argument("part", choices=["cpu-flops", "host-memory", "gpu", "block-seconds", "cpu-flops-measure",
+                                         "block-seconds-measure"])
     parser.add_argument("--baseline-checkout", help="another checkout to measure side by side (cpu-flops, host-memory)")
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--nsamples", type=int)
@@ -347,6 +415,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--model-dir")
+    parser.add_argument("--repeats", type=int, default=2, help="block-seconds: alternated runs per configuration")
+    parser.add_argument("--method", default="paper", help="block-seconds-measure")
+    parser.add_argument("--crr-k", type=int, default=5, help="block-seconds-measure")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-write", dest="results", action="store_const", const=None)
@@ -354,13 +425,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     defaults = {"cpu-flops": (8, 256, 1), "cpu-flops-measure": (8, 256, 1), "host-memory": (8, 256, 1),
-                "gpu": (128, 2048, 5)}[args.part]
+                "block-seconds": (8, 256, 2), "block-seconds-measure": (8, 256, 2), "gpu": (128, 2048, 5)}[args.part]
     args.nsamples, args.seqlen, args.epochs = (v if v is not None else d for v, d in
                                                zip((args.nsamples, args.seqlen, args.epochs), defaults))
     if args.part == "cpu-flops-measure":
         print(json.dumps(measure_cpu_flops(Path(args.model_dir), args.blocks, args.nsamples, args.seqlen)))  # as checked out
         return
-    lines = {"cpu-flops": cpu_flops, "host-memory": host_memory, "gpu": gpu}[args.part](args)
+    if args.part == "block-seconds-measure":
+        print(json.dumps(measure_block_seconds(Path(args.model_dir), args.blocks, args.nsamples, args.seqlen,
+                                               args.epochs, args.method, args.crr_k)))
+        return
+    lines = {"cpu-flops": cpu_flops, "host-memory": host_memory, "gpu": gpu,
+             "block-seconds": block_seconds}[args.part](args)
     header = [f"### scale.py {args.part} ({datetime.date.today().isoformat()})", "",
               f"`python {shlex.join(['benchmarks/scale.py', *sys.argv[1:]])}` on {platform.machine()}, "
               f"torch {torch.__version__}, transformers {transformers.__version__}, code "

@@ -138,7 +138,7 @@ def test_crr_loss_is_the_distance_after_k_blocks(tiny_model, calib_ids, k, loss,
 
 
 def test_bfloat16_on_a_cpu_without_native_bf16_matmuls_warns():
-    """Without AMX or avx512_bf16 (the CPU's own flags) torch emulates bf16 matmuls: 16x slower than float32 on an
+    """Without AMX or avx512_bf16 (the CPU's own flags) torch emulates bf16 matmuls: 17x slower than float32 on an
     AVX2 EPYC (benchmarks/RESULTS.md); with them, bf16 is the faster choice and nothing is said."""
     flags = set(re.findall(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[0].split())
     native = bool(flags & {"amx_tile", "avx512_bf16"})
