@@ -80,6 +80,19 @@ def windows_of(artifact: Path, seqlen: int, windows: int) -> list[list[int]]:
     return eval_windows(ids, seqlen).tolist()
 
 
+W4A16_KERNEL = "cpu_gemm_wna16"
+
+
+def cpu_w4a16_kernel() -> bool:
+    """Whether the engine's CPU library for this CPU has vLLM's W4A16 kernel: its AVX2 build (`_C_AVX2`) has none,
+    so a compressed-tensors W4A16 model cannot run there."""
+    probe = f"import torch, vllm._custom_ops; print(hasattr(torch.ops._C, {W4A16_KERNEL!r}))"
+    run = subprocess.run([str(engine_python()), "-c", probe], capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"could not probe the vLLM engine's kernels:\n{run.stderr[-2000:]}")
+    return run.stdout.strip().splitlines()[-1] == "True"
+
+
 def engine_logprobs(export: Path, windows: list[list[int]], *options: str) -> tuple[np.ndarray, dict]:
     """((windows, seqlen - 1) logprobs of tokens 1..n-1, the run's metadata) from the engine's venv running
     benchmarks/engine_vllm.py with `options` (e.g. --dtype float16, or --transformers)."""

