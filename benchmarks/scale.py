@@ -179,7 +179,8 @@ def measure_block_seconds(model_dir: Path, blocks: int, nsamples: int, seqlen: i
     with tempfile.TemporaryDirectory() as tmp:
         source = _truncated(model_dir, blocks, Path(tmp) / "model")
         model, tokenizer = load_model(source)
-    weight = C.weight_config(method, group_size=64) if hasattr(C, "weight_config") else C.WeightQuantConfig(group_size=64)
+    weight = (C.weight_config(method, group_size=64) if hasattr(C, "weight_config")
+              else C.WeightQuantConfig(group_size=64))
     config = C.WKVQuantConfig(weight=weight, kv=C.kv_config(method),
                               calib=C.CalibConfig(nsamples=nsamples, seqlen=seqlen, epochs=epochs, crr_k=k))
     samples = calibration_samples(tokenize(tokenizer, load_text(str(ROOT / "benchmarks" / "data" / "wikitext2" /

@@ -250,8 +250,8 @@ def run(args) -> str:
         f"- calibration: {args.nsamples} × {args.calib_seqlen} tokens of `wiki.valid.tokens`, epochs {args.epochs}, "
         f"the same windows for every method (seed = the windows, and our initialisation): seeds "
         f"{','.join(map(str, args.seeds))}; weights 4-bit in groups of {args.group_size} (asymmetric but GPTQ "
-        f"W4A16); ours: CRR k = 5 (but where a row names k), MAE; {args.threads} torch thread(s) per process; peak RSS: "
-        "the process's high-water mark during the row's calibration (llm-compressor: its worker's)",
+        f"W4A16); ours: CRR k = 5 (but where a row names k), MAE; {args.threads} torch thread(s) per process; "
+        "peak RSS: the process's high-water mark during the row's calibration (llm-compressor: its worker's)",
         f"- `{RUNTIME_W}`: decode-exact perplexity in our runtime (fp32), KV cache unquantized; `{RUNTIME_WKV}`: the "
         f"row's calibrated KV4 cache (POQ); `{VLLM_INT4}`: as vLLM computes it in bf16 (emulated); `{LLAMACPP_Q4}`: "
         "as llama.cpp computes it with a q4_0 cache (emulated; peers' linears unrounded)",

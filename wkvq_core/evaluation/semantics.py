@@ -98,7 +98,8 @@ def _llamacpp_linears(model: nn.Module) -> list[nn.Module]:
         elif isinstance(module, (PackedLinear, QuantLinear, nn.Linear)):
             unquantized.append(name)
     if linears and unquantized:
-        raise ConfigError(f"the GGUF export writes every linear as Q4_1 or none; layer {unquantized[0]} is not quantized")
+        raise ConfigError(f"the GGUF export writes every linear as Q4_1 or none; layer {unquantized[0]} is not "
+                          "quantized")
     return linears
 
 
