@@ -53,8 +53,11 @@ def gptq_block_(block: nn.Module, index: int, blocks, x_q: torch.Tensor) -> None
                         pass
         finally:
             linears[0].input_observer = None
-        for name, lin in zip(names, linears):
-            weight = attn.projection(name)[0] if owner is attn else lin.weight
-            _, scale, zero = lin.quantize(weight)
-            codes = gptq_codes(weight, hessian, lin.bits, lin.group_size, scale, zero)
-            lin.fix_quantization_(codes.to(weight.device), scale, zero)
+        weights = [attn.projection(name)[0] if owner is attn else lin.weight for name, lin in zip(names, linears)]
+        grids = [lin.quantize(weight)[1:] for lin, weight in zip(linears, weights)]
+        # GPTQ rounds each output row on its own given H: the group's linears (one H) go through it stacked
+        codes = gptq_codes(torch.cat(weights), hessian, linears[0].bits, linears[0].group_size,
+                           torch.cat([scale for scale, _ in grids]), torch.cat([zero for _, zero in grids]))
+        for lin, part, (scale, zero) in zip(linears, codes.to(hessian.device).split([w.shape[0] for w in weights]),
+                                            grids):
+            lin.fix_quantization_(part, scale, zero)

@@ -28,7 +28,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
     zeros = zero.to(torch.float64).T.repeat_interleave(group, dim=0)
     order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
              else torch.arange(in_features, device=w.device))
-    w, h, scales, zeros = w[order], h[order][:, order], scales[order], zeros[order]
+    w, h, scales, zeros = w[order], h.index_select(0, order).index_select(1, order), scales[order], zeros[order]
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.empty_like(w)
     for start in range(0, in_features, block):
