@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import wkvq_core
 from wkvq_core.artifact import verify_manifest
 from wkvq_core.cli import app
+from wkvq_core.config import RECOMMENDED_CALIB
 
 ASSETS = Path(wkvq_core.__file__).parent / "assets"
 TINY_MODEL = ASSETS / "stories260k"  # LLaMA, 5 layers, hidden 64, intermediate 172: group 128 does not divide
@@ -403,13 +404,19 @@ def test_seqlen_beyond_context_is_the_api_message(bad, runs):
 
 
 def test_default_seqlen_is_the_context_of_a_shorter_model(tmp_path, eval_head):
-    """Without --seqlen, a model with a context under 2048 (the shipped one: 512) uses its whole context."""
-    out = tmp_path / "q"
-    result = invoke("quantize", "--model", TINY_MODEL, "--calib", CALIB_TEXT, "--out", out, "--group-size", "-1",
-                    "--nsamples", "1", "--epochs", "0", "--device", "cpu", "--json")
-    assert result.exit_code == 0, (result.output, result.exception)
-    quant = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert quant["wkvquant_config"]["calib"]["seqlen"] == 512
+    """Without --seqlen, a model with a context under 2048 (the shipped one: 512) uses its whole context; without
+    --crr-k, the method's window (given, it is kept)."""
+    crr_k = {}
+    for method, extra in (("recommended", ()), ("paper", ()), ("recommended", ("--crr-k", "4"))):
+        out = tmp_path / f"q-{method}-{len(extra)}"
+        result = invoke("quantize", "--model", TINY_MODEL, "--calib", CALIB_TEXT, "--out", out, "--group-size", "-1",
+                        "--nsamples", "1", "--epochs", "0", "--device", "cpu", "--json", "--method", method, *extra)
+        assert result.exit_code == 0, (result.output, result.exception)
+        calib = json.loads((out / "config.json").read_text())["quantization_config"]["wkvquant_config"]["calib"]
+        assert calib["seqlen"] == 512
+        crr_k[method, extra] = calib["crr_k"]
+    assert crr_k == {("recommended", ()): RECOMMENDED_CALIB["crr_k"], ("paper", ()): 5,
+                     ("recommended", ("--crr-k", "4")): 4}
     result = invoke("eval", "--model", TINY_MODEL, "--data", eval_head, "--mode", "fp", "--json")
     assert result.exit_code == 0, (result.output, result.exception)
     assert json.loads(result.stdout)["seqlen"] == 512

@@ -18,7 +18,7 @@ from tests.conftest import CALIB_TEXT, EVAL_TEXT, TINY_MODEL, wkvq_peak_rss
 from wkvq_core.calib.estimate import (DEVICE_KINDS, HOST_BASELINE_BYTES, TEXT_BYTES_PER_CHAR, ModelShape,
                                 estimate_resources, format_bytes, layer_forward_flops, layer_saved_bytes)
 from wkvq_core.cli import app
-from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig, kv_config, weight_config
+from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig, calib_config, kv_config, weight_config
 from wkvq_core.errors import ConfigError
 from wkvq_core.model import calibration_parameters, decoder_layers, prepare_model_, quant_state
 from wkvq_core.quant.kv_quant import set_attention_backend
@@ -269,7 +269,7 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path, monkeypatch):
     result = dry_run("--nsamples", "64", "--seqlen", "256", "--eval", str(EVAL_TEXT), "--estimate-for", "cpu")
     assert result.exit_code == 0, (result.output, result.exception)
     config = WKVQuantConfig(weight=weight_config("recommended", group_size=-1), kv=kv_config("recommended"),
-                            calib=CalibConfig(nsamples=64, seqlen=256))
+                            calib=calib_config("recommended", nsamples=64, seqlen=256))
     chars = len(EVAL_TEXT.read_text(encoding="utf-8"))
     windows = int(chars / 3.0) // 256
     est = estimate_resources(json.loads((TINY_MODEL / "config.json").read_text()), config, eval_windows=windows,

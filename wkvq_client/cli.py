@@ -209,7 +209,8 @@ def submit(
         "--group-size", help="Weight group along the input dim; -1 = per row (default: the server picks the largest of "
                              "128, 64, 32 dividing the model's linears, else -1).", show_default=False)] = None,
     kv_group_size: Annotated[Optional[int], typer.Option(help="KV quantization group (default: head_dim).")] = None,
-    crr_k: Annotated[int, typer.Option(help="Blocks in the cross-block reconstruction loss.")] = 5,
+    crr_k: Annotated[Optional[int], typer.Option(help="Blocks in the cross-block reconstruction loss (default: the "
+                                                      "method's: paper 5, recommended 2).", show_default=False)] = None,
     loss: Annotated[Loss, typer.Option(help="mae (WKVQuant) or mse (OmniQuant with k=1).")] = Loss.mae,
     epochs: int = 5,
     nsamples: int = 128,
@@ -256,11 +257,11 @@ def submit(
         body: dict[str, Any] = {
             "model": model_body,
             "calibration": data_spec(calib, "--calib", upload),
-            "config": {"w_bits": w_bits, "kv_bits": kv_bits, "kv_group_size": kv_group_size, "crr_k": crr_k,
+            "config": {"w_bits": w_bits, "kv_bits": kv_bits, "kv_group_size": kv_group_size,
                        "loss": loss.value, "epochs": epochs, "nsamples": nsamples, "seed": seed, "lwc": lwc,
                        "smoothing": smoothing, "poq": poq, "method": method, "target": target}
                       | {name: value for name, value in (("group_size", group_size), ("seqlen", seqlen),
-                                                         ("kv_cache_type", kv_cache_type))
+                                                         ("kv_cache_type", kv_cache_type), ("crr_k", crr_k))
                          if value is not None},  # left out: the server's defaults for the model
             "priority": priority,
         }

@@ -16,9 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .calib.estimate import format_seconds
-from .config import (DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, FP_BITS, METHODS, RUNTIME_TARGET, TARGET_NAMES,
-                     CalibConfig, CRRLoss, EvalMode, WKVQuantConfig, check_kv_group_size, weight_config,
-                     resolve_group_size, resolve_seqlen)
+from .config import (DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, FP_BITS, METHODS, RECOMMENDED_CALIB, RUNTIME_TARGET,
+                     TARGET_NAMES, CRRLoss, EvalMode, WKVQuantConfig, calib_config, check_kv_group_size,
+                     weight_config, resolve_group_size, resolve_seqlen)
 from .errors import WKVQError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="WKVQuant: W4 + KV4 post-training quantization.")
@@ -106,8 +106,9 @@ def _build_config(**kw) -> WKVQuantConfig:
             kw.get("method", "paper"), target, bits=kw["kv_bits"], group_size=kw.get("kv_group_size"),
             smoothing=kw.get("smoothing", False), poq=kw.get("poq", True), cache_type=kw.get("kv_cache_type"),
         ),
-        calib=CalibConfig(**{k: kw[k] for k in ("nsamples", "seqlen", "epochs", "batch_size", "crr_k", "loss", "seed",
-                                                   "cache_dtype", "compute_dtype", "attention") if k in kw}),
+        calib=calib_config(kw.get("method", "paper"), **{
+            k: kw[k] for k in ("nsamples", "seqlen", "epochs", "batch_size", "crr_k", "loss", "seed", "cache_dtype",
+                               "compute_dtype", "attention") if kw.get(k) is not None}),
         act_bits=kw.get("act_bits", 16),
         target=target,
     )
@@ -266,7 +267,9 @@ def quantize(
     kv_bits: KVBits = 4,
     group_size: GroupSize = None,
     kv_group_size: Annotated[Optional[int], typer.Option(help="KV quantization group (default: head_dim).")] = None,
-    crr_k: Annotated[int, typer.Option(help="Blocks in the cross-block reconstruction loss.")] = 5,
+    crr_k: Annotated[Optional[int], typer.Option(help="Blocks in the cross-block reconstruction loss (default: the "
+                                                      f"method's: paper 5, recommended {RECOMMENDED_CALIB['crr_k']}).")
+                     ] = None,
     loss: Annotated[CRRLoss, typer.Option(help="mae (WKVQuant) or mse (OmniQuant with k=1).")] = CRRLoss.MAE,
     epochs: int = 5,
     nsamples: int = 128,

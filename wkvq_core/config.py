@@ -223,6 +223,10 @@ DEFAULT_METHOD = "recommended"
 # The weight side of each method: the paper's LWC, and the options beyond it that won (benchmarks/weights.py).
 RECOMMENDED_WEIGHT: dict[str, Any] = dict(gptq=True)
 WEIGHT_METHODS: dict[str, dict[str, Any]] = {"paper": {}, RECOMMENDED: RECOMMENDED_WEIGHT}
+# Its calibration: with gptq's rounding after each block, CRR windows of 1-5 blocks gave the same perplexity at a
+# fraction of the cost (benchmarks/weights.py `-kN` rows, benchmarks/scale.py block-seconds); paper: k = 5.
+RECOMMENDED_CALIB: dict[str, Any] = dict(crr_k=2)
+CALIB_METHODS: dict[str, dict[str, Any]] = {"paper": {}, RECOMMENDED: RECOMMENDED_CALIB}
 
 
 def kv_config(method: str, refused: tuple[str, ...] = (), **fields: Any) -> KVQuantConfig:
@@ -240,6 +244,14 @@ def weight_config(method: str, **fields: Any) -> WeightQuantConfig:
     if method not in WEIGHT_METHODS:
         raise ConfigError(f"method must be one of {', '.join(WEIGHT_METHODS)}; got {method!r}")
     return WeightQuantConfig(**(WEIGHT_METHODS[method] | fields))
+
+
+def calib_config(method: str, **fields: Any) -> CalibConfig:
+    """A CalibConfig with a method's calibration options (CALIB_METHODS); `fields` (nsamples, crr_k, ...) set the
+    rest."""
+    if method not in CALIB_METHODS:
+        raise ConfigError(f"method must be one of {', '.join(CALIB_METHODS)}; got {method!r}")
+    return CalibConfig(**(CALIB_METHODS[method] | fields))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wkvq_core.config import DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, TARGET_NAMES
+from wkvq_core.config import DEFAULT_EVAL_TOKENS, DEFAULT_METHOD, TARGET_NAMES, calib_config
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
@@ -94,7 +94,9 @@ class QuantConfig(Strict):
                                                               "out: the largest of 128, 64, 32 dividing every "
                                                               "linear's input dim of the model, else -1")
     kv_group_size: int | None = Field(None, ge=1, le=1024, description="KV channels per group; null = head_dim")
-    crr_k: int = Field(5, ge=1, le=64)
+    crr_k: int | None = Field(None, ge=1, le=64, description="blocks in the cross-block reconstruction loss; left "
+                                                           "out: the method's (paper 5, recommended "
+                                                           f"{calib_config('recommended').crr_k}), stored so")
     loss: Literal["mae", "mse"] = "mae"
     epochs: int = Field(5, ge=0, le=50)
     nsamples: int = Field(128, ge=1, le=4096)
@@ -141,6 +143,12 @@ class QuantConfig(Strict):
         if value == 0:
             raise ValueError("group_size must be positive or -1")
         return value
+
+    @model_validator(mode="after")
+    def _method_crr_k(self) -> QuantConfig:
+        if self.crr_k is None:
+            self.crr_k = calib_config(self.method).crr_k
+        return self
 
 
 class JobCreate(Strict):

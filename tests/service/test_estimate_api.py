@@ -96,7 +96,7 @@ def test_issue_example_is_refused_naming_the_budget(ctx):
                                       "(512 GB", "activation_caches")
         assert "TB" in message.split("exceeds")[0]
         # smaller samples fit the host, but one 32768-token batch through 5 blocks does not fit an A100
-        small = copy.deepcopy(HUGE) | {"config": {"nsamples": 16, "seqlen": 32768}}
+        small = copy.deepcopy(HUGE) | {"config": {"nsamples": 16, "seqlen": 32768, "crr_k": 5}}
         assert_budget_error(client.post("/v1/jobs", json=small, headers=headers), "estimated peak device memory",
                             "gpu class 'a100'")
         assert client.post("/v1/jobs", json=TINY_JOB, headers=headers | {"Idempotency-Key": "huge"}).status_code == 201

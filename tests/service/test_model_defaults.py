@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from wkvq_core.config import default_group_size
+from wkvq_core.config import RECOMMENDED_CALIB, default_group_size
 
 from .conftest import team_key
 from .processes import REPO, service_env
@@ -39,6 +39,22 @@ def test_left_out_fields_get_the_models_defaults(live_server, service):
         assert (chosen.json()["config"]["group_size"], chosen.json()["config"]["seqlen"]) == (4, 64)
         refused = api.post("/v1/jobs", json=body | {"config": TINY_CONFIG | {"group_size": 128}})
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "config", "group_size"]
+
+
+def test_left_out_crr_k_is_the_methods_and_stored(live_server, service):
+    headers = {"Authorization": f"Bearer {team_key(service, 'a')}"}
+    body = {"model": {"source": "local", "name": "stories260k"}, "calibration": {"source": "builtin",
+                                                                               "name": "tinystories"}}
+    stored = {}
+    with httpx.Client(base_url=live_server, headers=headers, timeout=60) as api:
+        for method, crr_k in (("recommended", None), ("paper", None), ("recommended", 3)):
+            config = {"nsamples": 4, "epochs": 1, "method": method} | ({} if crr_k is None else {"crr_k": crr_k})
+            created = api.post("/v1/jobs", json=body | {"config": config})
+            assert created.status_code == 201, created.text
+            job = api.get(f"/v1/jobs/{created.json()['id']}").json()
+            stored[method, crr_k] = (job["config"]["crr_k"], job["estimate"]["inputs"]["crr_k"])
+    assert stored == {("recommended", None): (RECOMMENDED_CALIB["crr_k"],) * 2, ("paper", None): (5, 5),
+                      ("recommended", 3): (3, 3)}
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
