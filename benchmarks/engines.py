@@ -48,7 +48,8 @@ import transformers
 
 from wkvq_core.artifact import save_artifact
 from wkvq_core.calib.data import calibration_samples, eval_windows, load_text, tokenize
-from wkvq_core.config import FP_BITS, METHODS, CalibConfig, EvalMode, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.config import (FP_BITS, METHODS, EvalMode, KVQuantConfig, WeightQuantConfig, WKVQuantConfig,
+                              calib_config)
 from wkvq_core.evaluation.perplexity import layerwise_perplexities
 from wkvq_core.export.gguf import GGUF_FILE
 from wkvq_core.export.gguf import export as export_gguf
@@ -279,7 +280,8 @@ def ours_config(args, seed: int, rtn: bool, kv_only: bool = False, target: str =
                 cache_type: str = "q4_0", **kv_fields) -> WKVQuantConfig:
     """What `wkvq quantize --target TARGET --kv-cache-type CACHE_TYPE --method METHOD [--lwc --smoothing]` builds
     (kv_only: --w-bits 16); `kv_fields`: further KV options (smooth_init, smoothing)."""
-    calib = CalibConfig(nsamples=args.nsamples, seqlen=args.calib_seqlen, epochs=0 if rtn else args.epochs, seed=seed)
+    calib = calib_config(args.method, nsamples=args.nsamples, seqlen=args.calib_seqlen,
+                         epochs=0 if rtn else args.epochs, seed=seed)
     weight = WeightQuantConfig(bits=FP_BITS) if kv_only else WeightQuantConfig(bits=4, group_size=args.group_size,
                                                                                  lwc=not rtn)
     config = WKVQuantConfig(target=target, weight=weight,

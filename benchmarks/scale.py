@@ -6,7 +6,7 @@
     python benchmarks/scale.py block-seconds --blocks 7 --threads 1 [--baseline-checkout DIR]  # seconds per block
 
 block-seconds: the steady seconds per block (whole CRR windows) of calibrations of the first `--blocks` layers of
-SmolLM2-135M, paper and recommended at k = 5 and recommended at k = 2, each in its own process, alternated
+SmolLM2-135M, paper and recommended at k = 5 and recommended at k = 2 and 1, each in its own process, alternated
 `--repeats` times with --baseline-checkout's paper and recommended (float32, 1 thread by `--threads 1`).
 
 cpu-flops: the first `--blocks` decoder layers of SmolLM2-135M (`wkvq fetch-model smollm2-135m`) are calibrated
@@ -162,7 +162,7 @@ def cpu_flops(args) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- block-seconds
 
-BLOCK_CONFIGS = (("paper", 5), ("recommended", 5), ("recommended", 2))  # (method, CRR k)
+BLOCK_CONFIGS = (("paper", 5), ("recommended", 5), ("recommended", 2), ("recommended", 1))  # (method, CRR k)
 BASELINE_CONFIGS = BLOCK_CONFIGS[:2]  # what an older checkout can run
 
 

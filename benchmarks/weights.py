@@ -12,7 +12,7 @@ weights) alone and with each option beyond the paper (`equalize`: activation-awa
 initialisation; `gptq`: error-compensating rounding with the learned clip ranges fixed), and both; W4KV4 with the
 paper's method and with `recommended` (its weight side included), on our runtime and on the vllm and llamacpp
 targets; the `-bf16` rows: the same calibration under bf16 autocast (`--compute-dtype bfloat16`, faster on CPUs with
-AMX, much slower on CPUs without native bf16); the `-kN` rows: `recommended` with a CRR window of N blocks.
+AMX, much slower on CPUs without native bf16); the `-kN` rows: `recommended` with a CRR window of N blocks (its own: 2).
 Columns: perplexity in our runtime with a full-precision KV cache (the weights alone) and with the row's KV4 cache
 (the rows that calibrate one), and as vLLM computes it (emulated, `apply_semantics_`: bf16 matmul inputs and its
 uncalibrated `int4_per_token_head` cache for the peers and FP; our vllm-target calibration's cache for ours), and
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from wkvq_core.config import FP_BITS, CalibConfig, EvalMode, WKVQuantConfig, weight_config
+from wkvq_core.config import FP_BITS, CalibConfig, EvalMode, WKVQuantConfig, calib_config, weight_config
 from wkvq_core.evaluation.perplexity import perplexity
 from wkvq_core.evaluation.semantics import LLAMACPP, VLLM, apply_semantics_
 from wkvq_core.model import load_model, prepare_model_
@@ -89,7 +89,7 @@ ROWS = [
     Row("w4kv4-rec-bf16", "ours W4KV4, method recommended, bf16 autocast", True, (RUNTIME_W, RUNTIME_WKV),
         calib_options=BF16),
     *[Row(f"w4kv4-rec-k{k}", f"ours W4KV4, method recommended, CRR k = {k}", True, (RUNTIME_W, RUNTIME_WKV),
-          calib_options={"crr_k": k}) for k in (1, 2, 3)],
+          calib_options={"crr_k": k}) for k in (1, 3, 5)],
 ]
 K_ROWS = [row.key for row in ROWS if "crr_k" in row.calib_options]
 BY_KEY = {r.key: r for r in ROWS}
@@ -97,7 +97,7 @@ BY_KEY = {r.key: r for r in ROWS}
 
 KV_ROWS = {"w4kv4-paper": ("paper", "runtime", None), "w4kv4-rec": ("recommended", "runtime", None),
            "w4kv4-rec-bf16": ("recommended", "runtime", None),
-           **{f"w4kv4-rec-k{k}": ("recommended", "runtime", None) for k in (1, 2, 3)},
+           **{f"w4kv4-rec-k{k}": ("recommended", "runtime", None) for k in (1, 3, 5)},
            "vllm-rec": ("recommended", "vllm", INT4), "w4kv4-rec-eq": ("recommended", "runtime", None),
            "vllm-rec-eq": ("recommended", "vllm", INT4),
            "llamacpp-rec": ("recommended", "llamacpp", "q4_0")}  # method, target, cache type
@@ -250,7 +250,8 @@ def run(args) -> str:
         f"- calibration: {args.nsamples} × {args.calib_seqlen} tokens of `wiki.valid.tokens`, epochs {args.epochs}, "
         f"the same windows for every method (seed = the windows, and our initialisation): seeds "
         f"{','.join(map(str, args.seeds))}; weights 4-bit in groups of {args.group_size} (asymmetric but GPTQ "
-        f"W4A16); ours: CRR k = 5 (but where a row names k), MAE; {args.threads} torch thread(s) per process; "
+        f"W4A16); ours: CRR k = the method's (paper 5, recommended {calib_config('recommended').crr_k}; but where a "
+        f"row names k), MAE; {args.threads} torch thread(s) per process; "
         "peak RSS: the process's high-water mark during the row's calibration (llm-compressor: its worker's)",
         f"- `{RUNTIME_W}`: decode-exact perplexity in our runtime (fp32), KV cache unquantized; `{RUNTIME_WKV}`: the "
         f"row's calibrated KV4 cache (POQ); `{VLLM_INT4}`: as vLLM computes it in bf16 (emulated); `{LLAMACPP_Q4}`: "
