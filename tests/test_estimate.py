@@ -18,7 +18,8 @@ from tests.conftest import CALIB_TEXT, EVAL_TEXT, TINY_MODEL, wkvq_peak_rss
 from wkvq_core.calib.estimate import (DEVICE_KINDS, HOST_BASELINE_BYTES, TEXT_BYTES_PER_CHAR, ModelShape,
                                 estimate_resources, format_bytes, layer_forward_flops, layer_saved_bytes)
 from wkvq_core.cli import app
-from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig, calib_config, kv_config, weight_config
+from wkvq_core.config import (CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig, calib_config, kv_config,
+                               weight_config)
 from wkvq_core.errors import ConfigError
 from wkvq_core.model import calibration_parameters, decoder_layers, prepare_model_, quant_state
 from wkvq_core.quant.kv_quant import set_attention_backend
