@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -6,9 +7,9 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
 
 from wkvq_core.calib.calibrate import calibrate_
 from wkvq_core.calib.data import calibration_samples, eval_windows
-from wkvq_core.config import CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
+from wkvq_core.config import TARGET_NAMES, CalibConfig, KVQuantConfig, WeightQuantConfig, WKVQuantConfig
 from wkvq_core.evaluation.perplexity import EvalMode, decode_perplexity, kv_bytes_per_token, perplexity
-from wkvq_core.model import attentions, prepare_model_, quant_state
+from wkvq_core.model import attentions, frozen_weights, prepare_model_, quant_linears, quant_state
 from wkvq_core.quant.kv_quant import poq_attention
 from wkvq_core.quant.primitives import fake_quant_per_token
 from wkvq_core.runtime.cache_keyword import with_cache
@@ -155,3 +156,23 @@ def test_kv_bytes_per_token_formula(tiny_model):
     assert kv_bytes_per_token(cfg, KVQuantConfig(bits=16)) == 5 * 4 * 2 * 8 * 2
     assert kv_bytes_per_token(cfg, KVQuantConfig(bits=4)) == 5 * 4 * 2 * (8 * 4 / 8 + 4)
     assert kv_bytes_per_token(cfg, KVQuantConfig(bits=4, group_size=4)) == 5 * 4 * 2 * (8 * 4 / 8 + 2 * 4)
+
+
+@pytest.mark.parametrize("target", TARGET_NAMES)
+def test_frozen_weights_hold_the_folded_smoothing(target):
+    """`frozen_weights` fake-quantizes the projections once with the smoothing folded in: the same logits as folding
+    and quantizing on every forward, and exact with quantization off (head_dim 32: the engines' KV blocks)."""
+    model = random_model("llama", 2, 1)
+    ids = torch.randint(0, 128, (2, 40))
+    reference = model(ids, use_cache=False).logits
+    prepare_model_(model, dataclasses.replace(w4kv4(group_size=32), target=target))
+    randomize_smoothing_(model)
+    with torch.no_grad(), quant_state(model, weights=False, kv=False, smoothing=True), frozen_weights(model):
+        assert (model(ids, use_cache=False).logits - reference).abs().max() < 1e-4
+    with torch.no_grad(), quant_state(model, weights=True, kv=True):
+        per_forward = model(ids, use_cache=False).logits
+        with frozen_weights(model):
+            assert all(lin.frozen_weight is not None for lin in quant_linears(model))
+            frozen = model(ids, use_cache=False).logits
+    assert (per_forward - reference).abs().max() > 1e-2  # W4KV4 really changes the output
+    torch.testing.assert_close(frozen, per_forward, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .config import FP_BITS, WKVQuantConfig
 from .errors import ModelError
-from .quant.kv_quant import WKVAttention
+from .quant.kv_quant import PROJECTIONS, WKVAttention
 from .quant.weight_clip import QuantLinear
 from .targets import check_config
 
@@ -155,16 +155,21 @@ def calibration_parameters(block: nn.Module) -> tuple[list[nn.Parameter], list[n
 def frozen_weights(module: nn.Module, dtype: torch.dtype | None = None):
     """Fake-quantize every QuantLinear's own weight once for a run of forwards that do not train it (evaluation,
     the fixed blocks of a calibration), in the quantization state set on entry, instead of on every forward.
-    dtype: hold it cast to the autocast dtype the forwards run in (autocast re-casts only weights that train)."""
+    dtype: hold it cast to the autocast dtype the forwards run in (autocast re-casts only weights that train).
+    An attention's projections are held with its smoothing folded in (`WKVAttention.projection`)."""
     lins = quant_linears(module)
     try:
         with torch.no_grad():
+            folded = {id(getattr(attn, name)): attn.projection(name) for attn in attentions(module)
+                      for name in PROJECTIONS if attn.folds(name)}
             for lin in lins:
-                lin.frozen_weight = lin.fake_quant(lin.weight).detach().to(dtype)
+                weight, bias = folded.get(id(lin), (lin.weight, lin.bias))
+                lin.frozen_weight = lin.fake_quant(weight).detach().to(dtype)
+                lin.frozen_bias = None if bias is None else bias.detach().to(dtype)
         yield module
     finally:
         for lin in lins:
-            lin.frozen_weight = None
+            lin.frozen_weight = lin.frozen_bias = None
 
 
 @contextmanager

@@ -201,6 +201,7 @@ def poq_attention_fused(
 KEY, VALUE = "key", "value"  # which of K~ / V~ a KVQuantizer is given (engines may treat them differently)
 QUERY = "query"  # the query, as the engine rounds it for its dot products with the stored K~
 SMOOTHING_PARAMETERS = ("k_scale", "k_shift", "v_scale", "v_shift")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class KVQuantizer(Protocol):
@@ -274,7 +275,7 @@ class WKVAttention(nn.Module):
             raise ConfigError("k_pre_rope needs the model's rotary embedding")
         if k_folded and kv_cfg.k_pre_rope:
             raise ConfigError("a K smoothing folded into q_proj / k_proj applies before RoPE already: no k_pre_rope")
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for name in PROJECTIONS:
             setattr(self, name, QuantLinear(getattr(attn, name), weight_cfg, act_bits))
         shape = (self.n_kv_heads, self.head_dim)
         dtype = attn.k_proj.weight.dtype
@@ -334,7 +335,7 @@ class WKVAttention(nn.Module):
         """(weight, bias) of a projection with the smoothing folded in (when on): V's into v_proj / o_proj, and with
         `k_folded` K's into k_proj / q_proj."""
         proj = getattr(self, name)
-        if not self._folds(name):
+        if not self.folds(name):
             return proj.weight, proj.bias
         if name in ("q_proj", "k_proj"):
             scale = self.key_scale()
@@ -349,14 +350,16 @@ class WKVAttention(nn.Module):
         bias = proj.weight @ shift
         return proj.weight * scale[None, :], bias if proj.bias is None else proj.bias + bias
 
-    def _folds(self, name: str) -> bool:
+    def folds(self, name: str) -> bool:
         """Whether `name`'s weights get the smoothing folded in on the fly."""
-        folded = ("q_proj", "k_proj", "v_proj", "o_proj") if self.k_folded else ("v_proj", "o_proj")
+        folded = PROJECTIONS if self.k_folded else ("v_proj", "o_proj")
         return self.smoothing and not self.smoothing_folded and name in folded
 
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         proj = getattr(self, name)
-        return proj.linear(x, *self.projection(name)) if self._folds(name) else proj(x)
+        if self.folds(name) and proj.frozen_weight is None:
+            return proj.linear(x, *self.projection(name))
+        return proj(x)
 
     def _quant(self, x: torch.Tensor, past: int, kind: str) -> torch.Tensor:
         """K~ or V~ (`kind`; (B, H_kv, T, D)) of the tokens at positions past.. as the KV cache's engine stores them,

@@ -79,22 +79,27 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, top: int) -> torch.Tensor:
-        codes = (grouped / scale).round_().add_(zero)
+        ratio = grouped / scale
+        codes = ratio.round()
+        # d out / d scale per element: the rounding error where the clamp passes, the clamped level elsewhere
+        slope = torch.sub(codes, ratio, out=ratio)
+        codes.add_(zero)
         inside = (codes >= 0) & (codes <= top)  # where the clamp passes the gradient (bounds included, as clamp's)
         levels = codes.clamp_(0, top).sub_(zero)
-        ctx.save_for_backward(grouped, scale, inside, levels)
-        return levels * scale
+        torch.where(inside, slope, levels, out=slope)
+        ctx.save_for_backward(scale, inside, slope)
+        return levels.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grouped, scale, inside, levels = ctx.saved_tensors
+        scale, inside, slope = ctx.saved_tensors
         grad = grad.contiguous()  # a linear's weight gradient arrives transposed: one copy, not strided passes
         passed = grad * inside
         grad_scale = grad_zero = None
-        if ctx.needs_input_grad[1]:  # d out / d scale = levels - inside * x / scale
-            grad_scale = (grad * levels - passed * grouped / scale).sum(-1, keepdim=True)
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad * slope).sum(-1, keepdim=True)
         if ctx.needs_input_grad[2]:  # d out / d zero = -scale outside the clamp's range
-            grad_zero = (passed - grad).sum(-1, keepdim=True) * scale
+            grad_zero = (passed.sum(-1, keepdim=True) - grad.sum(-1, keepdim=True)) * scale
         return passed if ctx.needs_input_grad[0] else None, grad_scale, grad_zero, None
 
 

@@ -55,7 +55,9 @@ class QuantLinear(nn.Module):
         )
         self.weight_quant = config.enabled
         self.act_quant = act_bits != FP_BITS
-        self.frozen_weight: torch.Tensor | None = None  # fake_quant(weight) held during evaluation (frozen_weights)
+        # fake_quant(weight) and the bias held during evaluation (model.frozen_weights), smoothing folded in
+        self.frozen_weight: torch.Tensor | None = None
+        self.frozen_bias: torch.Tensor | None = None
         self.input_observer: Callable[[torch.Tensor], None] | None = None  # sees the matmul's input (calib.gptq)
         for name in ("fixed_codes", "fixed_scale", "fixed_zero"):  # a fixed quantization (fix_quantization_)
             self.register_buffer(name, None, persistent=False)
@@ -95,7 +97,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen_weight is not None:
-            return self._quantized_linear(x, self.frozen_weight, self.bias)
+            return self._quantized_linear(x, self.frozen_weight, self.frozen_bias)
         return self.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
