@@ -6,8 +6,10 @@
     python benchmarks/scale.py block-seconds --blocks 7 --threads 1 [--baseline-checkout DIR]  # seconds per block
 
 block-seconds: the steady seconds per block (whole CRR windows) of calibrations of the first `--blocks` layers of
-SmolLM2-135M, paper and recommended at k = 5 and recommended at k = 2 and 1, each in its own process, alternated
-`--repeats` times with --baseline-checkout's paper and recommended (float32, 1 thread by `--threads 1`).
+SmolLM2-135M, paper and recommended at k = 5 and recommended at k = 2 and 1 in float32, and recommended at k = 2
+under bfloat16 autocast (`--compute-dtype bfloat16`; only on a CPU with native bf16 matmuls), each in its own
+process, alternated `--repeats` times with --baseline-checkout's paper and recommended (float32, its default; 1
+thread by `--threads 1`).
 
 cpu-flops: the first `--blocks` decoder layers of SmolLM2-135M (`wkvq fetch-model smollm2-135m`) are calibrated
 (W4 LWC + KV4, nsamples x seqlen, 1 epoch, k = 5) once timed and once under `torch.utils.flop_counter.FlopCounterMode`
@@ -162,14 +164,16 @@ def cpu_flops(args) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- block-seconds
 
-BLOCK_CONFIGS = (("paper", 5), ("recommended", 5), ("recommended", 2), ("recommended", 1))  # (method, CRR k)
+BLOCK_CONFIGS = (("paper", 5, "float32"), ("recommended", 5, "float32"), ("recommended", 2, "float32"),
+                 ("recommended", 1, "float32"), ("recommended", 2, "bfloat16"))  # (method, CRR k, compute dtype)
 BASELINE_CONFIGS = BLOCK_CONFIGS[:2]  # what an older checkout can run
 
 
 def measure_block_seconds(model_dir: Path, blocks: int, nsamples: int, seqlen: int, epochs: int, method: str,
-                          k: int) -> dict:
+                          k: int, compute: str) -> dict:
     """Seconds of each block of a calibration of the first `blocks` layers (method's weight and KV options, W4 g64 +
-    KV4, CRR k), with whichever wkvq_core is on the path (an older one may lack `weight_config`: paper weights)."""
+    KV4, CRR k, compute dtype), with whichever wkvq_core is on the path (an older one may lack `weight_config`:
+    paper weights)."""
     import wkvq_core.config as C
     from wkvq_core.calib.data import calibration_samples, load_text, tokenize
     from wkvq_core.calib.progress import CalibrationCallbacks
@@ -182,7 +186,8 @@ def measure_block_seconds(model_dir: Path, blocks: int, nsamples: int, seqlen: i
     weight = (C.weight_config(method, group_size=64) if hasattr(C, "weight_config")
               else C.WeightQuantConfig(group_size=64))
     config = C.WKVQuantConfig(weight=weight, kv=C.kv_config(method),
-                              calib=C.CalibConfig(nsamples=nsamples, seqlen=seqlen, epochs=epochs, crr_k=k))
+                              calib=C.CalibConfig(nsamples=nsamples, seqlen=seqlen, epochs=epochs, crr_k=k,
+                                                    compute_dtype=compute))
     samples = calibration_samples(tokenize(tokenizer, load_text(str(ROOT / "benchmarks" / "data" / "wikitext2" /
                                                                     "wiki.valid.tokens"))), nsamples, seqlen, 0)
     seconds = {}
@@ -194,31 +199,33 @@ def measure_block_seconds(model_dir: Path, blocks: int, nsamples: int, seqlen: i
 def block_seconds(args) -> list[str]:
     """Steady-state seconds per block (blocks 1..blocks-5: whole 5-block windows after the first block), each
     configuration in its own process, this checkout and --baseline-checkout alternated --repeats times."""
+    from wkvq_core.calib.calibrate import native_cpu_bf16
     from wkvq_core.model_zoo import fetch_model
 
     model_dir = fetch_model("smollm2-135m")
-    runs = [(ROOT, method, k) for method, k in BLOCK_CONFIGS]
+    configs = [c for c in BLOCK_CONFIGS if c[2] == "float32" or native_cpu_bf16()]  # emulated bf16: 17x slower
+    runs = [(ROOT, *config) for config in configs]
     if args.baseline_checkout:
-        runs = [(Path(args.baseline_checkout), method, k) for method, k in BASELINE_CONFIGS] + runs
+        runs = [(Path(args.baseline_checkout), *config) for config in BASELINE_CONFIGS] + runs
     measured: dict[tuple, list[float]] = {}
     for _ in range(args.repeats):
-        for checkout, method, k in runs:
+        for checkout, method, k, compute in runs:
             argv = ["block-seconds-measure", "--model-dir", str(model_dir), "--blocks", str(args.blocks),
                     "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--epochs", str(args.epochs),
-                    "--method", method, "--crr-k", str(k), "--threads", str(args.threads)]
+                    "--method", method, "--crr-k", str(k), "--compute-dtype", compute, "--threads", str(args.threads)]
             blocks = _in_checkout(str(checkout), argv)["blocks"]
             steady = blocks[1: max(2, args.blocks - 4)]
-            measured.setdefault((str(checkout), method, k), []).append(sum(steady) / len(steady))
-    base = (str(args.baseline_checkout or ROOT), "recommended", 5)
+            measured.setdefault((str(checkout), method, k, compute), []).append(sum(steady) / len(steady))
+    base = (str(args.baseline_checkout or ROOT), "recommended", 5, "float32")
     reference = sum(measured[base]) / len(measured[base])
     lines = [f"SmolLM2-135M, first {args.blocks} blocks, W4 g64 + KV4, {args.nsamples} x {args.seqlen} x "
-             f"{args.epochs} epochs, {args.threads} thread(s), float32; seconds of blocks 1-{max(1, args.blocks - 5)} "
+             f"{args.epochs} epochs, {args.threads} thread(s); seconds of blocks 1-{max(1, args.blocks - 5)} "
              f"(whole windows), mean over {args.repeats} alternated runs", "",
-             f"| code | method | CRR k | s per block | runs | speed-up vs {_commit(base[0])} recommended, k = 5 |",
-             "|---|---|---:|---:|---|---:|"]
-    for (checkout, method, k), values in measured.items():
+             f"| code | method | CRR k | compute | s per block | runs | speed-up vs {_commit(base[0])} recommended, k = 5 |",
+             "|---|---|---:|---|---:|---|---:|"]
+    for (checkout, method, k, compute), values in measured.items():
         mean = sum(values) / len(values)
-        lines.append(f"| {_commit(checkout)} | {method} | {k} | {mean:.2f} | "
+        lines.append(f"| {_commit(checkout)} | {method} | {k} | {compute} | {mean:.2f} | "
                      f"{', '.join(f'{v:.2f}' for v in values)} | {reference / mean:.2f}x |")
     return lines
 
@@ -419,6 +426,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="block-seconds: alternated runs per configuration")
     parser.add_argument("--method", default="paper", help="block-seconds-measure")
     parser.add_argument("--crr-k", type=int, default=5, help="block-seconds-measure")
+    parser.add_argument("--compute-dtype", default="float32", help="block-seconds-measure")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-write", dest="results", action="store_const", const=None)
@@ -434,7 +442,7 @@ def main() -> None:
         return
     if args.part == "block-seconds-measure":
         print(json.dumps(measure_block_seconds(Path(args.model_dir), args.blocks, args.nsamples, args.seqlen,
-                                               args.epochs, args.method, args.crr_k)))
+                                               args.epochs, args.method, args.crr_k, args.compute_dtype)))
         return
     lines = {"cpu-flops": cpu_flops, "host-memory": host_memory, "gpu": gpu,
              "block-seconds": block_seconds}[args.part](args)

@@ -81,13 +81,16 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, top: int) -> torch.Tensor:
         ratio = grouped / scale
         codes = ratio.round()
-        # d out / d scale per element: the rounding error where the clamp passes, the clamped level elsewhere
         slope = torch.sub(codes, ratio, out=ratio)
         codes.add_(zero)
-        inside = (codes >= 0) & (codes <= top)  # where the clamp passes the gradient (bounds included, as clamp's)
-        levels = codes.clamp_(0, top).sub_(zero)
-        torch.where(inside, slope, levels, out=slope)
-        ctx.save_for_backward(scale, inside, slope)
+        levels = codes.clamp(0, top)
+        # 1 where the clamp passes the gradient (bounds included, as clamp's), else 0; float: bool ops are slow on CPU
+        outside = codes.sub_(levels).abs_().clamp_(max=1)
+        inside = 1 - outside
+        levels.sub_(zero)
+        # d out / d scale per element: the rounding error where the clamp passes, the clamped level elsewhere
+        slope.mul_(inside).addcmul_(levels, outside)
+        ctx.save_for_backward(scale, inside.to(torch.uint8), slope)  # 1 byte, as a bool mask
         return levels.mul_(scale)
 
     @staticmethod
