@@ -369,12 +369,13 @@ def estimate_resources(model_config: dict[str, Any], config: WKVQuantConfig, *, 
                              + (2 * shape.heads * t * t * 4 if attention == "eager" else 0))
     phases = {"calibration": calibration}
     gptq = config.weight.enabled and config.weight.gptq
-    if gptq:  # one group's Hessian (fp32) and gptq_codes' float64 copies of it, its inverse and the group's weights
+    if gptq:  # one group's Hessian (fp32) and gptq_codes' float32 copies: of it and its factors, and of the group's
+        # weights, their expanded scales and zeros, each also permuted, and the codes
         widest = max(i for _, i in shape.linears().values())
         # the largest group gptq_codes rounds stacked (calib.gptq.SEQUENTIAL): q/k/v or gate/up
         largest_weight = max(shape.q_dim + 2 * shape.kv_dim, 2 * shape.intermediate) * shape.hidden
         phases["gptq"] = {"blocks": window * block_bytes, "hessian": widest * widest * 4,
-                          "gptq_working_set": 3 * widest * widest * 8 + 3 * largest_weight * 8}
+                          "gptq_working_set": 3 * widest * widest * 4 + 7 * largest_weight * 4}
     if eval_windows:
         phases["evaluation"] = {"blocks": window * block_bytes,
                                 "rtn_copy": block_bytes if rtn_mode_count(config) else 0,
