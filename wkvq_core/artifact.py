@@ -35,6 +35,7 @@ from .calib.checkpoint import SafetensorsStream, load_safetensors
 from .config import FP_BITS, WeightQuantConfig, WKVQuantConfig
 from .errors import ArtifactError, WKVQError
 from .model import MLP_PROJECTIONS, check_architecture, decoder_layers, prepare_model_
+from .quant.kv_quant import ATTENTION_PROJECTIONS
 from .quant.packing import pack_bits, packed_size
 from .quant.primitives import hadamard
 from .runtime.hf_model import QUANT_METHOD, REMOTE_CODE, REMOTE_CODE_FILE, artifact_config
@@ -46,7 +47,6 @@ READABLE_FORMATS = (1, 2)  # 1: model_type llama / mistral, readable by load_qua
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
 MANIFEST = "manifest.json"
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def sha256_file(path: Path) -> str:

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .config import FP_BITS, WKVQuantConfig
 from .errors import ModelError
-from .quant.kv_quant import PROJECTIONS, WKVAttention
+from .quant.kv_quant import ATTENTION_PROJECTIONS, WKVAttention
 from .quant.weight_clip import QuantLinear
 from .targets import check_config
 
@@ -161,7 +161,7 @@ def frozen_weights(module: nn.Module, dtype: torch.dtype | None = None):
     try:
         with torch.no_grad():
             folded = {id(getattr(attn, name)): attn.projection(name) for attn in attentions(module)
-                      for name in PROJECTIONS if attn.folds(name)}
+                      for name in ATTENTION_PROJECTIONS if attn.folds(name)}
             for lin in lins:
                 weight, bias = folded.get(id(lin), (lin.weight, lin.bias))
                 lin.frozen_weight = lin.fake_quant(weight).detach().to(dtype)

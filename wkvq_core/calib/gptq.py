@@ -11,6 +11,7 @@ from torch import nn
 
 from ..model import attentions, frozen_weights, quant_state
 from ..quant.gptq import gptq_codes
+from ..quant.kv_quant import ATTENTION_PROJECTIONS
 
 SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
@@ -37,7 +38,7 @@ def gptq_block_(block: nn.Module, index: int, blocks, x_q: torch.Tensor) -> None
     """Fix block `index`'s weights to GPTQ's codes; `blocks` (calibrate._Blocks) runs it on the cached inputs x_q."""
     attn = attentions(block)[0]
     for names in SEQUENTIAL:
-        owner = attn if names[0] in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
+        owner = attn if names[0] in ATTENTION_PROJECTIONS else block.mlp
         linears = [getattr(owner, name) for name in names]
         hessian = torch.zeros(linears[0].in_features, linears[0].in_features, device=blocks.device)
         linears[0].input_observer = partial(_record_and_stop, hessian)  # the group's linears share their input

@@ -34,11 +34,12 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from ..artifact import MANIFEST, METRICS, WEIGHTS, ATTENTION_PROJECTIONS
+from ..artifact import MANIFEST, METRICS, WEIGHTS
 from ..atomic import atomic_directory
 from ..config import FP_BITS
 from ..errors import ArtifactError, ConfigError
 from ..model import MLP_PROJECTIONS, decoder_layers
+from ..quant.kv_quant import ATTENTION_PROJECTIONS
 from ..quant.packing import pack_bits, unpack_bits
 from ..runtime.hf_model import REMOTE_CODE_FILE
 from ..runtime.packed_linear import PackedLinear

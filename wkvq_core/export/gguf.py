@@ -47,11 +47,12 @@ import gguf
 import numpy as np
 import torch
 
-from ..artifact import ATTENTION_PROJECTIONS, MANIFEST, WEIGHTS
+from ..artifact import MANIFEST, WEIGHTS
 from ..atomic import atomic_directory
 from ..config import FP_BITS, WKVQuantConfig
 from ..errors import ArtifactError, ConfigError
 from ..model import MLP_PROJECTIONS, decoder_layers
+from ..quant.kv_quant import ATTENTION_PROJECTIONS
 from ..quant.packing import unpack_bits
 from ..runtime.packed_linear import PackedLinear
 from ..targets import llamacpp

@@ -201,7 +201,7 @@ def poq_attention_fused(
 KEY, VALUE = "key", "value"  # which of K~ / V~ a KVQuantizer is given (engines may treat them differently)
 QUERY = "query"  # the query, as the engine rounds it for its dot products with the stored K~
 SMOOTHING_PARAMETERS = ("k_scale", "k_shift", "v_scale", "v_shift")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class KVQuantizer(Protocol):
@@ -275,7 +275,7 @@ class WKVAttention(nn.Module):
             raise ConfigError("k_pre_rope needs the model's rotary embedding")
         if k_folded and kv_cfg.k_pre_rope:
             raise ConfigError("a K smoothing folded into q_proj / k_proj applies before RoPE already: no k_pre_rope")
-        for name in PROJECTIONS:
+        for name in ATTENTION_PROJECTIONS:
             setattr(self, name, QuantLinear(getattr(attn, name), weight_cfg, act_bits))
         shape = (self.n_kv_heads, self.head_dim)
         dtype = attn.k_proj.weight.dtype
@@ -352,7 +352,7 @@ class WKVAttention(nn.Module):
 
     def folds(self, name: str) -> bool:
         """Whether `name`'s weights get the smoothing folded in on the fly."""
-        folded = PROJECTIONS if self.k_folded else ("v_proj", "o_proj")
+        folded = ATTENTION_PROJECTIONS if self.k_folded else ("v_proj", "o_proj")
         return self.smoothing and not self.smoothing_folded and name in folded
 
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
